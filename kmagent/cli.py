@@ -1,0 +1,293 @@
+"""The ``kmagent`` command: parse, load the configuration, call the library.
+
+Exit codes: 0 ok; 1 flush left events pending (or ``check`` failed); 2 invalid input;
+74 the spool cannot be used; 78 configuration error (so systemd's
+``RestartPreventExitStatus=78`` stops a restart loop). Standard output carries only the
+command's own output; logs and messages go to standard error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import LOG_LEVELS, Config, load_config
+from .errors import ConfigError, InvalidEvent, KmagentError, SpoolError
+
+EX_USAGE = 2
+EX_IOERR = 74
+EX_CONFIG = 78
+
+log = logging.getLogger("kmagent")
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    # --config and --log-level are accepted before or after the command name: whichever
+    # is given is kept on the root context, the one after the command winning.
+    if value is not None:
+        ctx.find_root().meta[f"kmagent.{param.name}"] = value
+    return value
+
+
+def common_options(fn):
+    fn = click.option("--log-level", type=click.Choice(LOG_LEVELS), callback=_remember,
+                      expose_value=False, is_eager=True,
+                      help="Override [log] level.")(fn)
+    fn = click.option("--config", "-c", type=click.Path(dir_okay=False), callback=_remember,
+                      expose_value=False, is_eager=True, metavar="PATH",
+                      help="Configuration file (default: $KMAGENT_CONFIG, then "
+                           "/etc/kmagent/config.toml, then built-in defaults).")(fn)
+    return fn
+
+
+def _config() -> Config:
+    """Load the configuration named on the command line and set up logging from it."""
+    meta = click.get_current_context().find_root().meta
+    config = load_config(meta.get("kmagent.config"))
+    level = meta.get("kmagent.log_level") or config.log_level
+    # Under journald (JOURNAL_STREAM set) the journal adds its own timestamps.
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") \
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+    return config
+
+
+def _properties(pairs: tuple[str, ...]) -> dict[str, str]:
+    props: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise click.UsageError(f"property {pair!r}: expected NAME=VALUE")
+        props[name] = value
+    return props
+
+
+def _client(config: Config):
+    from .client import Client
+    meta = click.get_current_context().find_root().meta
+    return Client(config=meta.get("kmagent.config"), spool=config.spool_path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kmagent")
+@common_options
+def cli() -> None:
+    """kmagent: log events to a local spool, ship them to Kissmetrics.
+
+    \b
+    Quick tour:
+      kmagent record bob@example.com "Signed Up" Plan=Pro Amount=99.95
+      kmagent status
+      kmagent run          # the shipping daemon, in the foreground
+      kmagent flush        # ship what is pending, then exit
+    """
+
+
+@cli.command()
+@common_options
+def run() -> int:
+    """Ship the spool continuously until SIGTERM or SIGINT (exit 0).
+
+    \b
+    Example:
+      kmagent run --config /etc/kmagent/config.toml
+    """
+    from .daemon import Daemon
+    daemon = Daemon(_config())
+    daemon.install_signal_handlers()
+    return daemon.run()
+
+
+@cli.command()
+@click.option("--timeout", type=click.FloatRange(min=0), metavar="S",
+              help="Give up when nothing was delivered for S seconds "
+                   "(default: 2 x [ship] max_backoff).")
+@common_options
+def flush(timeout: float | None) -> int:
+    """Ship what is pending, then exit: 0 when nothing is left, 1 when events remain.
+
+    If the daemon is running, waits for it to deliver instead of sending itself.
+
+    \b
+    Example:
+      kmagent flush --timeout 30
+    """
+    from .flush import flush as run_flush
+    config = _config()
+    bar = None
+    if sys.stderr.isatty():
+        bar = click.progressbar(length=1, label="flushing", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.length = total
+            bar.update(done - bar.pos)
+
+    result = run_flush(config, timeout=timeout, on_progress=progress)
+    if bar is not None:
+        bar.render_finish()
+    who = f" (delivered by pid {result.waited_for})" if result.waited_for else ""
+    if result.dead:
+        click.echo(f"{result.dead} dead letters in the spool (kmagent dead list)", err=True)
+    if result.remaining == 0:
+        click.echo(f"flushed {result.total} events{who}", err=True)
+        return 0
+    if result.no_key:
+        reason = "they carry no API key and none is configured (api_key or api_key_file)"
+    else:
+        reason = f"nothing was delivered for {timeout or 2 * config.max_backoff:g} s"
+        if result.last_error:
+            reason += f"; last error: {result.last_error}"
+    click.echo(f"{result.remaining} of {result.total} events still pending: {reason}",
+               err=True)
+    return 1
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@common_options
+def status(as_json: bool) -> int:
+    """Show the spool's figures: pending, dead, oldest pending age, the shipper.
+
+    \b
+    Example:
+      kmagent status --json
+    """
+    from .status import read_status
+    config = _config()
+    meta = click.get_current_context().find_root().meta
+    figures = read_status(meta.get("kmagent.config"), spool=config.spool_path)
+    if as_json:
+        click.echo(json.dumps(figures))
+        return 0
+    age = figures["oldest_pending_age_s"]
+    pid = figures["daemon_pid"]
+    click.echo(f"spool:    {figures['spool']}\n"
+               f"pending:  {figures['pending']} ({figures['in_flight']} in flight)\n"
+               f"dead:     {figures['dead']}\n"
+               f"oldest:   {'-' if age is None else f'{age:.1f} s ago'}\n"
+               f"shipper:  {'none running' if pid is None else f'pid {pid}'}")
+    return 0
+
+
+TIMESTAMP_HELP = "Unix seconds when it happened (default: now)."
+
+
+@cli.command()
+@click.argument("person")
+@click.argument("event")
+@click.argument("properties", nargs=-1, metavar="[NAME=VALUE]...")
+@click.option("--timestamp", type=int, help=TIMESTAMP_HELP)
+@common_options
+def record(person: str, event: str, properties: tuple[str, ...], timestamp: int | None) -> int:
+    """Append an event: PERSON did EVENT.
+
+    \b
+    Example:
+      kmagent record bob@example.com "Signed Up" Plan=Pro Amount=99.95
+    """
+    config = _config()
+    _client(config).record(person, event, _properties(properties), timestamp=timestamp)
+    return 0
+
+
+@cli.command(name="set")
+@click.argument("person")
+@click.argument("properties", nargs=-1, required=True, metavar="NAME=VALUE...")
+@click.option("--timestamp", type=int, help=TIMESTAMP_HELP)
+@common_options
+def set_(person: str, properties: tuple[str, ...], timestamp: int | None) -> int:
+    """Append properties of PERSON.
+
+    \b
+    Example:
+      kmagent set bob@example.com gender=male "Plan Name=Pro"
+    """
+    config = _config()
+    _client(config).set(person, _properties(properties), timestamp=timestamp)
+    return 0
+
+
+@cli.command()
+@click.argument("person")
+@click.argument("identity")
+@common_options
+def alias(person: str, identity: str) -> int:
+    """Append an alias: PERSON and IDENTITY are the same person.
+
+    \b
+    Example:
+      kmagent alias "User 12345" bob@example.com
+    """
+    config = _config()
+    _client(config).alias(person, identity)
+    return 0
+
+
+@cli.command()
+@click.option("--port", type=click.IntRange(0, 65535), default=8089, show_default=True)
+@click.option("--status", "answer", type=click.IntRange(100, 599), default=200,
+              show_default=True, help="HTTP status to answer with.")
+@click.option("--delay", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds to wait before answering.")
+def testhost(port: int, answer: int, delay: float) -> int:
+    """Run a stand-in tracking host on 127.0.0.1 that prints every request it gets.
+
+    Point kmagent at it with  endpoint = "http://127.0.0.1:8089"  to watch events
+    arrive without a Kissmetrics account.
+
+    \b
+    Example:
+      kmagent testhost --port 8089
+    """
+    import threading
+    from urllib.parse import unquote
+
+    from .testhost import StandInHost
+
+    def show(request: Any) -> None:
+        click.echo(f"{request.status} GET {unquote(request.target)}")
+
+    host = StandInHost(port, status=answer, delay=delay, on_request=show)
+    click.echo(f"stand-in tracking host on {host.url} (Ctrl-C to stop)", err=True)
+    with host:
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the command and turn every known failure into its exit code."""
+    try:
+        code = cli.main(args=argv, prog_name="kmagent", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        code = 1
+    except ConfigError as exc:
+        click.echo(f"kmagent: configuration error: {exc}", err=True)
+        code = EX_CONFIG
+    except InvalidEvent as exc:
+        click.echo(f"kmagent: invalid event: {exc}", err=True)
+        code = EX_USAGE
+    except SpoolError as exc:
+        click.echo(f"kmagent: {exc}", err=True)
+        code = EX_IOERR
+    except KmagentError as exc:
+        click.echo(f"kmagent: {exc}", err=True)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code or 0)

@@ -1,0 +1,221 @@
+"""One frozen Config: where it is found, its documented defaults, and its validation.
+
+Lookup order: an explicit path (``--config`` or ``config=``), else ``$KMAGENT_CONFIG``,
+else ``/etc/kmagent/config.toml``, else built-in defaults that work for a non-root user.
+Anything wrong is refused at start with one line naming the file, the key and the rule.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+SYSTEM_CONFIG = Path("/etc/kmagent/config.toml")
+ENV_CONFIG = "KMAGENT_CONFIG"
+
+DEFAULT_ENDPOINT = "https://trk.kissmetrics.io"
+DEFAULT_BACKEND = "sqlite"
+DEFAULT_DURABILITY = "normal"
+DEFAULT_CONCURRENCY = 16
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 10.0
+DEFAULT_MAX_BACKOFF = 60.0
+DEFAULT_LOG_LEVEL = "info"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def default_spool_path() -> Path:
+    """The spool under the user's state directory (XDG), so no root is needed."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(state) / "kmagent" / "spool.db"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything kmagent reads from its configuration, validated."""
+
+    api_key: str | None = field(default=None, repr=False)  # never printed
+    endpoint: str = DEFAULT_ENDPOINT
+    spool_backend: str = DEFAULT_BACKEND
+    spool_path: Path = field(default_factory=default_spool_path)
+    durability: str = DEFAULT_DURABILITY
+    concurrency: int = DEFAULT_CONCURRENCY
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    max_backoff: float = DEFAULT_MAX_BACKOFF
+    proxy: str | None = None
+    ca_file: Path | None = None
+    log_level: str = DEFAULT_LOG_LEVEL
+    source: str = "built-in defaults"
+
+
+# --- validators: each takes (value, base directory) and returns the clean value or
+# raises ValueError with the rule; the loader adds file and key to the message.
+
+def _string(value: Any, base: Path) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value.strip()
+
+
+def _path(value: Any, base: Path) -> Path:
+    return base / os.path.expanduser(_string(value, base))
+
+
+def _existing_file(value: Any, base: Path) -> Path:
+    path = _path(value, base)
+    if not path.is_file():
+        raise ValueError(f"{path} is not a readable file")
+    return path
+
+
+def _choice(*allowed: str) -> Callable[[Any, Path], str]:
+    def check(value: Any, base: Path) -> str:
+        if value not in allowed:
+            raise ValueError("must be one of " + ", ".join(f'"{a}"' for a in allowed))
+        return value
+    return check
+
+
+def _number(low: float, high: float, *, integer: bool = False) -> Callable[[Any, Path], float]:
+    def check(value: Any, base: Path) -> float:
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+            kind = "an integer" if integer else "a number"
+            raise ValueError(f"must be {kind} from {low:g} to {high:g}")
+        return value if integer else float(value)
+    return check
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _endpoint(value: Any, base: Path) -> str:
+    url = _string(value, base).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError("must be an https:// URL, e.g. https://trk.kissmetrics.io")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise ValueError("http:// is allowed only for loopback hosts (127.0.0.0/8, ::1, localhost); use https://")
+    return url
+
+
+def _proxy(value: Any, base: Path) -> str:
+    url = _string(value, base)
+    if urlsplit(url).scheme not in ("http", "https", "socks5", "socks5h") or not urlsplit(url).hostname:
+        raise ValueError("must be a proxy URL such as http://proxy.example:3128")
+    return url
+
+
+# (section, key) -> (Config field, validator). Section "" is the top level.
+KEYS: dict[tuple[str, str], tuple[str, Callable[[Any, Path], Any]]] = {
+    ("", "api_key"): ("api_key", _string),
+    ("", "api_key_file"): ("api_key", None),  # read below: the file's content is the key
+    ("", "endpoint"): ("endpoint", _endpoint),
+    ("spool", "backend"): ("spool_backend", _choice("sqlite")),
+    ("spool", "path"): ("spool_path", _path),
+    ("spool", "durability"): ("durability", _choice("normal", "full")),
+    ("ship", "concurrency"): ("concurrency", _number(1, 1024, integer=True)),
+    ("ship", "connect_timeout"): ("connect_timeout", _number(0.1, 600)),
+    ("ship", "read_timeout"): ("read_timeout", _number(0.1, 600)),
+    ("ship", "max_backoff"): ("max_backoff", _number(1, 86400)),
+    ("ship", "proxy"): ("proxy", _proxy),
+    ("ship", "ca_file"): ("ca_file", _existing_file),
+    ("log", "level"): ("log_level", _choice(*LOG_LEVELS)),
+}
+SECTIONS = {section for section, _ in KEYS if section}
+
+
+def _key_name(section: str, key: str) -> str:
+    return f"[{section}] {key}" if section else key
+
+
+def _read_key_file(value: Any, base: Path) -> str:
+    path = _path(value, base)
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if not key:
+        raise ValueError(f"{path} is empty")
+    return key
+
+
+def config_from_mapping(data: Mapping[str, Any], *, source: str, base: Path,
+                        environ: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed TOML document; refuse unknown keys, wrong types and bad values."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, item in data.items():
+        if name in SECTIONS:
+            if not isinstance(item, dict):
+                raise ConfigError(source, f"[{name}]", "must be a table")
+            entries = [(name, key, value) for key, value in item.items()]
+        else:
+            entries = [("", name, item)]
+        for section, key, value in entries:
+            if (section, key) not in KEYS:
+                known = ", ".join(_key_name(s, k) for s, k in KEYS)
+                raise ConfigError(source, _key_name(section, key), f"unknown key (known: {known})")
+            attr, check = KEYS[(section, key)]
+            try:
+                values[attr] = (check or _read_key_file)(value, base)
+            except ValueError as exc:
+                raise ConfigError(source, _key_name(section, key), str(exc)) from None
+    if "api_key" in data and "api_key_file" in data:
+        raise ConfigError(source, "api_key_file", "give either api_key or api_key_file, not both")
+    if "proxy" not in values:
+        # Read once at start (the sender ignores the environment per request).
+        env_proxy = environ.get("HTTPS_PROXY") or environ.get("https_proxy")
+        if env_proxy:
+            try:
+                values["proxy"] = _proxy(env_proxy, base)
+            except ValueError as exc:
+                raise ConfigError("HTTPS_PROXY", None, str(exc)) from None
+    return Config(source=source, **values)
+
+
+def find_config(explicit: str | os.PathLike | None = None,
+                environ: Mapping[str, str] | None = None) -> Path | None:
+    """The file to read, by the lookup order; None means built-in defaults."""
+    environ = os.environ if environ is None else environ
+    if explicit is not None:
+        return Path(explicit)
+    if environ.get(ENV_CONFIG):
+        return Path(environ[ENV_CONFIG])
+    if SYSTEM_CONFIG.exists():
+        return SYSTEM_CONFIG
+    return None
+
+
+def load_config(explicit: str | os.PathLike | None = None,
+                environ: Mapping[str, str] | None = None) -> Config:
+    """Find, read and validate the configuration."""
+    path = find_config(explicit, environ)
+    if path is None:
+        return config_from_mapping({}, source="built-in defaults", base=Path.cwd(), environ=environ)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(str(path), None, "no such file") from None
+    except OSError as exc:
+        raise ConfigError(str(path), None, f"cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), None, f"not valid TOML: {exc}") from None
+    return config_from_mapping(data, source=str(path), base=path.resolve().parent, environ=environ)

@@ -1,0 +1,192 @@
+"""The Event record, and the rules an event must meet before it may enter the spool.
+
+Kissmetrics answers 200 even to malformed requests (KISSMETRICS.md, "Hosts and
+requests"), so a bad event can never be detected after it is sent: everything the
+tracking host would silently mangle or drop is refused here, at the caller, with an
+``InvalidEvent`` naming the field and the rule.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Union
+
+from .errors import InvalidEvent
+
+Value = Union[str, int, float, bool]
+
+# Kissmetrics "API Specifications": identities and names are at most 255 characters.
+MAX_NAME_CHARS = 255
+# Older docs allow 8 KB "in theory"; the current ones document 512 characters.
+MAX_VALUE_BYTES = 8192
+DOCUMENTED_VALUE_CHARS = 512
+# Kissmetrics holds no data before 2009 ("Technical Notes").
+EARLIEST_TIME = 1230768000  # 2009-01-01T00:00:00Z
+# Past 2106 a "timestamp" is almost surely milliseconds; refuse rather than mis-date.
+LATEST_TIME = 2**32 - 1
+# Parameters the agent owns; a property may never override them.
+RESERVED_NAMES = frozenset({"_k", "_p", "_n"})
+# Parameters accepted as properties but meaning "the event's time" (the seed's style).
+TIME_NAMES = frozenset({"_t", "_d"})
+
+EVENT, SET, ALIAS = "e", "s", "a"
+
+log = logging.getLogger("kmagent")
+_long_value_names: set[str] = set()
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One call to record/set/alias, frozen: it is sent exactly as built.
+
+    ``kind`` is the request path (``e``, ``s`` or ``a``); ``name`` is the event name for
+    ``e`` and the second identity for ``a``; ``time`` is ``_t`` (None only for aliases).
+    """
+
+    kind: str
+    person: str
+    name: str | None
+    time: int | None
+    props: tuple[tuple[str, Value], ...] = ()
+    api_key: str | None = None
+
+
+def check_name(field: str, value: Any) -> str:
+    """A person, event name, identity or property name: non-empty str, ≤255 chars."""
+    if not isinstance(value, str):
+        raise InvalidEvent(field, f"must be a str, not {type(value).__name__}")
+    if not value:
+        raise InvalidEvent(field, "must not be empty")
+    if len(value) > MAX_NAME_CHARS:
+        raise InvalidEvent(field, f"at most {MAX_NAME_CHARS} characters (got {len(value)})")
+    _check_utf8(field, value)
+    return value
+
+
+def _check_utf8(field: str, value: str) -> int:
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidEvent(field, "must be encodable as UTF-8 (no lone surrogates)") from None
+
+
+def check_value(name: str, value: Any) -> Value:
+    """A property value: str (≤8,192 UTF-8 bytes), int, finite float or bool."""
+    field = f"property {name!r}"
+    kind = type(value)
+    if kind is str:
+        size = _check_utf8(field, value)
+        if size > MAX_VALUE_BYTES:
+            raise InvalidEvent(field, f"at most {MAX_VALUE_BYTES} UTF-8 bytes (got {size})")
+        if len(value) > DOCUMENTED_VALUE_CHARS and name not in _long_value_names:
+            _long_value_names.add(name)
+            log.warning(
+                "property %r: value of %d characters; Kissmetrics documents %d "
+                "(accepted; logged once per name)", name, len(value), DOCUMENTED_VALUE_CHARS)
+        return value
+    if kind is bool or kind is int:
+        return value
+    if kind is float:
+        if not math.isfinite(value):
+            raise InvalidEvent(field, "must be a finite number (not NaN or infinity)")
+        return value
+    # Subclasses (StrEnum, IntEnum...) are sent as their plain value.
+    if isinstance(value, str):
+        return check_value(name, str.__str__(value))
+    if isinstance(value, int):
+        return check_value(name, int.__int__(value))
+    if isinstance(value, float):
+        return check_value(name, float.__float__(value))
+    raise InvalidEvent(
+        field, f"must be str, int, float or bool, not {kind.__name__} "
+        "(Kissmetrics has no structured values)")
+
+
+def unix_seconds(field: str, value: Any) -> int:
+    """A time given as Unix seconds (int, float, digit string) or an aware datetime."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidEvent(field, "naive datetime: give a timezone-aware datetime")
+        seconds = int(value.timestamp())
+    elif isinstance(value, bool):
+        raise InvalidEvent(field, "must be Unix seconds or an aware datetime, not bool")
+    elif isinstance(value, int):
+        seconds = value
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidEvent(field, "must be a finite number")
+        seconds = int(value)
+    elif isinstance(value, str) and value.isascii() and value.isdigit():
+        seconds = int(value)
+    else:
+        raise InvalidEvent(
+            field, f"must be Unix seconds or an aware datetime, not {type(value).__name__}")
+    if seconds < EARLIEST_TIME:
+        raise InvalidEvent(field, f"{seconds} is before 2009-01-01 (Kissmetrics keeps no earlier data)")
+    if seconds > LATEST_TIME:
+        raise InvalidEvent(field, f"{seconds} is after 2106: give Unix seconds, not milliseconds")
+    return seconds
+
+
+def _check_d(value: Any) -> None:
+    if value is True or (type(value) is int and value == 1) or value == "1":
+        return
+    raise InvalidEvent("_d", "only 1 is accepted: kmagent always sends the event's own time")
+
+
+def _properties(props: Any, timestamp: Any, now: float) -> tuple[tuple[tuple[str, Value], ...], int]:
+    """Validate props; split out ``_t``/``_d``; return (properties, frozen time)."""
+    if props is None:
+        props = {}
+    elif not isinstance(props, Mapping):
+        raise InvalidEvent("props", f"must be a mapping, not {type(props).__name__}")
+    pairs = []
+    time_prop = None
+    for name, value in props.items():
+        check_name("property name", name)
+        if name in RESERVED_NAMES:
+            raise InvalidEvent(f"property {name!r}", "reserved: _k, _p and _n are set by kmagent")
+        if value is None:
+            continue  # Kissmetrics has no null: leave the property out
+        if name in TIME_NAMES:
+            if name == "_t":
+                time_prop = unix_seconds("_t", value)
+            else:
+                _check_d(value)
+            continue
+        pairs.append((name, check_value(name, value)))
+    if timestamp is not None:
+        if time_prop is not None:
+            raise InvalidEvent("timestamp", "given twice (as timestamp= and as _t): give it once")
+        time_prop = unix_seconds("timestamp", timestamp)
+    return tuple(pairs), int(now) if time_prop is None else time_prop
+
+
+def make_event(person: Any, name: Any, props: Any = None, *, timestamp: Any = None,
+               api_key: str | None = None, now: float) -> Event:
+    """An ``e`` request: ``person`` did ``name``; time frozen at ``now`` unless given."""
+    check_name("person", person)
+    check_name("event", name)
+    pairs, t = _properties(props, timestamp, now)
+    return Event(EVENT, person, name, t, pairs, api_key)
+
+
+def make_set(person: Any, props: Any, *, timestamp: Any = None,
+             api_key: str | None = None, now: float) -> Event:
+    """An ``s`` request: properties of ``person``; at least one is required."""
+    check_name("person", person)
+    pairs, t = _properties(props, timestamp, now)
+    if not pairs:
+        raise InvalidEvent("props", "a set needs at least one property (None values are left out)")
+    return Event(SET, person, None, t, pairs, api_key)
+
+
+def make_alias(person: Any, identity: Any, *, api_key: str | None = None) -> Event:
+    """An ``a`` request: ``person`` and ``identity`` are the same person."""
+    check_name("person", person)
+    check_name("identity", identity)
+    return Event(ALIAS, person, identity, None, (), api_key)

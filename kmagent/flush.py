@@ -1,0 +1,98 @@
+"""``kmagent flush``: deliver what is pending now, then exit.
+
+Never ships beside a running daemon: if another process holds the shipper lock, the
+flush watches the spool until that process has delivered everything that was pending
+when the flush started (and takes over if the holder dies). Gives up when nothing was
+delivered for ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import Config
+from .daemon import SHUTDOWN_TIMEOUT_S, make_shipper
+from .lock import ShipperLock
+from .shipper import Shipper
+from .spool import open_configured
+
+log = logging.getLogger("kmagent.flush")
+
+POLL_S = 0.2  # how often progress is measured (a count over the flushed range)
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    total: int  # pending when the flush started
+    remaining: int  # of those, still pending at the end
+    dead: int  # dead letters in the spool at the end
+    waited_for: int | None  # pid of the daemon that did the shipping, if not us
+    last_error: str | None
+    no_key: bool  # what remains carries no API key and none is configured
+
+
+def flush(config: Config, *, timeout: float | None = None,
+          on_progress: Callable[[int, int], None] | None = None) -> FlushResult:
+    """Deliver everything pending at the start; ``on_progress(done, total)``."""
+    timeout = 2 * config.max_backoff if timeout is None else timeout
+    spool = open_configured(config)
+    lock = ShipperLock(spool.lock_path)
+    shipper: Shipper | None = None
+    waited_for = None
+    try:
+        mark = spool.mark()
+        total = remaining = spool.pending_through(mark)
+        last_progress = time.monotonic()
+        no_key = False
+        while remaining and time.monotonic() - last_progress <= timeout:
+            if shipper is None:
+                if lock.try_acquire():
+                    spool.recover()
+                    spool.expedite()
+                    shipper = make_shipper(config, spool)
+                else:
+                    waited_for = lock.holder() or waited_for
+            if shipper is None:
+                time.sleep(POLL_S)
+            else:
+                _ship_for(shipper, POLL_S)
+                # Pending, yet nothing in flight and nothing we may claim: what is left
+                # carries no API key of its own and none is configured.
+                no_key = not shipper.in_flight and shipper.idle_until() is None
+            now_remaining = spool.pending_through(mark)
+            if now_remaining < remaining:
+                last_progress = time.monotonic()
+                remaining = now_remaining
+                if on_progress:
+                    on_progress(total - remaining, total)
+            elif no_key:
+                break
+        last_error = shipper.last_error if shipper else None
+        if shipper is not None:
+            shipper.shutdown(SHUTDOWN_TIMEOUT_S)
+            shipper.sender.close()
+            remaining = spool.pending_through(mark)
+        dead = spool.stats(time.time())["dead"]
+        return FlushResult(total, remaining, dead, waited_for, last_error, no_key)
+    finally:
+        lock.release()
+        spool.close()
+
+
+def _ship_for(shipper: Shipper, seconds: float) -> None:
+    """Drive the shipper for about ``seconds``, sleeping only until there is work."""
+    end = time.monotonic() + seconds
+    while True:
+        shipper.step()
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        due = shipper.idle_until()
+        if not shipper.in_flight and due is None:
+            return
+        wait = left if due is None else min(left, max(0.0, due - time.time()))
+        shipper.wake.wait(wait)
+        shipper.wake.clear()

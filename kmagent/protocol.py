@@ -1,0 +1,47 @@
+"""Event → request: the Kissmetrics wire format, as a pure function.
+
+``GET /e|/s|/a?`` with parameters in a fixed order: ``_k``, ``_p``, ``_n`` (events and
+aliases), ``_t``, ``_d=1`` (events and sets), then the properties in the order given.
+UTF-8, percent-encoded, space as ``%20``. The query (without ``_k``) is computed once,
+when the event is produced, and stored: every resend is the same bytes, which is what
+lets Kissmetrics drop it as a duplicate (KISSMETRICS.md, "Duplicates").
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from .events import ALIAS, Event, Value
+
+
+def quote_param(text: str) -> str:
+    """Percent-encode everything but RFC 3986 unreserved characters (space → %20)."""
+    return quote(text, safe="")
+
+
+def format_value(value: Value) -> str:
+    """true/false for booleans, decimal ints, floats as Python's shortest round-trip repr."""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str):
+        return quote_param(value)
+    return repr(value)  # int or float; repr(float) is the shortest round-trip form
+
+
+def encode(event: Event) -> tuple[str, str]:
+    """The request path (``e``/``s``/``a``) and its query string, ``_k`` left out."""
+    parts = ["_p=" + quote_param(event.person)]
+    if event.name is not None:
+        parts.append("_n=" + quote_param(event.name))
+    if event.kind != ALIAS:
+        parts.append(f"_t={event.time}&_d=1")
+    for name, value in event.props:
+        parts.append(quote_param(name) + "=" + format_value(value))
+    return event.kind, "&".join(parts)
+
+
+def request_target(path: str, query: str, api_key: str) -> str:
+    """The request target for one stored event, with the key that will send it first."""
+    return f"/{path}?_k={quote_param(api_key)}&{query}"

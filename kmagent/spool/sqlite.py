@@ -1,0 +1,232 @@
+"""The SQLite spool: WAL, one row per event, atomic claims.
+
+Durability: in WAL mode a commit is in the OS once ``INSERT`` returns, so it survives
+the process being SIGKILLed (``synchronous=NORMAL``); ``FULL`` also fsyncs the WAL on
+every commit, so it survives power loss. The producer's INSERT runs on a bare sqlite3
+connection: it is the hot path (DESIGN.md, "Measured facts").
+
+Rows are deleted once delivered, so the table holds only pending work. ``lease`` marks
+rows a shipper has in flight; a partial index over unleased rows makes a claim cost
+O(batch) however large the backlog, and another over leased rows makes recovery cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import SpoolError
+from ..events import Event
+from ..protocol import encode
+from .base import Claimed, Spool
+
+FORMAT_VERSION = 1  # stored as PRAGMA user_version
+BUSY_TIMEOUT_S = 5.0  # how long a writer waits for another before SpoolError
+
+# AUTOINCREMENT: ids never come back after rows are deleted, so a dead letter keeps its
+# id and a flush's mark stays meaningful when the table empties.
+SCHEMA = (
+    """CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        path TEXT NOT NULL,
+        query TEXT NOT NULL,
+        api_key TEXT,
+        created REAL NOT NULL,
+        due REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        lease INTEGER,
+        last_error TEXT)""",
+    "CREATE INDEX events_ready ON events(due) WHERE lease IS NULL",
+    "CREATE INDEX events_leased ON events(lease) WHERE lease IS NOT NULL",
+    """CREATE TABLE dead (
+        id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL,
+        query TEXT NOT NULL,
+        api_key TEXT,
+        created REAL NOT NULL,
+        attempts INTEGER NOT NULL,
+        failed_at REAL NOT NULL,
+        status INTEGER,
+        reason TEXT NOT NULL)""",
+)
+
+INSERT = "INSERT INTO events (path, query, api_key, created, due) VALUES (?, ?, ?, ?, ?)"
+CLAIM = """UPDATE events SET lease = ?, attempts = attempts + 1
+    WHERE id IN (SELECT id FROM events WHERE lease IS NULL AND due <= ? {key_filter}
+                 ORDER BY due LIMIT ?)
+    RETURNING id, path, query, api_key, created, attempts, due"""
+
+
+class SqliteSpool(Spool):
+    """A spool in one SQLite file; safe across threads, processes and forks."""
+
+    def __init__(self, path: Path, *, durability: str = "normal") -> None:
+        self.path = Path(path)
+        self._synchronous = {"normal": "NORMAL", "full": "FULL"}[durability]
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        self._connection()  # open now so a bad path fails at construction
+
+    # --- connection -------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        # A forked child must not share its parent's handle (SQLite forbids it): reopen.
+        if self._pid != os.getpid():
+            self._conn = self._open()
+            self._pid = os.getpid()
+        return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > FORMAT_VERSION:
+                conn.close()
+                raise SpoolError(
+                    f"spool {self.path}: format {version} is newer than this kmagent "
+                    f"understands ({FORMAT_VERSION}); upgrade kmagent")
+            if version < FORMAT_VERSION:
+                self._create(conn)
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            return conn
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool {self.path}: cannot open: {exc}") from None
+        except OSError as exc:
+            raise SpoolError(f"spool {self.path}: cannot open: {exc.strerror}") from None
+
+    @staticmethod
+    def _create(conn: sqlite3.Connection) -> None:
+        # WAL must be set outside a transaction; it is persistent, so once is enough.
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN IMMEDIATE")  # two processes creating at once: one wins
+        try:
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                for statement in SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _run(self, what: str, fn, *args):
+        """Run ``fn(conn, *args)`` under the lock; sqlite3 errors become SpoolError."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                return fn(conn, *args)
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise SpoolError(f"spool {self.path}: {what} failed: {exc}") from None
+
+    def _many(self, sql: str, rows: list[tuple]) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(sql, rows)
+            conn.execute("COMMIT")
+        if rows:
+            self._run("update", run)
+
+    # --- producer -----------------------------------------------------------------------
+
+    def append(self, event: Event) -> None:
+        path, query = encode(event)
+        now = time.time()
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute(INSERT, (path, query, event.api_key, now, now))
+            except sqlite3.Error as exc:
+                raise SpoolError(f"spool {self.path}: cannot append: {exc}") from None
+
+    # --- shipper ------------------------------------------------------------------------
+
+    def claim(self, limit: int, *, now: float, with_key_only: bool = False) -> list[Claimed]:
+        sql = CLAIM.format(key_filter="AND api_key IS NOT NULL" if with_key_only else "")
+        rows = self._run("claim", lambda c: c.execute(sql, (os.getpid(), now, limit)).fetchall())
+        rows.sort(key=lambda r: (r[6], r[0]))  # RETURNING has no defined order
+        return [Claimed(*row[:6]) for row in rows]
+
+    def ack(self, ids: Iterable[Any]) -> None:
+        self._many("DELETE FROM events WHERE id = ?", [(i,) for i in ids])
+
+    def retry(self, entries: Iterable[tuple[Any, float, str | None]]) -> None:
+        self._many("UPDATE events SET lease = NULL, due = ?, last_error = ? WHERE id = ?",
+                   [(due, error, i) for i, due, error in entries])
+
+    def release(self, ids: Iterable[Any]) -> None:
+        self._many("UPDATE events SET lease = NULL WHERE id = ?", [(i,) for i in ids])
+
+    def dead_letter(self, ids: Iterable[Any], *, status: int | None, reason: str,
+                    now: float) -> None:
+        rows = [(now, status, reason, i) for i in ids]
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT INTO dead (id, path, query, api_key, created, attempts, failed_at, "
+                "status, reason) SELECT id, path, query, api_key, created, attempts, ?, ?, ? "
+                "FROM events WHERE id = ?", rows)
+            conn.executemany("DELETE FROM events WHERE id = ?", [(r[3],) for r in rows])
+            conn.execute("COMMIT")
+        if rows:
+            self._run("dead-letter", run)
+
+    def expedite(self) -> int:
+        # Only rows in backoff have due > created; the partial index finds them.
+        return self._run("expedite", lambda c: c.execute(
+            "UPDATE events SET due = created WHERE lease IS NULL AND due > created").rowcount)
+
+    def recover(self) -> int:
+        return self._run("recover", lambda c: c.execute(
+            "UPDATE events SET lease = NULL WHERE lease IS NOT NULL").rowcount)
+
+    def next_due(self, *, with_key_only: bool = False) -> float | None:
+        key_filter = " AND api_key IS NOT NULL" if with_key_only else ""
+        return self._run("read", lambda c: c.execute(
+            "SELECT min(due) FROM events WHERE lease IS NULL" + key_filter).fetchone()[0])
+
+    def mark(self) -> int:
+        return self._run("read", lambda c: c.execute(
+            "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'events'"
+        ).fetchone()[0])
+
+    def pending_through(self, mark: int) -> int:
+        return self._run("read", lambda c: c.execute(
+            "SELECT count(*) FROM events WHERE id <= ?", (mark,)).fetchone()[0])
+
+    def stats(self, now: float) -> dict[str, Any]:
+        def read(conn: sqlite3.Connection) -> dict[str, Any]:
+            conn.execute("BEGIN")  # one snapshot for all figures
+            try:
+                pending = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+                in_flight = conn.execute(
+                    "SELECT count(*) FROM events WHERE lease IS NOT NULL").fetchone()[0]
+                dead = conn.execute("SELECT count(*) FROM dead").fetchone()[0]
+                # ids grow with time, so the lowest id is the oldest event: O(1).
+                oldest = conn.execute(
+                    "SELECT created FROM events ORDER BY id LIMIT 1").fetchone()
+            finally:
+                conn.execute("COMMIT")
+            return {
+                "pending": pending,
+                "in_flight": in_flight,
+                "dead": dead,
+                "oldest_pending_age_s": None if oldest is None else max(0.0, now - oldest[0]),
+            }
+        return self._run("stats", read)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+            self._pid = -1

@@ -1,0 +1,110 @@
+"""A stand-in tracking host on 127.0.0.1, for trying kmagent out and for its tests.
+
+It answers like Kissmetrics (200 and a 1x1 GIF whatever the parameters) and keeps every
+request target it received, byte for byte. ``status`` and ``delay`` make it fail or be
+slow; ``fail_first`` makes the first N requests fail.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+from urllib.parse import parse_qsl, urlsplit
+
+# The 1x1 transparent GIF the real host answers with.
+PIXEL = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00"
+         b"\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request as the host saw it."""
+
+    target: str  # the raw request target, e.g. "/e?_k=KEY&_p=bob&..."
+    at: float
+    status: int
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.target).path.lstrip("/")
+
+    @property
+    def params(self) -> list[tuple[str, str]]:
+        return parse_qsl(urlsplit(self.target).query, keep_blank_values=True)
+
+
+class StandInHost:
+    """``with StandInHost() as host: ... host.url ... host.received``"""
+
+    def __init__(self, port: int = 0, *, status: int = 200, delay: float = 0.0,
+                 fail_first: int = 0,
+                 on_request: Callable[[Received], None] | None = None) -> None:
+        self.status = status
+        self.delay = delay
+        self.fail_first = fail_first
+        self.received: list[Received] = []
+        self._lock = threading.Lock()
+        self._on_request = on_request
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, like the real host
+
+            def do_GET(self) -> None:
+                status = host._answer()
+                if host.delay:
+                    time.sleep(host.delay)
+                body = PIXEL if status == 200 else b""
+                self.send_response(status)
+                self.send_header("Content-Type", "image/gif")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                host._record(Received(self.path, time.time(), status))
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # requests are reported through on_request instead
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.1}, daemon=True)
+
+    def _answer(self) -> int:
+        with self._lock:
+            if self.fail_first > 0:
+                self.fail_first -= 1
+                return 503
+            return self.status
+
+    def _record(self, request: Received) -> None:
+        with self._lock:
+            self.received.append(request)
+        if self._on_request:
+            self._on_request(request)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def delivered(self) -> list[Received]:
+        """Requests answered with a 2xx."""
+        with self._lock:
+            return [r for r in self.received if 200 <= r.status < 300]
+
+    def start(self) -> "StandInHost":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> "StandInHost":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

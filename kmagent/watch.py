@@ -1,0 +1,50 @@
+"""Wake-ups for the shipper: inotify (through watchdog) when the spool changes.
+
+Events are only wake-ups, never a source of truth: inotify drops events silently when
+its queue overflows, so the daemon also rescans on a timer (``RESCAN_INTERVAL_S``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+log = logging.getLogger("kmagent.watch")
+
+RESCAN_INTERVAL_S = 1.0
+
+
+class _WakeOnChange(FileSystemEventHandler):
+    def __init__(self, prefix: str, wake: threading.Event) -> None:
+        self._prefix = prefix
+        self._wake = wake
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if Path(str(event.src_path)).name.startswith(self._prefix):
+            self._wake.set()
+
+
+class SpoolWatcher:
+    """Sets ``wake`` whenever a file of the spool changes (SQLite writes go to ``-wal``)."""
+
+    def __init__(self, spool_path: Path, wake: threading.Event) -> None:
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._observer.schedule(_WakeOnChange(spool_path.name, wake),
+                                str(spool_path.parent), recursive=False)
+
+    def start(self) -> None:
+        try:
+            self._observer.start()
+        except OSError as exc:  # e.g. inotify watch limit reached: rescans still work
+            log.warning("cannot watch the spool (%s); relying on %.0f s rescans",
+                        exc, RESCAN_INTERVAL_S)
+
+    def stop(self) -> None:
+        if self._observer.is_alive():
+            self._observer.stop()
+            self._observer.join(timeout=2)
