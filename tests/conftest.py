@@ -1,0 +1,86 @@
+"""Shared fixtures: a real stand-in tracking host on 127.0.0.1, real spool files, real
+processes running the real ``kmagent`` command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from kmagent.testhost import StandInHost
+
+API_KEY = "test-key"
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch):
+    """No test ever reads the machine's config or writes the user's state directory."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("KMAGENT_CONFIG", raising=False)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("kmagent.config.SYSTEM_CONFIG", tmp_path / "no-system-config.toml")
+
+
+@pytest.fixture
+def host():
+    with StandInHost() as server:
+        yield server
+
+
+@pytest.fixture
+def spool_path(tmp_path) -> Path:
+    return tmp_path / "spool" / "spool.db"
+
+
+@pytest.fixture
+def write_config(tmp_path, spool_path) -> Callable[..., Path]:
+    """write_config(host=None, extra="", api_key=API_KEY) -> path of a TOML file."""
+    def write(host: StandInHost | None = None, extra: str = "", api_key: str | None = API_KEY,
+              name: str = "config.toml") -> Path:
+        lines = []
+        if api_key is not None:
+            lines.append(f'api_key = "{api_key}"')
+        if host is not None:
+            lines.append(f'endpoint = "{host.url}"')
+        lines.append(extra)
+        lines.append(f'[spool]\npath = "{spool_path}"')
+        path = tmp_path / name
+        path.write_text("\n".join(lines) + "\n")
+        return path
+    return write
+
+
+def kmagent_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kmagent", *args]
+
+
+def run_kmagent(*args: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+    """Run the kmagent command to completion and capture its output."""
+    return subprocess.run(kmagent_cmd(*args), capture_output=True, text=True,
+                          timeout=timeout, env=os.environ.copy(), **kwargs)
+
+
+def start_kmagent(*args: str, **kwargs) -> subprocess.Popen:
+    """Start the kmagent command in the background (its stderr is captured)."""
+    return subprocess.Popen(kmagent_cmd(*args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+                            **kwargs)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0,
+             interval: float = 0.02) -> object:
+    """Poll until ``predicate()`` is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
+        time.sleep(interval)

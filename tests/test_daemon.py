@@ -1,0 +1,215 @@
+"""``kmagent run`` and ``kmagent flush`` as real processes against a real loopback host:
+live delivery, SIGTERM, SIGKILL mid-drain, concurrent producers, flush beside a daemon."""
+
+from __future__ import annotations
+
+import collections
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from kmagent import Client
+from kmagent.protocol import request_target
+
+from conftest import API_KEY, run_kmagent, start_kmagent, wait_for
+
+FAST_RETRY = "[ship]\nmax_backoff = 1\nconcurrency = 4\n"
+
+
+def status(config) -> dict:
+    result = run_kmagent("status", "--json", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def expected_targets(spool_path) -> list[str]:
+    """The request target of every pending event, as the host must receive it."""
+    with sqlite3.connect(spool_path) as conn:
+        rows = conn.execute("SELECT path, query, api_key FROM events ORDER BY id").fetchall()
+    return [request_target(path, query, key or API_KEY) for path, query, key in rows]
+
+
+def record_many(spool_path, count: int, prefix: str = "e") -> None:
+    client = Client(spool=spool_path)
+    for n in range(count):
+        client.record(f"person{n}", f"{prefix} {n}", {"n": n})
+    client.close()
+
+
+def start_daemon(config) -> subprocess.Popen:
+    daemon = start_kmagent("run", "--config", str(config))
+    wait_for(lambda: status(config)["daemon_pid"] == daemon.pid, timeout=20)
+    return daemon
+
+
+def stop(process: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 20) -> int:
+    """Signal the process, wait for it, and keep its stderr in ``process.log``."""
+    process.send_signal(sig)
+    _, process.log = process.communicate(timeout=timeout)
+    return process.returncode
+
+
+def test_run_delivers_an_event_recorded_while_it_idles(host, write_config, spool_path):
+    config = write_config(host)
+    Client(spool=spool_path).close()
+    daemon = start_daemon(config)
+    try:
+        time.sleep(1.5)  # let it settle into its idle wait
+        started = time.time()
+        Client(spool=spool_path).record("bob@example.com", "Viewed Homepage")
+        [request] = wait_for(host.delivered, timeout=10)
+        assert request.target.startswith(
+            f"/e?_k={API_KEY}&_p=bob%40example.com&_n=Viewed%20Homepage&_t=")
+        # Woken by inotify, not by the 1 s rescan (a generous bound for a noisy machine).
+        assert request.at - started < 0.9
+    finally:
+        assert stop(daemon) == 0
+
+
+def test_sigterm_exits_zero_and_loses_nothing_in_flight(host, write_config, spool_path):
+    host.delay = 0.5  # requests are in flight when the signal comes
+    config = write_config(host, extra="[ship]\nconcurrency = 4\n")
+    record_many(spool_path, 40)
+    expected = expected_targets(spool_path)
+    daemon = start_daemon(config)
+    wait_for(lambda: status(config)["in_flight"] > 0)
+    assert stop(daemon) == 0
+    assert status(config)["in_flight"] == 0  # nothing left claimed
+    host.delay = 0
+    assert run_kmagent("flush", "--config", str(config)).returncode == 0
+    assert set(r.target for r in host.delivered()) == set(expected)
+
+
+def test_sigkill_mid_drain_loses_nothing_and_resends_only_in_flight(
+        host, write_config, spool_path):
+    host.delay = 0.01
+    config = write_config(host, extra="[ship]\nconcurrency = 8\n")
+    record_many(spool_path, 1500)
+    expected = expected_targets(spool_path)
+    for _ in range(2):  # kill it twice mid-drain
+        daemon = start_daemon(config)
+        before = len(host.delivered())
+        wait_for(lambda: len(host.delivered()) >= before + 300, timeout=60)
+        stop(daemon, signal.SIGKILL)
+    assert status(config)["pending"] > 0
+    daemon = start_daemon(config)
+    try:
+        wait_for(lambda: status(config)["pending"] == 0, timeout=60)
+    finally:
+        assert stop(daemon) == 0
+    delivered = [r.target for r in host.delivered()]
+    assert set(delivered) == set(expected)  # nothing lost, nothing foreign
+    resent = sum(n - 1 for n in collections.Counter(delivered).values())
+    # A resend is the same bytes (counted above by target) and only what was in flight:
+    # at most the claim window (2 × concurrency) per kill.
+    assert resent <= 2 * 2 * 8
+
+
+PRODUCER = textwrap.dedent("""
+    import sys
+    from kmagent import Client
+    client = Client(spool=sys.argv[1])
+    for n in range(int(sys.argv[3])):
+        client.record("p" + sys.argv[2], "n" + str(n))
+        print(n, flush=True)
+""")
+
+
+def test_concurrent_producer_processes_lose_nothing(host, write_config, spool_path):
+    config = write_config(host)
+    Client(spool=spool_path).close()
+    daemon = start_daemon(config)  # shipping while they write
+    try:
+        producers = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(spool_path),
+                                       str(p), "300"], stdout=subprocess.DEVNULL)
+                     for p in range(4)]
+        assert [p.wait(60) for p in producers] == [0, 0, 0, 0]
+        wait_for(lambda: len(host.delivered()) >= 1200, timeout=60)
+    finally:
+        assert stop(daemon) == 0
+    seen = collections.Counter((dict(r.params)["_p"], dict(r.params)["_n"])
+                               for r in host.delivered())
+    assert set(seen) == {(f"p{p}", f"n{n}") for p in range(4) for n in range(300)}
+    assert max(seen.values()) == 1
+
+
+def test_a_producer_killed_mid_stream_keeps_every_event_record_returned_for(spool_path):
+    Client(spool=spool_path).close()
+    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, str(spool_path), "0",
+                                 "1000000"], stdout=subprocess.PIPE, text=True)
+    acknowledged = []
+    for line in producer.stdout:
+        acknowledged.append(int(line))
+        if len(acknowledged) == 2000:
+            producer.kill()
+            break
+    producer.wait()
+    acknowledged.extend(int(line) for line in producer.stdout.read().split())
+    with sqlite3.connect(spool_path) as conn:
+        stored = {q.split("&")[1] for (q,) in conn.execute("SELECT query FROM events")}
+    assert {f"_n=n{n}" for n in acknowledged} <= stored
+
+
+def test_flush_beside_a_running_daemon_never_sends_twice(host, write_config, spool_path):
+    host.delay = 0.01
+    config = write_config(host, extra="[ship]\nconcurrency = 4\n")
+    record_many(spool_path, 300)
+    daemon = start_daemon(config)
+    try:
+        flushes = [start_kmagent("flush", "--config", str(config)) for _ in range(2)]
+        for flush in flushes:
+            out, err = flush.communicate(timeout=60)
+            assert flush.returncode == 0, err
+            assert f"delivered by pid {daemon.pid}" in err
+    finally:
+        assert stop(daemon) == 0
+    delivered = collections.Counter(r.target for r in host.delivered())
+    assert len(delivered) == 300 and max(delivered.values()) == 1
+
+
+def test_run_waits_for_a_flush_that_holds_the_spool(host, write_config, spool_path):
+    host.delay = 0.01
+    config = write_config(host, extra="[ship]\nconcurrency = 2\n")
+    record_many(spool_path, 200)
+    flush = start_kmagent("flush", "--config", str(config))
+    wait_for(lambda: status(config)["daemon_pid"] == flush.pid)
+    daemon = start_kmagent("run", "--config", str(config))
+    try:
+        assert flush.wait(60) == 0
+        Client(spool=spool_path).record("late", "After Flush")
+        wait_for(lambda: any("After%20Flush" in r.target for r in host.delivered()))
+    finally:
+        assert stop(daemon) == 0
+        flush.communicate()
+    assert f"shipped by pid {flush.pid}; waiting for it" in daemon.log
+    delivered = collections.Counter(r.target for r in host.delivered())
+    assert len(delivered) == 201 and max(delivered.values()) == 1
+
+
+def test_failed_requests_are_retried_with_the_same_bytes(host, write_config, spool_path):
+    host.fail_first = 6
+    config = write_config(host, extra=FAST_RETRY)
+    record_many(spool_path, 3)
+    result = run_kmagent("flush", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    failed = [r.target for r in host.received if r.status == 503]
+    delivered = [r.target for r in host.delivered()]
+    assert len(failed) == 6 and len(delivered) == 3
+    assert set(failed) <= set(delivered)  # every retry repeated the exact request
+
+
+def test_events_are_never_acknowledged_without_a_2xx(host, write_config, spool_path):
+    host.status = 302  # a redirect is never followed, and is not a delivery
+    config = write_config(host, extra=FAST_RETRY)
+    record_many(spool_path, 2)
+    result = run_kmagent("flush", "--timeout", "2", "--config", str(config))
+    assert result.returncode == 1
+    assert "HTTP 302" in result.stderr
+    assert status(config)["pending"] == 2
+    assert all(r.target.startswith("/e?") for r in host.received)

@@ -1,0 +1,190 @@
+"""The spool contract, run against every backend (one suite, many implementations)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from kmagent.errors import SpoolError
+from kmagent.events import make_alias, make_event, make_set
+from kmagent.spool import open_spool
+
+BACKENDS = ["sqlite"]
+T0 = 1_700_000_000
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def location(tmp_path, backend):
+    return tmp_path / ("spool.db" if backend == "sqlite" else "spool")
+
+
+@pytest.fixture
+def store(location, backend):
+    spool = open_spool(location, backend=backend)
+    yield spool
+    spool.close()
+
+
+def event(n: int, api_key: str | None = None):
+    return make_event(f"person{n}", "Did", {"n": n}, api_key=api_key, now=T0 + n)
+
+
+def persons(items) -> list[str]:
+    return [item.query.split("&")[0] for item in items]
+
+
+def test_append_then_claim_returns_oldest_first_with_the_stored_request(store):
+    store.append(event(1, api_key="k1"))
+    store.append(make_set("bob", {"gender": "male"}, now=T0))
+    store.append(make_alias("bob", "bob@example.com"))
+    items = store.claim(10, now=time.time())
+    assert [(i.path, i.query, i.api_key, i.attempts) for i in items] == [
+        ("e", f"_p=person1&_n=Did&_t={T0 + 1}&_d=1&n=1", "k1", 1),
+        ("s", f"_p=bob&_t={T0}&_d=1&gender=male", None, 1),
+        ("a", "_p=bob&_n=bob%40example.com", None, 1),
+    ]
+
+
+def test_claimed_events_are_not_claimed_again_and_stay_pending(store):
+    for n in range(5):
+        store.append(event(n))
+    first = store.claim(3, now=time.time())
+    second = store.claim(10, now=time.time())
+    assert persons(first) == ["_p=person0", "_p=person1", "_p=person2"]
+    assert persons(second) == ["_p=person3", "_p=person4"]
+    assert store.claim(10, now=time.time()) == []
+    figures = store.stats(time.time())
+    assert figures["pending"] == 5 and figures["in_flight"] == 5
+
+
+def test_ack_forgets_only_what_it_names(store):
+    for n in range(4):
+        store.append(event(n))
+    items = store.claim(4, now=time.time())
+    store.ack([items[1].id, items[3].id])
+    store.release([items[0].id, items[2].id])
+    assert store.stats(time.time())["pending"] == 2
+    assert persons(store.claim(10, now=time.time())) == ["_p=person0", "_p=person2"]
+
+
+def test_retry_waits_until_due_and_counts_attempts(store):
+    store.append(event(1))
+    [item] = store.claim(1, now=time.time())
+    later = time.time() + 30
+    store.retry([(item.id, later, "HTTP 503")])
+    assert store.claim(1, now=time.time()) == []
+    assert store.next_due() == pytest.approx(later)
+    [again] = store.claim(1, now=later + 1)
+    assert again.id == item.id and again.query == item.query and again.attempts == 2
+
+
+def test_expedite_makes_backed_off_events_due_now(store):
+    store.append(event(1))
+    [item] = store.claim(1, now=time.time())
+    store.retry([(item.id, time.time() + 3600, "HTTP 503")])
+    assert store.expedite() == 1
+    assert [i.id for i in store.claim(1, now=time.time())] == [item.id]
+
+
+def test_dead_letter_moves_the_event_out_of_pending(store):
+    store.append(event(1))
+    store.append(event(2))
+    first, second = store.claim(2, now=time.time())
+    store.dead_letter([first.id], status=400, reason="HTTP 400", now=time.time())
+    store.ack([second.id])
+    figures = store.stats(time.time())
+    assert (figures["pending"], figures["dead"]) == (0, 1)
+
+
+def test_recover_gives_back_what_a_dead_shipper_had_in_flight(location, backend):
+    crashed = open_spool(location, backend=backend)
+    for n in range(3):
+        crashed.append(event(n))
+    claimed = crashed.claim(2, now=time.time())
+    crashed.close()  # the shipper "dies" without ack or release
+    successor = open_spool(location, backend=backend)
+    try:
+        assert successor.recover() == 2
+        again = successor.claim(10, now=time.time())
+        assert persons(claimed) == ["_p=person0", "_p=person1"]
+        assert persons(again) == ["_p=person0", "_p=person1", "_p=person2"]
+        assert successor.stats(time.time())["pending"] == 3
+    finally:
+        successor.close()
+
+
+def test_with_key_only_skips_events_without_a_key(store):
+    store.append(event(1))
+    store.append(event(2, api_key="own-key"))
+    items = store.claim(10, now=time.time(), with_key_only=True)
+    assert [i.api_key for i in items] == ["own-key"]
+    assert store.next_due(with_key_only=True) is None
+    assert store.next_due() is not None
+
+
+def test_mark_and_pending_through_ignore_later_events(store):
+    for n in range(3):
+        store.append(event(n))
+    mark = store.mark()
+    store.append(event(3))
+    assert store.pending_through(mark) == 3
+    items = store.claim(2, now=time.time())
+    store.ack([i.id for i in items])
+    assert store.pending_through(mark) == 1
+    assert store.stats(time.time())["pending"] == 2
+
+
+def test_mark_stays_meaningful_after_the_spool_empties(store):
+    store.append(event(1))
+    store.ack([i.id for i in store.claim(1, now=time.time())])
+    mark = store.mark()
+    store.append(event(2))
+    assert store.pending_through(mark) == 0
+
+
+def test_stats_report_the_oldest_pending_age(store):
+    assert store.stats(time.time())["oldest_pending_age_s"] is None
+    store.append(event(1))
+    time.sleep(0.05)
+    store.append(event(2))
+    age = store.stats(time.time() + 10)["oldest_pending_age_s"]
+    assert 10.04 < age < 12
+
+
+def test_events_survive_reopening(location, backend):
+    with open_spool(location, backend=backend) as first:
+        first.append(event(1))
+    with open_spool(location, backend=backend) as second:
+        assert persons(second.claim(5, now=time.time())) == ["_p=person1"]
+
+
+@pytest.mark.parametrize("durability", ["normal", "full"])
+def test_both_durability_levels_store_events(location, backend, durability):
+    with open_spool(location, backend=backend, durability=durability) as spool:
+        spool.append(event(1))
+        assert spool.stats(time.time())["pending"] == 1
+
+
+def test_sqlite_spool_is_wal_and_refuses_a_newer_format(tmp_path):
+    path = tmp_path / "spool.db"
+    open_spool(path).close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(SpoolError, match="newer"):
+        open_spool(path)
+
+
+def test_unwritable_location_is_a_spool_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SpoolError):
+        open_spool(blocker / "spool.db")
