@@ -22,5 +22,5 @@ __all__ = ["Client", "KM", "KmagentError", "InvalidEvent", "SpoolError", "SpoolF
 def status(config: str | os.PathLike | None = None, *,
            spool: str | os.PathLike | None = None) -> dict[str, Any]:
     """The figures of ``kmagent status --json``, computed in-process."""
-    from .status import read_status
+    from .report import read_status
     return read_status(config, spool=spool)

@@ -159,7 +159,7 @@ def status(as_json: bool) -> int:
     Example:
       kmagent status --json
     """
-    from .status import read_status
+    from .report import read_status
     config = _config()
     meta = click.get_current_context().find_root().meta
     figures = read_status(meta.get("kmagent.config"), spool=config.spool_path)

@@ -52,6 +52,9 @@ class StandInHost:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, like the real host
+            # Headers and body go out in separate writes: without TCP_NODELAY, Nagle's
+            # algorithm holds the body for the client's delayed ACK (~40 ms a request).
+            disable_nagle_algorithm = True
 
             def do_GET(self) -> None:
                 status = host._answer()

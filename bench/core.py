@@ -1,0 +1,95 @@
+"""Core figures: producer cost (µs/event) beside a bare sqlite3 INSERT, and shipping
+throughput (events/s) to a loopback stand-in host. Medians of several rounds, ratios
+against a baseline measured in the same run (the machine is shared and noisy).
+
+    .venv/bin/python bench/core.py
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROUNDS = 5
+EVENTS = 2000
+
+
+def bare_insert(path: Path, synchronous: str, n: int) -> float:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, path, query, key, created, due)")
+    start = time.perf_counter()
+    for i in range(n):
+        conn.execute("INSERT INTO t (path, query, key, created, due) VALUES (?, ?, ?, ?, ?)",
+                     ("e", f"_p=bob&_n=Signed%20Up&_t=1700000000&_d=1&Plan=Pro&Amount={i}",
+                      None, time.time(), time.time()))
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return elapsed / n * 1e6
+
+
+def client_record(path: Path, durability: str, n: int) -> float:
+    from kmagent.client import Client
+    config = path.with_suffix(".toml")
+    config.write_text(f'[spool]\npath = "{path}"\ndurability = "{durability}"\n')
+    client = Client(config=config)
+    start = time.perf_counter()
+    for i in range(n):
+        client.record("bob@example.com", "Signed Up", {"Plan": "Pro", "Amount": i})
+    elapsed = time.perf_counter() - start
+    client.close()
+    return elapsed / n * 1e6
+
+
+def shipping(tmp: Path, n: int, concurrency: int, delay: float) -> float:
+    from kmagent.client import Client
+    from kmagent.config import Config
+    from kmagent.flush import flush
+    from kmagent.testhost import StandInHost
+    spool = tmp / f"ship-{time.monotonic_ns()}.db"
+    client = Client(spool=spool)
+    for i in range(n):
+        client.record(f"p{i}", "Shipped")
+    client.close()
+    with StandInHost(delay=delay) as host:
+        config = Config(api_key="bench", endpoint=host.url, spool_path=spool,
+                        concurrency=concurrency)
+        start = time.perf_counter()
+        result = flush(config, timeout=30)
+        elapsed = time.perf_counter() - start
+    assert result.remaining == 0, result
+    return n / elapsed
+
+
+def median_of(fn, *args) -> float:
+    return statistics.median(fn(*args) for _ in range(ROUNDS))
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        print(f"python {sys.version.split()[0]}, sqlite {sqlite3.sqlite_version}, "
+              f"{EVENTS} events x {ROUNDS} rounds, medians\n")
+        print("| producer, 1 thread | µs/event | × bare |")
+        print("|---|---:|---:|")
+        for sync, durability, n in (("NORMAL", "normal", EVENTS), ("FULL", "full", EVENTS // 10)):
+            bare = median_of(bare_insert, tmp / f"bare-{sync}.db", sync, n)
+            ours = median_of(client_record, tmp / f"km-{durability}.db", durability, n)
+            print(f"| bare sqlite3 INSERT, WAL, {sync} | {bare:.1f} | 1.00 |")
+            print(f"| Client.record, sqlite {durability} | {ours:.1f} | {ours / bare:.2f} |")
+        print("\n| shipping, stand-in host on 127.0.0.1 | events/s |")
+        print("|---|---:|")
+        for delay in (0.0, 0.02):
+            for concurrency in (1, 16):
+                rate = statistics.median(shipping(tmp, 1000 if delay == 0 else 600,
+                                                  concurrency, delay) for _ in range(3))
+                print(f"| concurrency {concurrency}, host latency {delay * 1000:.0f} ms | {rate:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
