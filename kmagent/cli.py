@@ -63,7 +63,7 @@ def _properties(pairs: tuple[str, ...]) -> dict[str, str]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise click.UsageError(f"property {pair!r}: expected NAME=VALUE")
+            raise InvalidEvent(f"property {pair!r}", "expected NAME=VALUE")
         props[name] = value
     return props
 
@@ -199,7 +199,7 @@ def record(person: str, event: str, properties: tuple[str, ...], timestamp: int 
 
 @cli.command(name="set")
 @click.argument("person")
-@click.argument("properties", nargs=-1, required=True, metavar="NAME=VALUE...")
+@click.argument("properties", nargs=-1, metavar="NAME=VALUE...")
 @click.option("--timestamp", type=int, help=TIMESTAMP_HELP)
 @common_options
 def set_(person: str, properties: tuple[str, ...], timestamp: int | None) -> int:

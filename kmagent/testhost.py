@@ -7,6 +7,7 @@ slow; ``fail_first`` makes the first N requests fail.
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ class Received:
     target: str  # the raw request target, e.g. "/e?_k=KEY&_p=bob&..."
     at: float
     status: int
+    user_agent: str | None = None
 
     @property
     def path(self) -> str:
@@ -41,7 +43,8 @@ class StandInHost:
 
     def __init__(self, port: int = 0, *, status: int = 200, delay: float = 0.0,
                  fail_first: int = 0,
-                 on_request: Callable[[Received], None] | None = None) -> None:
+                 on_request: Callable[[Received], None] | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.status = status
         self.delay = delay
         self.fail_first = fail_first
@@ -66,13 +69,18 @@ class StandInHost:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
-                host._record(Received(self.path, time.time(), status))
+                host._record(Received(self.path, time.time(), status,
+                                      self.headers.get("User-Agent")))
 
             def log_message(self, format: str, *args: object) -> None:
                 pass  # requests are reported through on_request instead
 
         self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
+        self._scheme = "http"
+        if ssl_context is not None:
+            self._server.socket = ssl_context.wrap_socket(self._server.socket, server_side=True)
+            self._scheme = "https"
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.1}, daemon=True)
 
@@ -91,7 +99,7 @@ class StandInHost:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"{self._scheme}://127.0.0.1:{self._server.server_address[1]}"
 
     def delivered(self) -> list[Received]:
         """Requests answered with a 2xx."""

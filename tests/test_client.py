@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -18,7 +19,6 @@ import pytest
 import kmagent
 from kmagent import KM, Client, InvalidEvent
 
-STATUS = kmagent.status  # bound once (see test_kmagent_status_stays_callable)
 PROJECT = Path(kmagent.__file__).resolve().parent.parent
 
 
@@ -156,7 +156,7 @@ def test_client_is_thread_safe(client, spool_path):
         assert path == "e" and params["_p"] == f"person{params['thread']}"
         seen.add((int(params["thread"]), int(params["i"])))
     assert seen == {(t, i) for t in range(threads_n) for i in range(per_thread)}
-    assert STATUS(spool=spool_path)["pending"] == threads_n * per_thread
+    assert kmagent.status(spool=spool_path)["pending"] == threads_n * per_thread
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -194,6 +194,46 @@ def test_client_is_fork_safe(client, spool_path):
         conn.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_client_is_fork_safe_while_another_thread_records(client, spool_path):
+    """A multi-threaded app forks while one of its threads is recording: the child must
+    still be able to record (it must not inherit a lock held by a thread it lacks)."""
+    stop = threading.Event()
+    ticks = [0]
+
+    def background() -> None:
+        while not stop.is_set():
+            client.record("background", "Tick")
+            ticks[0] += 1
+
+    thread = threading.Thread(target=background, daemon=True)
+    thread.start()
+    try:
+        wait_until = time.monotonic() + 10
+        while ticks[0] < 20 and time.monotonic() < wait_until:
+            time.sleep(0.005)
+        codes = []
+        for n in range(2):
+            pid = os.fork()
+            if pid == 0:  # the child: never return into pytest
+                code = 1
+                try:
+                    signal.alarm(3)  # a deadlocked child is killed by SIGALRM
+                    client.record("child", "In Child", {"n": n})
+                    code = 0
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            codes.append(os.waitstatus_to_exitcode(status))
+    finally:
+        stop.set()
+        thread.join(10)
+    assert codes == [0, 0], f"children exited {codes} (-{int(signal.SIGALRM)} = hung)"
+    children = sorted(decode(q).get("n") for _, q, _ in rows(spool_path)
+                      if decode(q)["_p"] == "child")
+    assert children == ["0", "1"]
+
+
 def test_import_kmagent_does_not_import_requests_watchdog_or_click():
     code = ("import kmagent, sys; kmagent.Client; kmagent.KM; "
             "print(sorted(m for m in ('requests','watchdog','click') if m in sys.modules))")
@@ -218,8 +258,9 @@ def test_recording_does_not_import_requests_watchdog_or_click(tmp_path):
 
 
 def test_kmagent_status_stays_callable(tmp_path):
-    """``kmagent.status`` is a function however often it is called (in a fresh process,
-    so that the order of the tests does not matter)."""
+    """``kmagent.status`` is a function however often it is called: importing its
+    implementation must not shadow it with a submodule (checked in a fresh process, so
+    that the order of the tests does not matter)."""
     spool = str(tmp_path / "s.db")
     code = (
         "import kmagent\n"

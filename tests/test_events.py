@@ -21,11 +21,6 @@ import pytest
 
 import kmagent
 
-# kmagent.status, bound once: calling it imports the submodule kmagent.status, which
-# then shadows the function on the package (a package bug, tested in test_client.py);
-# binding it here keeps every refusal test meaningful whatever ran before.
-STATUS = kmagent.status
-
 T2010 = 1262304000  # 2010-01-01T00:00:00Z
 EARLIEST = 1230768000  # 2009-01-01T00:00:00Z
 
@@ -68,7 +63,7 @@ def assert_refused(spool_path, call, field: str) -> kmagent.InvalidEvent:
     assert isinstance(exc, ValueError)
     assert isinstance(exc, kmagent.KmagentError)
     assert re.search(field, str(exc)), f"message {str(exc)!r} does not name {field!r}"
-    assert STATUS(spool=spool_path)["pending"] == len(before)
+    assert kmagent.status(spool=spool_path)["pending"] == len(before)
     assert rows(spool_path) == before  # the earlier accepted event is untouched
     return exc
 
@@ -112,7 +107,7 @@ def test_names_of_255_characters_are_accepted(client, spool_path):
     name = "é" * 255  # characters, not bytes
     client.record(name, name, {name: name})
     client.alias(name, name)
-    assert STATUS(spool=spool_path)["pending"] == 3
+    assert kmagent.status(spool=spool_path)["pending"] == 3
     (_, q_event, _), (path, q_alias, _) = rows(spool_path)[1:]
     got = params(q_event)
     assert got[0] == ("_p", name) and got[1] == ("_n", name) and got[-1] == (name, name)
@@ -207,7 +202,7 @@ def test_string_values_over_8192_utf8_bytes_are_refused(client, spool_path, too_
 def test_string_values_of_exactly_8192_utf8_bytes_are_accepted(client, spool_path, exact):
     assert len(exact.encode("utf-8")) == 8192
     client.record("bob", "Wrote", {"body": exact})
-    assert STATUS(spool=spool_path)["pending"] == 2
+    assert kmagent.status(spool=spool_path)["pending"] == 2
     assert props_of(last_query(spool_path)[1]) == [("body", exact)]
 
 
@@ -231,7 +226,7 @@ def test_values_over_512_characters_are_accepted_but_logged_once_per_name(
     client.record("bob", "Wrote", {second: "x" * 513})
     assert len(warnings_about(second)) == 1  # another name is logged on its own
     assert len(warnings_about(first)) == 1
-    assert STATUS(spool=spool_path)["pending"] == 1 + 5
+    assert kmagent.status(spool=spool_path)["pending"] == 1 + 5
     assert props_of(rows(spool_path)[2][1]) == [(first, "x" * 513)]
 
 
@@ -448,6 +443,6 @@ def test_huge_int_is_stored_in_decimal_or_refused_as_invalid_event(client, spool
         client.record("bob", "Counted", {"big": huge})
     except kmagent.InvalidEvent as exc:
         assert "big" in str(exc)
-        assert STATUS(spool=spool_path)["pending"] == 1
+        assert kmagent.status(spool=spool_path)["pending"] == 1
     else:
         assert props_of(last_query(spool_path)[1]) == [("big", "1" + "0" * 5000)]

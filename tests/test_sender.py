@@ -1,0 +1,99 @@
+"""The sender against real loopback hosts: headers, TLS verification, redirects,
+timeouts, and the API key kept out of errors."""
+
+from __future__ import annotations
+
+import random
+import socket
+import ssl
+import threading
+
+import pytest
+import trustme
+
+from kmagent import __version__
+from kmagent.sender import Sender, backoff_delay, redact
+from kmagent.spool import Claimed
+from kmagent.testhost import StandInHost
+
+ITEM = Claimed(1, "e", "_p=bob&_n=Signed%20Up&_t=1700000000&_d=1", None, 0.0, 1)
+
+
+def sender_for(url: str, **options) -> Sender:
+    settings = dict(concurrency=2, connect_timeout=2, read_timeout=2, api_key="secret-key")
+    settings.update(options)
+    return Sender(url, **settings)
+
+
+def test_request_is_the_stored_bytes_with_key_first_and_a_user_agent(host):
+    outcome = sender_for(host.url).send(ITEM)
+    assert outcome.delivered and outcome.status == 200
+    [request] = host.received
+    assert request.target == "/e?_k=secret-key&_p=bob&_n=Signed%20Up&_t=1700000000&_d=1"
+    assert request.user_agent == f"kmagent/{__version__}"
+
+
+def test_an_event_with_its_own_key_is_sent_with_it(host):
+    own = Claimed(2, "a", "_p=a&_n=b", "own key", 0.0, 1)
+    assert sender_for(host.url).send(own).delivered
+    assert host.received[0].target == "/a?_k=own%20key&_p=a&_n=b"
+
+
+@pytest.fixture(scope="module")
+def tls():
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    return authority, certificate
+
+
+def test_tls_is_verified_against_the_configured_ca(tls, tmp_path):
+    authority, certificate = tls
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certificate.configure_cert(context)
+    ca_file = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(ca_file))
+    with StandInHost(ssl_context=context) as secure:
+        assert secure.url.startswith("https://")
+        refused = sender_for(secure.url).send(ITEM)  # system CAs do not know this one
+        assert not refused.delivered and "SSL" in refused.error
+        assert sender_for(secure.url, ca_file=str(ca_file)).send(ITEM).delivered
+
+
+def test_redirects_are_never_followed(host):
+    host.status = 301
+    outcome = sender_for(host.url).send(ITEM)
+    assert (outcome.delivered, outcome.status) == (False, 301)
+    assert len(host.received) == 1
+
+
+def test_a_host_that_never_answers_times_out_without_leaking_the_key():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    outcome = sender_for(url, read_timeout=0.3).send(ITEM)
+    listener.close()
+    assert not outcome.delivered and outcome.status is None
+    assert "Timeout" in outcome.error and "secret-key" not in outcome.error
+
+
+def test_refused_connection_is_a_failure_not_an_exception():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    outcome = sender_for(f"http://127.0.0.1:{port}").send(ITEM)
+    assert not outcome.delivered and "secret-key" not in outcome.error
+
+
+def test_redact_hides_raw_and_encoded_keys():
+    assert redact("url /e?_k=a%20b&x=a b", ("a b",)) == "url /e?_k=***&x=***"
+
+
+def test_backoff_is_capped_exponential_with_full_jitter():
+    rng = random.Random(7)
+    for attempts, ceiling in [(1, 1), (2, 2), (3, 4), (10, 60), (500, 60)]:
+        delays = [backoff_delay(attempts, 60, rng) for _ in range(200)]
+        assert 0 <= min(delays) and max(delays) <= ceiling
+        assert max(delays) > ceiling * 0.8  # spread over the whole range
