@@ -97,3 +97,66 @@ def test_backoff_is_capped_exponential_with_full_jitter():
         delays = [backoff_delay(attempts, 60, rng) for _ in range(200)]
         assert 0 <= min(delays) and max(delays) <= ceiling
         assert max(delays) > ceiling * 0.8  # spread over the whole range
+
+
+class ConnectProxy:
+    """A minimal HTTPS (CONNECT) proxy on 127.0.0.1 that remembers what it tunnelled."""
+
+    def __init__(self) -> None:
+        self.tunnels: list[str] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += client.recv(4096)
+        target = head.split()[1].decode()
+        self.tunnels.append(target)
+        host, port = target.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_https_goes_through_the_configured_proxy(tls, tmp_path):
+    authority, certificate = tls
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certificate.configure_cert(context)
+    ca_file = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(ca_file))
+    proxy = ConnectProxy()
+    try:
+        with StandInHost(ssl_context=context) as secure:
+            sender = sender_for(secure.url, ca_file=str(ca_file), proxy=proxy.url)
+            assert sender.send(ITEM).delivered
+            assert proxy.tunnels == [secure.url.removeprefix("https://")]
+            assert secure.received[0].target.startswith("/e?_k=secret-key&_p=bob")
+    finally:
+        proxy.close()
