@@ -26,6 +26,9 @@ MAX_VALUE_BYTES = 8192
 DOCUMENTED_VALUE_CHARS = 512
 # Kissmetrics holds no data before 2009 ("Technical Notes").
 EARLIEST_TIME = 1230768000  # 2009-01-01T00:00:00Z
+# Python refuses to print ints over 4,300 digits; no analytics value is that long.
+MAX_INT_DIGITS = 4000
+_MAX_INT_BITS = int(MAX_INT_DIGITS * 3.3219)  # log2(10): a cheap bound on the digits
 # Past 2106 a "timestamp" is almost surely milliseconds; refuse rather than mis-date.
 LATEST_TIME = 2**32 - 1
 # Parameters the agent owns; a property may never override them.
@@ -88,7 +91,11 @@ def check_value(name: str, value: Any) -> Value:
                 "property %r: value of %d characters; Kissmetrics documents %d "
                 "(accepted; logged once per name)", name, len(value), DOCUMENTED_VALUE_CHARS)
         return value
-    if kind is bool or kind is int:
+    if kind is bool:
+        return value
+    if kind is int:
+        if value.bit_length() > _MAX_INT_BITS:
+            raise InvalidEvent(field, f"integers are limited to {MAX_INT_DIGITS} digits")
         return value
     if kind is float:
         if not math.isfinite(value):

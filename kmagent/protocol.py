@@ -27,7 +27,9 @@ def format_value(value: Value) -> str:
         return "false"
     if isinstance(value, str):
         return quote_param(value)
-    return repr(value)  # int or float; repr(float) is the shortest round-trip form
+    if isinstance(value, float):
+        return quote_param(repr(value))  # shortest round-trip form; "1e+20" needs %2B
+    return repr(value)
 
 
 def encode(event: Event) -> tuple[str, str]:

@@ -16,6 +16,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -61,6 +62,22 @@ CLAIM = """UPDATE events SET lease = ?, attempts = attempts + 1
     RETURNING id, path, query, api_key, created, attempts, due"""
 
 
+_open_spools: "weakref.WeakSet[SqliteSpool]" = weakref.WeakSet()
+# Connections a forked child inherited. SQLite forbids using them across fork(), and
+# closing them in the child could disturb the parent's locks, so they are kept, unused.
+_inherited: list[sqlite3.Connection] = []
+
+
+def _after_fork_in_child() -> None:
+    # A thread of the parent may have held a spool's lock at the fork; in the child that
+    # thread does not exist, so the lock would never be released. Start afresh.
+    for spool in list(_open_spools):
+        spool._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class SqliteSpool(Spool):
     """A spool in one SQLite file; safe across threads, processes and forks."""
 
@@ -71,12 +88,15 @@ class SqliteSpool(Spool):
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         self._connection()  # open now so a bad path fails at construction
+        _open_spools.add(self)
 
     # --- connection -------------------------------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
         # A forked child must not share its parent's handle (SQLite forbids it): reopen.
         if self._pid != os.getpid():
+            if self._conn is not None:
+                _inherited.append(self._conn)
             self._conn = self._open()
             self._pid = os.getpid()
         return self._conn
@@ -226,7 +246,10 @@ class SqliteSpool(Spool):
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
+            if self._conn is not None:
+                if self._pid == os.getpid():
+                    self._conn.close()
+                else:
+                    _inherited.append(self._conn)
             self._conn = None
             self._pid = -1
