@@ -22,7 +22,7 @@ from .config import Config
 from .lock import ShipperLock
 from .sender import Sender
 from .shipper import Shipper
-from .spool import open_configured
+from .spool import Spool, open_configured
 from .watch import RESCAN_INTERVAL_S, SpoolWatcher
 
 log = logging.getLogger("kmagent.daemon")

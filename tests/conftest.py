@@ -4,6 +4,7 @@ processes running the real ``kmagent`` command."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -84,3 +85,12 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
         time.sleep(interval)
+
+
+def stored_rows(spool_path) -> list[tuple[str, str, str | None]]:
+    """(path, query, api_key) of every event in a SQLite spool, oldest first."""
+    conn = sqlite3.connect(spool_path)
+    try:
+        return conn.execute("SELECT path, query, api_key FROM events ORDER BY id").fetchall()
+    finally:
+        conn.close()

@@ -12,12 +12,11 @@ import sys
 import textwrap
 import time
 
-import pytest
 
 from kmagent import Client
 from kmagent.protocol import request_target
 
-from conftest import API_KEY, run_kmagent, start_kmagent, wait_for
+from conftest import API_KEY, run_kmagent, start_kmagent, stored_rows, wait_for
 
 FAST_RETRY = "[ship]\nmax_backoff = 1\nconcurrency = 4\n"
 
@@ -30,9 +29,8 @@ def status(config) -> dict:
 
 def expected_targets(spool_path) -> list[str]:
     """The request target of every pending event, as the host must receive it."""
-    with sqlite3.connect(spool_path) as conn:
-        rows = conn.execute("SELECT path, query, api_key FROM events ORDER BY id").fetchall()
-    return [request_target(path, query, key or API_KEY) for path, query, key in rows]
+    return [request_target(path, query, key or API_KEY)
+            for path, query, key in stored_rows(spool_path)]
 
 
 def record_many(spool_path, count: int, prefix: str = "e") -> None:

@@ -11,26 +11,18 @@ import enum
 import logging
 import math
 import re
-import sqlite3
 import uuid
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from urllib.parse import parse_qsl
 
 import pytest
+from conftest import stored_rows as rows
 
 import kmagent
 
 T2010 = 1262304000  # 2010-01-01T00:00:00Z
 EARLIEST = 1230768000  # 2009-01-01T00:00:00Z
-
-
-def rows(spool_path) -> list[tuple[str, str, str | None]]:
-    conn = sqlite3.connect(spool_path)
-    try:
-        return conn.execute("SELECT path, query, api_key FROM events ORDER BY id").fetchall()
-    finally:
-        conn.close()
 
 
 def params(query: str) -> list[tuple[str, str]]:

@@ -40,23 +40,23 @@ def test_an_event_with_its_own_key_is_sent_with_it(host):
 
 
 @pytest.fixture(scope="module")
-def tls():
+def tls(tmp_path_factory) -> tuple[ssl.SSLContext, str]:
+    """A server TLS context for 127.0.0.1 and the CA file that vouches for it."""
     authority = trustme.CA()
-    certificate = authority.issue_cert("127.0.0.1")
-    return authority, certificate
-
-
-def test_tls_is_verified_against_the_configured_ca(tls, tmp_path):
-    authority, certificate = tls
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    certificate.configure_cert(context)
-    ca_file = tmp_path / "ca.pem"
-    authority.cert_pem.write_to_path(str(ca_file))
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    ca_file = tmp_path_factory.mktemp("tls") / "ca.pem"
+    authority.cert_pem.write_to_path(ca_file)
+    return context, ca_file
+
+
+def test_tls_is_verified_against_the_configured_ca(tls):
+    context, ca_file = tls
     with StandInHost(ssl_context=context) as secure:
         assert secure.url.startswith("https://")
         refused = sender_for(secure.url).send(ITEM)  # system CAs do not know this one
         assert not refused.delivered and "SSL" in refused.error
-        assert sender_for(secure.url, ca_file=str(ca_file)).send(ITEM).delivered
+        assert sender_for(secure.url, ca_file=ca_file).send(ITEM).delivered
 
 
 def test_redirects_are_never_followed(host):
@@ -145,16 +145,12 @@ class ConnectProxy:
         self._listener.close()
 
 
-def test_https_goes_through_the_configured_proxy(tls, tmp_path):
-    authority, certificate = tls
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    certificate.configure_cert(context)
-    ca_file = tmp_path / "ca.pem"
-    authority.cert_pem.write_to_path(str(ca_file))
+def test_https_goes_through_the_configured_proxy(tls):
+    context, ca_file = tls
     proxy = ConnectProxy()
     try:
         with StandInHost(ssl_context=context) as secure:
-            sender = sender_for(secure.url, ca_file=str(ca_file), proxy=proxy.url)
+            sender = sender_for(secure.url, ca_file=ca_file, proxy=proxy.url)
             assert sender.send(ITEM).delivered
             assert proxy.tunnels == [secure.url.removeprefix("https://")]
             assert secure.received[0].target.startswith("/e?_k=secret-key&_p=bob")

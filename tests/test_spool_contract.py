@@ -189,10 +189,3 @@ def test_unwritable_location_is_a_spool_error(tmp_path):
     with pytest.raises(SpoolError):
         open_spool(blocker / "spool.db")
 
-
-def test_kmagent_status_stays_callable(spool_path):
-    import kmagent
-    from kmagent import Client
-    Client(spool=spool_path).record("bob", "Did")
-    assert kmagent.status(spool=spool_path)["pending"] == 1
-    assert kmagent.status(spool=spool_path)["pending"] == 1  # still the function
