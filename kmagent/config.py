@@ -28,13 +28,16 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 10.0
 DEFAULT_MAX_BACKOFF = 60.0
 DEFAULT_LOG_LEVEL = "info"
+DEFAULT_ROTATE_BYTES = 16 * 1024 * 1024
+DEFAULT_ROTATE_SECONDS = 3600.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def default_spool_path() -> Path:
-    """The spool under the user's state directory (XDG), so no root is needed."""
+def default_spool_path(backend: str = DEFAULT_BACKEND) -> Path:
+    """The spool under the user's state directory (XDG), so no root is needed: the file
+    ``spool.db`` for SQLite, the directory ``spool.jsonl.d`` for jsonl."""
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
-    return Path(state) / "kmagent" / "spool.db"
+    return Path(state) / "kmagent" / ("spool.db" if backend == "sqlite" else "spool.jsonl.d")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class Config:
     spool_backend: str = DEFAULT_BACKEND
     spool_path: Path = field(default_factory=default_spool_path)
     durability: str = DEFAULT_DURABILITY
+    rotate_bytes: int = DEFAULT_ROTATE_BYTES
+    rotate_seconds: float = DEFAULT_ROTATE_SECONDS
     concurrency: int = DEFAULT_CONCURRENCY
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
@@ -127,9 +132,11 @@ KEYS: dict[tuple[str, str], tuple[str, Callable[[Any, Path], Any]]] = {
     ("", "api_key"): ("api_key", _string),
     ("", "api_key_file"): ("api_key", None),  # read below: the file's content is the key
     ("", "endpoint"): ("endpoint", _endpoint),
-    ("spool", "backend"): ("spool_backend", _choice("sqlite")),
+    ("spool", "backend"): ("spool_backend", _choice("sqlite", "jsonl")),
     ("spool", "path"): ("spool_path", _path),
     ("spool", "durability"): ("durability", _choice("normal", "full")),
+    ("spool", "rotate_bytes"): ("rotate_bytes", _number(4096, 2**40, integer=True)),
+    ("spool", "rotate_seconds"): ("rotate_seconds", _number(1, 30 * 86400)),
     ("ship", "concurrency"): ("concurrency", _number(1, 1024, integer=True)),
     ("ship", "connect_timeout"): ("connect_timeout", _number(0.1, 600)),
     ("ship", "read_timeout"): ("read_timeout", _number(0.1, 600)),
@@ -179,6 +186,8 @@ def config_from_mapping(data: Mapping[str, Any], *, source: str, base: Path,
                 raise ConfigError(source, _key_name(section, key), str(exc)) from None
     if "api_key" in data and "api_key_file" in data:
         raise ConfigError(source, "api_key_file", "give either api_key or api_key_file, not both")
+    if "spool_path" not in values:
+        values["spool_path"] = default_spool_path(values.get("spool_backend", DEFAULT_BACKEND))
     if "proxy" not in values:
         # Read once at start (the sender ignores the environment per request).
         env_proxy = environ.get("HTTPS_PROXY") or environ.get("https_proxy")

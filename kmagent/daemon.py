@@ -89,7 +89,7 @@ class Daemon:
             if recovered:
                 log.info("recovered %d events a previous shipper had in flight", recovered)
             shipper = make_shipper(config, spool, self._wake)
-            watcher = SpoolWatcher(spool.path, self._wake)
+            watcher = SpoolWatcher(*spool.watch_target, self._wake)
             watcher.start()
             log.info("shipping %s to %s (concurrency %d)", spool.path, config.endpoint,
                      config.concurrency)

@@ -18,5 +18,7 @@ def read_status(config: str | os.PathLike | None = None, *,
     with open_configured(load_config(config), spool) as store:
         figures = store.stats(time.time())
         figures["daemon_pid"] = ShipperLock(store.lock_path).holder()
+        if figures["daemon_pid"] is None:
+            figures["in_flight"] = 0  # claims die with their shipper
         figures["spool"] = str(store.path)
     return figures

@@ -29,13 +29,13 @@ class _WakeOnChange(FileSystemEventHandler):
 
 
 class SpoolWatcher:
-    """Sets ``wake`` whenever a file of the spool changes (SQLite writes go to ``-wal``)."""
+    """Sets ``wake`` whenever a file named ``prefix...`` in ``directory`` changes
+    (SQLite's writes go to ``spool.db-wal``; jsonl's to ``events.jsonl``)."""
 
-    def __init__(self, spool_path: Path, wake: threading.Event) -> None:
+    def __init__(self, directory: Path, prefix: str, wake: threading.Event) -> None:
         self._observer = Observer()
         self._observer.daemon = True
-        self._observer.schedule(_WakeOnChange(spool_path.name, wake),
-                                str(spool_path.parent), recursive=False)
+        self._observer.schedule(_WakeOnChange(prefix, wake), str(directory), recursive=False)
 
     def start(self) -> None:
         try:

@@ -35,12 +35,18 @@ def host():
 
 
 @pytest.fixture
-def spool_path(tmp_path) -> Path:
-    return tmp_path / "spool" / "spool.db"
+def backend() -> str:
+    """The spool backend; modules that run against every backend parametrize it."""
+    return "sqlite"
 
 
 @pytest.fixture
-def write_config(tmp_path, spool_path) -> Callable[..., Path]:
+def spool_path(tmp_path, backend) -> Path:
+    return tmp_path / "spool" / ("spool.db" if backend == "sqlite" else "spool.jsonl.d")
+
+
+@pytest.fixture
+def write_config(tmp_path, spool_path, backend) -> Callable[..., Path]:
     """write_config(host=None, extra="", api_key=API_KEY) -> path of a TOML file."""
     def write(host: StandInHost | None = None, extra: str = "", api_key: str | None = API_KEY,
               name: str = "config.toml") -> Path:
@@ -50,7 +56,7 @@ def write_config(tmp_path, spool_path) -> Callable[..., Path]:
         if host is not None:
             lines.append(f'endpoint = "{host.url}"')
         lines.append(extra)
-        lines.append(f'[spool]\npath = "{spool_path}"')
+        lines.append(f'[spool]\nbackend = "{backend}"\npath = "{spool_path}"')
         path = tmp_path / name
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -88,7 +94,22 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0,
 
 
 def stored_rows(spool_path) -> list[tuple[str, str, str | None]]:
-    """(path, query, api_key) of every event in a SQLite spool, oldest first."""
+    """(path, query, api_key) of every event in a spool, oldest first: the rows of a
+    SQLite spool, or every valid line of a jsonl spool's files."""
+    if Path(spool_path).is_dir():
+        from kmagent.protocol import encode
+        from kmagent.spool.jsonl_line import BadLine, from_line
+        rows = []
+        files = sorted(Path(spool_path).glob("events.*.jsonl")) + [
+            Path(spool_path) / "events.jsonl"]
+        for file in files:
+            for line in file.read_bytes().splitlines(keepends=True) if file.exists() else []:
+                try:
+                    event, _ = from_line(line)
+                except BadLine:
+                    continue
+                rows.append((*encode(event), event.api_key))
+        return rows
     conn = sqlite3.connect(spool_path)
     try:
         return conn.execute("SELECT path, query, api_key FROM events ORDER BY id").fetchall()

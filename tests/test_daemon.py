@@ -6,11 +6,12 @@ from __future__ import annotations
 import collections
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
+
+import pytest
 
 
 from kmagent import Client
@@ -19,6 +20,11 @@ from kmagent.protocol import request_target
 from conftest import API_KEY, run_kmagent, start_kmagent, stored_rows, wait_for
 
 FAST_RETRY = "[ship]\nmax_backoff = 1\nconcurrency = 4\n"
+
+
+@pytest.fixture(params=["sqlite", "jsonl"])
+def backend(request) -> str:
+    return request.param
 
 
 def status(config) -> dict:
@@ -33,8 +39,8 @@ def expected_targets(spool_path) -> list[str]:
             for path, query, key in stored_rows(spool_path)]
 
 
-def record_many(spool_path, count: int, prefix: str = "e") -> None:
-    client = Client(spool=spool_path)
+def record_many(config, count: int, prefix: str = "e") -> None:
+    client = Client(config=config)
     for n in range(count):
         client.record(f"person{n}", f"{prefix} {n}", {"n": n})
     client.close()
@@ -55,12 +61,12 @@ def stop(process: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 20) -> 
 
 def test_run_delivers_an_event_recorded_while_it_idles(host, write_config, spool_path):
     config = write_config(host)
-    Client(spool=spool_path).close()
+    Client(config=config).close()
     daemon = start_daemon(config)
     try:
         time.sleep(1.5)  # let it settle into its idle wait
         started = time.time()
-        Client(spool=spool_path).record("bob@example.com", "Viewed Homepage")
+        Client(config=config).record("bob@example.com", "Viewed Homepage")
         [request] = wait_for(host.delivered, timeout=10)
         assert request.target.startswith(
             f"/e?_k={API_KEY}&_p=bob%40example.com&_n=Viewed%20Homepage&_t=")
@@ -73,7 +79,7 @@ def test_run_delivers_an_event_recorded_while_it_idles(host, write_config, spool
 def test_sigterm_exits_zero_and_loses_nothing_in_flight(host, write_config, spool_path):
     host.delay = 0.5  # requests are in flight when the signal comes
     config = write_config(host, extra="[ship]\nconcurrency = 4\n")
-    record_many(spool_path, 40)
+    record_many(config, 40)
     expected = expected_targets(spool_path)
     daemon = start_daemon(config)
     wait_for(lambda: status(config)["in_flight"] > 0)
@@ -88,7 +94,7 @@ def test_sigkill_mid_drain_loses_nothing_and_resends_only_in_flight(
         host, write_config, spool_path):
     host.delay = 0.01
     config = write_config(host, extra="[ship]\nconcurrency = 8\n")
-    record_many(spool_path, 1500)
+    record_many(config, 1500)
     expected = expected_targets(spool_path)
     for _ in range(2):  # kill it twice mid-drain
         daemon = start_daemon(config)
@@ -112,7 +118,7 @@ def test_sigkill_mid_drain_loses_nothing_and_resends_only_in_flight(
 PRODUCER = textwrap.dedent("""
     import sys
     from kmagent import Client
-    client = Client(spool=sys.argv[1])
+    client = Client(config=sys.argv[1])
     for n in range(int(sys.argv[3])):
         client.record("p" + sys.argv[2], "n" + str(n))
         print(n, flush=True)
@@ -121,10 +127,10 @@ PRODUCER = textwrap.dedent("""
 
 def test_concurrent_producer_processes_lose_nothing(host, write_config, spool_path):
     config = write_config(host)
-    Client(spool=spool_path).close()
+    Client(config=config).close()
     daemon = start_daemon(config)  # shipping while they write
     try:
-        producers = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(spool_path),
+        producers = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(config),
                                        str(p), "300"], stdout=subprocess.DEVNULL)
                      for p in range(4)]
         assert [p.wait(60) for p in producers] == [0, 0, 0, 0]
@@ -137,9 +143,11 @@ def test_concurrent_producer_processes_lose_nothing(host, write_config, spool_pa
     assert max(seen.values()) == 1
 
 
-def test_a_producer_killed_mid_stream_keeps_every_event_record_returned_for(spool_path):
-    Client(spool=spool_path).close()
-    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, str(spool_path), "0",
+def test_a_producer_killed_mid_stream_keeps_every_event_record_returned_for(
+        write_config, spool_path):
+    config = write_config()
+    Client(config=config).close()
+    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, str(config), "0",
                                  "1000000"], stdout=subprocess.PIPE, text=True)
     acknowledged = []
     for line in producer.stdout:
@@ -149,15 +157,14 @@ def test_a_producer_killed_mid_stream_keeps_every_event_record_returned_for(spoo
             break
     producer.wait()
     acknowledged.extend(int(line) for line in producer.stdout.read().split())
-    with sqlite3.connect(spool_path) as conn:
-        stored = {q.split("&")[1] for (q,) in conn.execute("SELECT query FROM events")}
+    stored = {query.split("&")[1] for _, query, _ in stored_rows(spool_path)}
     assert {f"_n=n{n}" for n in acknowledged} <= stored
 
 
 def test_flush_beside_a_running_daemon_never_sends_twice(host, write_config, spool_path):
     host.delay = 0.01
     config = write_config(host, extra="[ship]\nconcurrency = 4\n")
-    record_many(spool_path, 300)
+    record_many(config, 300)
     daemon = start_daemon(config)
     try:
         flushes = [start_kmagent("flush", "--config", str(config)) for _ in range(2)]
@@ -174,13 +181,13 @@ def test_flush_beside_a_running_daemon_never_sends_twice(host, write_config, spo
 def test_run_waits_for_a_flush_that_holds_the_spool(host, write_config, spool_path):
     host.delay = 0.01
     config = write_config(host, extra="[ship]\nconcurrency = 2\n")
-    record_many(spool_path, 200)
+    record_many(config, 200)
     flush = start_kmagent("flush", "--config", str(config))
     wait_for(lambda: status(config)["daemon_pid"] == flush.pid)
     daemon = start_kmagent("run", "--config", str(config))
     try:
         assert flush.wait(60) == 0
-        Client(spool=spool_path).record("late", "After Flush")
+        Client(config=config).record("late", "After Flush")
         wait_for(lambda: any("After%20Flush" in r.target for r in host.delivered()))
     finally:
         assert stop(daemon) == 0
@@ -193,7 +200,7 @@ def test_run_waits_for_a_flush_that_holds_the_spool(host, write_config, spool_pa
 def test_failed_requests_are_retried_with_the_same_bytes(host, write_config, spool_path):
     host.fail_first = 6
     config = write_config(host, extra=FAST_RETRY)
-    record_many(spool_path, 3)
+    record_many(config, 3)
     result = run_kmagent("flush", "--config", str(config))
     assert result.returncode == 0, result.stderr
     failed = [r.target for r in host.received if r.status == 503]
@@ -205,7 +212,7 @@ def test_failed_requests_are_retried_with_the_same_bytes(host, write_config, spo
 def test_events_are_never_acknowledged_without_a_2xx(host, write_config, spool_path):
     host.status = 302  # a redirect is never followed, and is not a delivery
     config = write_config(host, extra=FAST_RETRY)
-    record_many(spool_path, 2)
+    record_many(config, 2)
     result = run_kmagent("flush", "--timeout", "2", "--config", str(config))
     assert result.returncode == 1
     assert "HTTP 302" in result.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .base import Claimed, Spool
 
@@ -14,16 +14,33 @@ if TYPE_CHECKING:
 __all__ = ["Claimed", "Spool", "open_spool", "open_configured"]
 
 
+BACKENDS = ("sqlite", "jsonl")
+
+
 def open_spool(path: str | os.PathLike, *, backend: str = "sqlite",
-               durability: str = "normal") -> Spool:
-    """Open (creating if missing) the spool at ``path``."""
+               durability: str = "normal", **options: Any) -> Spool:
+    """Open (creating if missing) the spool at ``path``: a file for SQLite, a directory
+    for jsonl. ``options``: jsonl's ``rotate_bytes`` and ``rotate_seconds``."""
     if backend == "sqlite":
         from .sqlite import SqliteSpool
         return SqliteSpool(Path(path), durability=durability)
+    if backend == "jsonl":
+        from .jsonl import JsonlSpool
+        return JsonlSpool(Path(path), durability=durability, **options)
     raise ValueError(f"unknown spool backend {backend!r}")
 
 
 def open_configured(config: "Config", path: str | os.PathLike | None = None) -> Spool:
-    """The spool the configuration names (or ``path`` instead of its ``[spool] path``)."""
-    return open_spool(config.spool_path if path is None else path,
-                      backend=config.spool_backend, durability=config.durability)
+    """The spool the configuration names, or the one at ``path`` (whose backend an
+    existing directory or file decides: a directory is jsonl, a file SQLite)."""
+    backend = config.spool_backend
+    if path is None:
+        path = config.spool_path
+    elif Path(path).is_dir():
+        backend = "jsonl"
+    elif Path(path).is_file():
+        backend = "sqlite"
+    return open_spool(path, backend=backend, durability=config.durability,
+                      **({"rotate_bytes": config.rotate_bytes,
+                          "rotate_seconds": config.rotate_seconds}
+                         if backend == "jsonl" else {}))

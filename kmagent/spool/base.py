@@ -10,6 +10,9 @@ given back by ``recover`` when the next shipper starts, so a claim is never lost
 from __future__ import annotations
 
 import abc
+import os
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -29,10 +32,31 @@ class Claimed:
     attempts: int  # including this one
 
 
+_live: "weakref.WeakSet[Spool]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A thread of the parent may have held a spool's lock at the fork; that thread does
+    # not exist in the child, so the lock would never be released. Start afresh.
+    for spool in list(_live):
+        spool._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Spool(abc.ABC):
-    """A durable FIFO of events with claim / ack / retry / dead-letter."""
+    """A durable FIFO of events with claim / ack / retry / dead-letter.
+
+    Producer handles are per process: a backend checks ``os.getpid()`` and reopens in a
+    forked child; ``_lock`` serialises threads and is renewed in a child after fork.
+    """
 
     path: Path
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        _live.add(self)
 
     @abc.abstractmethod
     def append(self, event: Event) -> None:
@@ -89,6 +113,11 @@ class Spool(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release the backend's handles; the object may not be used afterwards."""
+
+    @property
+    def watch_target(self) -> tuple[Path, str]:
+        """The directory to watch and the prefix of the spool's file names in it."""
+        return self.path.parent, self.path.name
 
     @property
     def lock_path(self) -> Path:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import threading
 import time
-import weakref
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -62,33 +60,21 @@ CLAIM = """UPDATE events SET lease = ?, attempts = attempts + 1
     RETURNING id, path, query, api_key, created, attempts, due"""
 
 
-_open_spools: "weakref.WeakSet[SqliteSpool]" = weakref.WeakSet()
 # Connections a forked child inherited. SQLite forbids using them across fork(), and
 # closing them in the child could disturb the parent's locks, so they are kept, unused.
 _inherited: list[sqlite3.Connection] = []
-
-
-def _after_fork_in_child() -> None:
-    # A thread of the parent may have held a spool's lock at the fork; in the child that
-    # thread does not exist, so the lock would never be released. Start afresh.
-    for spool in list(_open_spools):
-        spool._lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class SqliteSpool(Spool):
     """A spool in one SQLite file; safe across threads, processes and forks."""
 
     def __init__(self, path: Path, *, durability: str = "normal") -> None:
+        super().__init__()
         self.path = Path(path)
         self._synchronous = {"normal": "NORMAL", "full": "FULL"}[durability]
-        self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         self._connection()  # open now so a bad path fails at construction
-        _open_spools.add(self)
 
     # --- connection -------------------------------------------------------------------
 

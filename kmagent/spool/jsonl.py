@@ -1,0 +1,675 @@
+"""The newline-JSON spool: a directory of append-only files, a checkpoint, no database.
+
+    <dir>/events.jsonl              the active file: producers append here
+    <dir>/events.0000000007.jsonl   sealed files, in order: renamed from events.jsonl
+    <dir>/checkpoint.json           how far delivery reaches (temp + fsync + rename)
+    <dir>/dead.jsonl, bad.jsonl     dead letters; lines set aside as not valid events
+    <dir>/shipper.lock              the one-shipper lock
+
+Producers append one whole line per ``write()`` under an exclusive ``flock`` of the
+active file, after checking (under the lock) that the file they hold is still
+``events.jsonl``: the shipper seals it by ``rename`` under the same lock, never by copy
+and truncate, so a producer that raced a rotation notices the new inode and reopens.
+Before writing, a producer looks at the file's last byte: if a writer died mid-line,
+it starts its own line on a fresh one, so the torn fragment becomes one bad line that
+is set aside, and nothing is glued to it.
+
+The shipper reads lines in order and keeps the checkpoint: the position of the first
+line not yet settled (delivered, dead-lettered or set aside), plus the settled lines
+beyond it, since acknowledgements arrive out of order. So after a crash only what was
+in flight is sent again. Each line's request is derived from the line alone by the
+pure encoder, so a resend is byte-identical. A sealed file is deleted once the
+checkpoint has moved past it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import heapq
+import json
+import os
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from ..errors import SpoolError
+from ..events import Event
+from ..protocol import encode
+from .base import Claimed, Spool
+from .jsonl_line import BadLine, from_line, to_line
+
+ACTIVE = "events.jsonl"
+SEALED = re.compile(r"^events\.(\d{10})\.jsonl$")
+CHECKPOINT = "checkpoint.json"
+DEAD = "dead.jsonl"
+BAD = "bad.jsonl"
+CHECKPOINT_VERSION = 1
+
+DEFAULT_ROTATE_BYTES = 16 * 1024 * 1024
+DEFAULT_ROTATE_SECONDS = 3600.0
+# How many lines the shipper reads past the first unsettled one. Bounds its memory and
+# the checkpoint's size however long an outage lasts.
+MAX_AHEAD = 4096
+READ_CHUNK = 1 << 16
+MAX_LINE_BYTES = 16 * 1024 * 1024  # longer is garbage (a valid event is far smaller)
+
+Position = tuple[int, int]  # (file sequence number, byte offset)
+
+
+def sealed_name(seq: int) -> str:
+    return f"events.{seq:010d}.jsonl"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def count_lines(fd: int, start: int, end: int) -> int:
+    """Newlines in bytes [start, end) of a file."""
+    count, offset = 0, start
+    while offset < end:
+        chunk = os.pread(fd, min(1 << 20, end - offset), offset)
+        if not chunk:
+            break
+        count += chunk.count(b"\n")
+        offset += len(chunk)
+    return count
+
+
+def active_seq(ckpt: "_Checkpoint", sealed: Iterable[int], active_ino: int) -> int:
+    """The sequence number events.jsonl will be sealed under (only the shipper seals):
+    the checkpoint's file if it is this one, else the next after every known file."""
+    if ckpt.ino == active_ino:
+        return ckpt.seq
+    return max([s + 1 for s in sealed] + [ckpt.seq + (ckpt.ino is not None)])
+
+
+@dataclass
+class _File:
+    seq: int
+    ino: int
+    fd: int
+    sealed: bool
+    seen: float = field(default_factory=time.time)
+
+
+@dataclass
+class _Line:
+    """A line read and not yet settled."""
+
+    id: Position
+    end: int
+    raw: bytes
+    item: Claimed | None = None  # None until parsed
+    due: float = 0.0
+    settled: bool = False
+
+
+@dataclass
+class _Checkpoint:
+    seq: int = 1
+    ino: int | None = None  # inode of file ``seq`` (None: not seen yet)
+    offset: int = 0
+    ahead: list[Position] = field(default_factory=list)
+    dead: int = 0
+    bad_lines: int = 0
+    in_flight: int = 0
+    lines: dict[int, int] = field(default_factory=dict)  # seq -> lines, sealed files
+
+    @classmethod
+    def load(cls, path: Path) -> "_Checkpoint":
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return cls()
+        except ValueError as exc:
+            raise SpoolError(f"spool {path.parent}: {CHECKPOINT} is corrupt: {exc}") from None
+        if data.get("v", 0) > CHECKPOINT_VERSION:
+            raise SpoolError(f"spool {path.parent}: format {data['v']} is newer than this "
+                             f"kmagent understands ({CHECKPOINT_VERSION}); upgrade kmagent")
+        return cls(seq=data["seq"], ino=data.get("ino"), offset=data["offset"],
+                   ahead=[tuple(p) for p in data.get("ahead", [])],
+                   dead=data.get("dead", 0), bad_lines=data.get("bad_lines", 0),
+                   in_flight=data.get("in_flight", 0),
+                   lines={int(k): v for k, v in data.get("lines", {}).items()})
+
+    def dump(self) -> bytes:
+        return json.dumps({
+            "v": CHECKPOINT_VERSION, "seq": self.seq, "ino": self.ino, "offset": self.offset,
+            "ahead": self.ahead, "dead": self.dead, "bad_lines": self.bad_lines,
+            "in_flight": self.in_flight, "lines": self.lines,
+        }, separators=(",", ":")).encode()
+
+
+class JsonlSpool(Spool):
+    """A spool in a directory of newline-JSON files; see the module's description."""
+
+    def __init__(self, path: Path, *, durability: str = "normal",
+                 rotate_bytes: int = DEFAULT_ROTATE_BYTES,
+                 rotate_seconds: float = DEFAULT_ROTATE_SECONDS) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self._full = durability == "full"
+        self.rotate_bytes = rotate_bytes
+        self.rotate_seconds = rotate_seconds
+        self._active_path = self.path / ACTIVE
+        self._fd: int | None = None
+        self._pid = -1
+        self._shipping: _Shipping | None = None
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            _Checkpoint.load(self.path / CHECKPOINT)  # refuses a newer format at once
+            with self._lock:
+                self._active_fd()  # open now so a bad path fails at construction
+        except OSError as exc:
+            raise SpoolError(f"spool {self.path}: cannot open: {exc.strerror}") from None
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / "shipper.lock"
+
+    @property
+    def watch_target(self) -> tuple[Path, str]:
+        return self.path, "events."
+
+    # --- producer -----------------------------------------------------------------------
+
+    def _active_fd(self) -> int:
+        if self._pid != os.getpid():  # a forked child opens its own descriptor
+            self._fd, self._pid = None, os.getpid()
+        if self._fd is None:
+            self._fd = os.open(self._active_path,
+                               os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        return self._fd
+
+    def _is_active(self, fd: int) -> bool:
+        try:
+            current = os.stat(self._active_path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (held.st_ino, held.st_dev) == (current.st_ino, current.st_dev)
+
+    def append(self, event: Event) -> None:
+        line = to_line(event, time.time())
+        with self._lock:
+            try:
+                fd = self._write(line)
+                if self._full:
+                    os.fdatasync(fd)  # after the unlock: concurrent writers share it
+            except OSError as exc:
+                raise SpoolError(f"spool {self.path}: cannot append: {exc.strerror}") from None
+
+    def _write(self, line: bytes) -> int:
+        while True:
+            fd = self._active_fd()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if self._is_active(fd):
+                    size = os.fstat(fd).st_size
+                    if size and os.pread(fd, 1, size - 1) != b"\n":
+                        line = b"\n" + line  # a writer died mid-line: don't glue onto it
+                    written = os.write(fd, line)
+                    if written != len(line):
+                        raise OSError(errno.ENOSPC, "short write (disk full?)")
+                    return fd
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)  # sealed under us: reopen events.jsonl
+            self._fd = None
+
+    # --- shipper --------------------------------------------------------------------------
+
+    def _ship(self) -> "_Shipping":
+        if self._shipping is None:
+            self._shipping = _Shipping(self)
+        return self._shipping
+
+    def recover(self) -> int:
+        if self._shipping is not None:
+            self._shipping.close()
+        self._shipping = _Shipping(self)
+        return 0  # claims live only in the shipper's memory: nothing to give back
+
+    def claim(self, limit: int, *, now: float, with_key_only: bool = False) -> list[Claimed]:
+        return self._guard("claim", lambda: self._ship().claim(limit, now, with_key_only))
+
+    def ack(self, ids: Iterable[Any]) -> None:
+        self._guard("ack", lambda: self._ship().settle(list(ids)))
+
+    def retry(self, entries: Iterable[tuple[Any, float, str | None]]) -> None:
+        self._guard("retry", lambda: self._ship().wait([(i, due) for i, due, _ in entries]))
+
+    def release(self, ids: Iterable[Any]) -> None:
+        self._guard("release", lambda: self._ship().wait([(i, 0.0) for i in ids]))
+
+    def dead_letter(self, ids: Iterable[Any], *, status: int | None, reason: str,
+                    now: float) -> None:
+        self._guard("dead-letter", lambda: self._ship().dead_letter(list(ids), status, reason, now))
+
+    def expedite(self) -> int:
+        return self._guard("expedite", lambda: self._ship().expedite())
+
+    def next_due(self, *, with_key_only: bool = False) -> float | None:
+        return self._guard("read", lambda: self._ship().next_due(with_key_only))
+
+    def mark(self) -> Any:
+        return self._guard("read", lambda: _DiskView(self.path).end())
+
+    def pending_through(self, mark: Any) -> int:
+        return self._guard("read", lambda: _DiskView(self.path).pending(mark))
+
+    def stats(self, now: float) -> dict[str, Any]:
+        def read() -> dict[str, Any]:
+            view = _DiskView(self.path)
+            created = view.oldest_created()
+            return {
+                "pending": view.pending(),
+                # The shipper knows; anyone else reads its last checkpoint.
+                "in_flight": len(self._shipping.in_flight) if self._shipping
+                else view.checkpoint.in_flight,
+                "dead": view.checkpoint.dead,
+                "oldest_pending_age_s": None if created is None else max(0.0, now - created),
+                "bad_lines": view.checkpoint.bad_lines,
+            }
+        return self._guard("stats", read)
+
+    def _guard(self, what: str, fn):
+        with self._lock:
+            try:
+                return fn()
+            except OSError as exc:
+                raise SpoolError(f"spool {self.path}: {what} failed: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._shipping is not None:
+                self._shipping.close()
+                self._shipping = None
+            if self._fd is not None and self._pid == os.getpid():
+                os.close(self._fd)
+            self._fd = None
+
+
+class _DiskView:
+    """The spool as any process sees it on disk: files in order and the checkpoint.
+    What status, flush's progress and marks are computed from."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.checkpoint = _Checkpoint.load(path / CHECKPOINT)
+        self.files: list[tuple[int, Path, os.stat_result]] = []  # (seq, path, stat)
+        for name in os.listdir(path):
+            match = SEALED.match(name)
+            if match:
+                self._add(int(match.group(1)), path / name)
+        try:
+            st = os.stat(path / ACTIVE)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            seq = active_seq(self.checkpoint, [f[0] for f in self.files], st.st_ino)
+            self.files.append((seq, path / ACTIVE, st))
+        self.files.sort(key=lambda f: f[0])
+
+    def _add(self, seq: int, path: Path) -> None:
+        try:
+            self.files.append((seq, path, os.stat(path)))
+        except FileNotFoundError:
+            pass  # deleted since listed: fully delivered
+
+    def end(self) -> tuple[int, int] | None:
+        """(inode, size) of the newest file: every line so far lies before it."""
+        if not self.files:
+            return None
+        _, _, st = self.files[-1]
+        return (st.st_ino, st.st_size)
+
+    def _position_of(self, mark: tuple[int, int] | None) -> Position | None:
+        if mark is None:
+            return None
+        for seq, _, st in self.files:
+            if st.st_ino == mark[0]:
+                return (seq, mark[1])
+        return (0, 0)  # that file is gone: everything in it was settled
+
+    def pending(self, mark: tuple[int, int] | None = None) -> int:
+        """Unsettled complete lines from the checkpoint up to ``mark`` (default: all)."""
+        ckpt = self.checkpoint
+        start: Position = (ckpt.seq, ckpt.offset)
+        stop = self._position_of(mark) if mark is not None else None
+        count = 0
+        for seq, path, st in self.files:
+            if seq < start[0] or (stop is not None and seq > stop[0]):
+                continue
+            lo = start[1] if seq == start[0] else 0
+            hi = min(st.st_size, stop[1]) if stop is not None and seq == stop[0] else st.st_size
+            if lo == 0 and hi == st.st_size and seq in ckpt.lines:
+                count += ckpt.lines[seq]
+            elif hi > lo:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    count += count_lines(fd, lo, hi)
+                finally:
+                    os.close(fd)
+        settled = sum(1 for p in ckpt.ahead if stop is None or p < stop)
+        return max(0, count - settled)
+
+    def oldest_created(self) -> float | None:
+        """When the first unsettled line was written (its ``_c``), or None."""
+        ckpt = self.checkpoint
+        ahead = set(ckpt.ahead)
+        for seq, path, st in self.files:
+            if seq < ckpt.seq:
+                continue
+            offset = ckpt.offset if seq == ckpt.seq else 0
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                for line in fh:
+                    if (seq, offset) not in ahead and line.endswith(b"\n"):
+                        try:
+                            obj = json.loads(line)
+                            return float(obj.get("_c", obj.get("_t", 0)))
+                        except (ValueError, TypeError, AttributeError):
+                            return 0.0  # a bad line waits too: age unknown, so oldest
+                    offset += len(line)
+        return None
+
+
+class _Shipping:
+    """The shipper's state: open files, read position, unsettled lines, checkpoint."""
+
+    def __init__(self, spool: JsonlSpool) -> None:
+        self.spool = spool
+        self.dir = spool.path
+        self.ckpt = _Checkpoint.load(self.dir / CHECKPOINT)
+        self.files: dict[int, _File] = {}
+        for name in sorted(os.listdir(self.dir)):
+            match = SEALED.match(name)
+            if match:
+                seq = int(match.group(1))
+                if seq < self.ckpt.seq:
+                    os.unlink(self.dir / name)  # settled; a crash came before its deletion
+                else:
+                    self._open(seq, self.dir / name, sealed=True)
+        self._discover_active()
+        first = min(self.files, default=self.ckpt.seq)
+        if self.ckpt.seq not in self.files and first > self.ckpt.seq:
+            self.ckpt.seq, self.ckpt.offset = first, 0  # its file was settled and deleted
+        self.read_pos: Position = (self.ckpt.seq, self.ckpt.offset)
+        self.settled_ahead: set[Position] = set(self.ckpt.ahead)
+        self.order: deque[_Line] = deque()  # read, not yet behind the checkpoint
+        self.lines: dict[Position, _Line] = {}  # unsettled, by id
+        self.ready: list[tuple[float, Position]] = []  # heap of (due, id), keyed lines
+        self.keyless: set[Position] = set()  # waiting for an API key
+        self.in_flight: set[Position] = set()
+        # Where reading stopped at an unfinished line in the active file, and the file's
+        # size then: no new complete line can exist until that size changes.
+        self.stalled: tuple[int, int] | None = None
+
+    # --- files ---
+
+    def _open(self, seq: int, path: Path, *, sealed: bool) -> _File:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        entry = _File(seq, os.fstat(fd).st_ino, fd, sealed)
+        self.files[seq] = entry
+        return entry
+
+    def _active(self) -> _File | None:
+        return next((f for f in self.files.values() if not f.sealed), None)
+
+    def _discover_active(self) -> None:
+        if self._active() is not None:
+            return
+        try:
+            ino = os.stat(self.dir / ACTIVE).st_ino
+        except FileNotFoundError:
+            return
+        self._open(active_seq(self.ckpt, self.files, ino), self.dir / ACTIVE, sealed=False)
+
+    def _maybe_rotate(self, now: float) -> None:
+        active = self._active()
+        if active is None:
+            return
+        size = os.fstat(active.fd).st_size
+        old = size > 0 and now - active.seen >= self.spool.rotate_seconds
+        if size < self.spool.rotate_bytes and not old:
+            return
+        fd = os.open(self.dir / ACTIVE, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # producers hold it for microseconds
+            if os.fstat(fd).st_ino == active.ino:
+                os.rename(self.dir / ACTIVE, self.dir / sealed_name(active.seq))
+                _fsync_dir(self.dir)
+        finally:
+            os.close(fd)  # drops the flock
+        active.sealed = True
+        self.ckpt.lines[active.seq] = count_lines(active.fd, 0, os.fstat(active.fd).st_size)
+
+    # --- reading ---
+
+    def _read(self, room: int) -> Iterator[_Line]:
+        """Up to ``room`` new complete lines, in order, moving read_pos past them."""
+        while room > 0 and len(self.order) < MAX_AHEAD:
+            seq, offset = self.read_pos
+            entry = self.files.get(seq)
+            if entry is None:
+                self._discover_active()
+                entry = self.files.get(seq)
+                if entry is None:
+                    later = [s for s in self.files if s > seq]
+                    if not later:
+                        return
+                    self.read_pos = (min(later), 0)
+                    continue
+            size = READ_CHUNK
+            while True:
+                data = os.pread(entry.fd, size, offset)
+                cut = data.rfind(b"\n")
+                if cut >= 0 or len(data) < size or size >= MAX_LINE_BYTES:
+                    break
+                size *= 4  # one line longer than the chunk
+            if cut < 0:
+                if not entry.sealed and len(data) < MAX_LINE_BYTES:
+                    self.stalled = (seq, offset + len(data))
+                    return  # caught up (or a line is being written): wait for more
+                if data:  # a torn tail that no writer will finish: one bad line
+                    yield self._line((seq, offset), offset + len(data), data)
+                    room -= 1
+                    self.read_pos = (seq, offset + len(data))
+                    continue
+                if not entry.sealed:
+                    return
+                later = [s for s in self.files if s > seq]
+                if not later:
+                    self._discover_active()
+                    later = [s for s in self.files if s > seq]
+                    if not later:
+                        return
+                self.read_pos = (min(later), 0)
+                continue
+            for raw in data[:cut + 1].splitlines(keepends=True):
+                if room <= 0 or len(self.order) >= MAX_AHEAD:
+                    return
+                yield self._line((seq, offset), offset + len(raw), raw)
+                offset += len(raw)
+                self.read_pos = (seq, offset)
+                room -= 1
+
+    def _line(self, pos: Position, end: int, raw: bytes) -> _Line:
+        line = _Line(pos, end, raw)
+        self.order.append(line)
+        if pos in self.settled_ahead:
+            line.settled = True  # delivered before a crash: never send it twice
+        else:
+            self.lines[pos] = line
+        return line
+
+    def _trim(self) -> Position:
+        """Drop settled lines from the front; returns the first unsettled position."""
+        while self.order and self.order[0].settled:
+            self.order.popleft()
+        return self.order[0].id if self.order else self.read_pos
+
+    # --- the Spool operations ---
+
+    def claim(self, limit: int, now: float, with_key_only: bool) -> list[Claimed]:
+        self._maybe_rotate(now)
+        self._trim()
+        out: list[Claimed] = []
+        while self.ready and self.ready[0][0] <= now and len(out) < limit:
+            _, pos = heapq.heappop(self.ready)
+            line = self.lines.get(pos)
+            if line is not None and line.item is not None and pos not in self.in_flight \
+                    and line.due <= now:
+                out.append(self._take(line))
+        if not with_key_only:
+            for pos in sorted(self.keyless):
+                if len(out) >= limit:
+                    break
+                self.keyless.discard(pos)
+                out.append(self._take(self.lines[pos]))
+        bad: list[Position] = []
+        for line in self._read(limit - len(out)):
+            if line.settled:
+                continue
+            try:
+                event, created = from_line(line.raw)
+            except BadLine as exc:
+                self._set_aside(line, str(exc))
+                bad.append(line.id)
+                continue
+            path, query = encode(event)
+            line.item = Claimed(line.id, path, query, event.api_key, created, 0)
+            if with_key_only and event.api_key is None:
+                self.keyless.add(line.id)
+            else:
+                out.append(self._take(line))
+        if bad:
+            self.settle(bad)
+        return out
+
+    def _take(self, line: _Line) -> Claimed:
+        item = line.item
+        line.item = item = Claimed(item.id, item.path, item.query, item.api_key,
+                                   item.created, item.attempts + 1)
+        self.in_flight.add(line.id)
+        return item
+
+    def _set_aside(self, line: _Line, reason: str) -> None:
+        self.ckpt.bad_lines += 1
+        record = {"file": sealed_name(line.id[0]), "offset": line.id[1], "reason": reason,
+                  "line": line.raw.decode("utf-8", errors="replace")}
+        with open(self.dir / BAD, "ab") as fh:
+            fh.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+
+    def wait(self, entries: list[tuple[Position, float]]) -> None:
+        for pos, due in entries:
+            line = self.lines.get(pos)
+            if line is None:
+                continue
+            self.in_flight.discard(pos)
+            line.due = due
+            heapq.heappush(self.ready, (due, pos))
+
+    def dead_letter(self, ids: list[Position], status: int | None, reason: str,
+                    now: float) -> None:
+        with open(self.dir / DEAD, "ab") as fh:
+            for pos in ids:
+                line = self.lines.get(pos)
+                if line is None:
+                    continue
+                record = {"id": f"{pos[0]}:{pos[1]}", "status": status, "reason": reason,
+                          "failed_at": now, "line": json.loads(line.raw)}
+                fh.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.ckpt.dead += len(ids)
+        self.settle(ids)
+
+    def settle(self, ids: list[Position]) -> None:
+        """Delivered, dead or set aside: advance the checkpoint and persist it."""
+        for pos in ids:
+            line = self.lines.pop(pos, None)
+            self.in_flight.discard(pos)
+            self.keyless.discard(pos)
+            if line is not None:
+                line.settled = True
+        self._save()
+
+    def _save(self) -> None:
+        head = self._trim()
+        self.settled_ahead = {p for p in self.settled_ahead if p >= head}
+        ahead = sorted({line.id for line in self.order if line.settled} | self.settled_ahead)
+        seq, offset = head
+        entry = self.files.get(seq)
+        self.ckpt.seq, self.ckpt.offset = seq, offset
+        self.ckpt.ino = entry.ino if entry is not None else None
+        self.ckpt.ahead = ahead
+        self.ckpt.in_flight = len(self.in_flight)
+        self.ckpt.lines = {s: n for s, n in self.ckpt.lines.items() if s >= seq}
+        write_atomically(self.dir / CHECKPOINT, self.ckpt.dump())
+        for old in [s for s in self.files if s < seq and self.files[s].sealed]:
+            entry = self.files.pop(old)
+            os.close(entry.fd)
+            try:
+                os.unlink(self.dir / sealed_name(old))
+            except FileNotFoundError:
+                pass
+
+    def expedite(self) -> int:
+        waiting = [line for line in self.lines.values()
+                   if line.item is not None and line.id not in self.in_flight and line.due > 0]
+        for line in waiting:
+            line.due = 0.0
+            heapq.heappush(self.ready, (0.0, line.id))
+        return len(waiting)
+
+    def next_due(self, with_key_only: bool) -> float | None:
+        while self.ready and self.ready[0][1] not in self.lines:
+            heapq.heappop(self.ready)  # settled since it was queued
+        due = self.ready[0][0] if self.ready else None
+        if self.keyless and not with_key_only:
+            return 0.0
+        if len(self.order) < MAX_AHEAD and self._unread():
+            return 0.0
+        return due
+
+    def _unread(self) -> bool:
+        seq, offset = self.read_pos
+        entry = self.files.get(seq)
+        if entry is not None:
+            size = os.fstat(entry.fd).st_size
+            if size > offset and (entry.sealed or self.stalled != (seq, size)):
+                return True
+        if any(s > seq for s in self.files):
+            return True
+        self._discover_active()
+        return any(s > seq for s in self.files) or (
+            entry is None and seq in self.files)
+
+    def close(self) -> None:
+        for entry in self.files.values():
+            os.close(entry.fd)
+        self.files.clear()

@@ -1,0 +1,102 @@
+"""The newline-JSON spool's line format (version 1): Event ⇄ one JSON object.
+
+As close to Kissmetrics' own newline-JSON import format as it can be: ``_p`` the
+person, ``_n`` the event name (events), ``_p2`` the second identity (aliases), ``_t``
+the event's Unix time; every other key is a property, in the order given. The agent
+adds the least it needs: ``_c`` (when the line was written, Unix seconds, a float),
+``_k`` (the API key, only when the producer gave one) and ``_v`` (the format version).
+
+Keys beginning with ``_`` belong to the format. A property whose name begins with ``_``
+is written with one more ``_`` in front (``_plan`` → ``__plan``) and read back without
+it, so no property can be mistaken for a field. Any writer may append such lines (one
+``write()`` per line under an exclusive ``flock`` of ``events.jsonl``); lines without
+``_v`` are read as version 1 and lines without ``_c`` as written at ``_t``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..errors import InvalidEvent
+from ..events import ALIAS, EVENT, Event, make_alias, make_event, make_set
+
+FORMAT_VERSION = 1
+FIELDS = frozenset({"_p", "_n", "_p2", "_t", "_c", "_k", "_v", "_d"})
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+class BadLine(ValueError):
+    """A line that is not a valid event; the reason says why."""
+
+
+def to_line(event: Event, created: float) -> bytes:
+    """The line for ``event`` (UTF-8, ending in a newline)."""
+    obj: dict[str, Any] = {"_p": event.person}
+    if event.kind == EVENT:
+        obj["_n"] = event.name
+    elif event.kind == ALIAS:
+        obj["_p2"] = event.name
+    obj["_t"] = int(created) if event.time is None else event.time
+    for name, value in event.props:
+        obj["_" + name if name[0] == "_" else name] = value
+    obj["_c"] = created
+    if event.api_key is not None:
+        obj["_k"] = event.api_key
+    obj["_v"] = FORMAT_VERSION
+    return (_dumps(obj) + "\n").encode("utf-8")
+
+
+def from_line(line: bytes) -> tuple[Event, float]:
+    """The Event a line holds and when it was written; BadLine if it holds none."""
+    try:
+        obj = json.loads(line)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadLine(f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadLine("not a JSON object")
+    version = obj.pop("_v", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise BadLine(f"format version {version!r}; this kmagent reads {FORMAT_VERSION}")
+    props: dict[str, Any] = {}
+    fields: dict[str, Any] = {}
+    for key, value in obj.items():
+        if key.startswith("__"):
+            props[key[1:]] = value
+        elif key.startswith("_"):
+            if key not in FIELDS:
+                raise BadLine(f"unknown field {key!r} (a property beginning with _ is "
+                              "written with one more _)")
+            fields[key] = value
+        else:
+            props[key] = value
+    try:
+        return _event(fields, props), _created(fields)
+    except InvalidEvent as exc:
+        raise BadLine(str(exc)) from None
+
+
+def _event(fields: dict[str, Any], props: dict[str, Any]) -> Event:
+    api_key = fields.get("_k")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise BadLine("_k: must be a non-empty string")
+    if "_d" in fields:
+        props["_d"] = fields["_d"]  # validated as the seed's _d: only 1 is accepted
+    if "_p2" in fields:
+        if "_n" in fields:
+            raise BadLine("both _n and _p2: an event or an alias, not both")
+        return make_alias(fields.get("_p"), fields["_p2"], api_key=api_key)
+    if "_t" not in fields:
+        raise BadLine("_t: missing (events and sets carry their time)")
+    if "_n" in fields:
+        return make_event(fields.get("_p"), fields["_n"], props, timestamp=fields["_t"],
+                          api_key=api_key, now=0)
+    return make_set(fields.get("_p"), props, timestamp=fields["_t"], api_key=api_key, now=0)
+
+
+def _created(fields: dict[str, Any]) -> float:
+    created = fields.get("_c", fields.get("_t"))
+    if isinstance(created, bool) or not isinstance(created, (int, float)):
+        return 0.0  # unknown: treated as very old
+    return float(created)
