@@ -33,16 +33,26 @@ class Claimed:
 
 
 _live: "weakref.WeakSet[Spool]" = weakref.WeakSet()
+_held_at_fork: list[threading.Lock] = []
 
 
-def _after_fork_in_child() -> None:
-    # A thread of the parent may have held a spool's lock at the fork; that thread does
-    # not exist in the child, so the lock would never be released. Start afresh.
+def _before_fork() -> None:
+    # Hold every spool's lock across fork(): then no thread is inside SQLite or in the
+    # middle of a write for a spool at the instant of the fork, so the child inherits
+    # no lock (SQLite's own mutexes included) held by a thread it does not have.
+    # Our code never holds two spool locks at once, so taking them all cannot deadlock.
     for spool in list(_live):
-        spool._lock = threading.Lock()
+        spool._lock.acquire()
+        _held_at_fork.append(spool._lock)
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def _after_fork() -> None:
+    while _held_at_fork:
+        _held_at_fork.pop().release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork,
+                    after_in_child=_after_fork)
 
 
 class Spool(abc.ABC):
