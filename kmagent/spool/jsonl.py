@@ -618,8 +618,18 @@ class _Shipping:
                 line.settled = True
         self._save()
 
+    def _past_sealed(self, pos: Position) -> Position:
+        """A position at the end of a sealed, fully read file means the next file's start."""
+        entry = self.files.get(pos[0])
+        if entry is not None and entry.sealed and pos[1] >= os.fstat(entry.fd).st_size:
+            later = [s for s in self.files if s > pos[0]]
+            return (min(later) if later else pos[0] + 1, 0)
+        return pos
+
     def _save(self) -> None:
         head = self._trim()
+        if head == self.read_pos:
+            head = self.read_pos = self._past_sealed(head)
         self.settled_ahead = {p for p in self.settled_ahead if p >= head}
         ahead = sorted({line.id for line in self.order if line.settled} | self.settled_ahead)
         seq, offset = head
@@ -657,17 +667,18 @@ class _Shipping:
         return due
 
     def _unread(self) -> bool:
+        """Whether a complete line (or a sealed file's torn tail) waits to be read."""
         seq, offset = self.read_pos
+        if seq not in self.files:
+            self._discover_active()
         entry = self.files.get(seq)
         if entry is not None:
             size = os.fstat(entry.fd).st_size
             if size > offset and (entry.sealed or self.stalled != (seq, size)):
                 return True
-        if any(s > seq for s in self.files):
-            return True
-        self._discover_active()
-        return any(s > seq for s in self.files) or (
-            entry is None and seq in self.files)
+        if not any(s > seq for s in self.files):
+            self._discover_active()
+        return any(s > seq for s in self.files)
 
     def close(self) -> None:
         for entry in self.files.values():

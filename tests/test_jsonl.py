@@ -1,0 +1,216 @@
+"""What only the newline-JSON spool has: its line format, torn and bad lines, rotation
+by rename, the checkpoint, out-of-order acknowledgements, writers in many processes."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import run_kmagent, start_kmagent, stored_rows, wait_for
+
+from kmagent import Client
+from kmagent.errors import SpoolError
+from kmagent.events import make_event
+from kmagent.spool import open_spool
+from kmagent.spool.jsonl import ACTIVE, CHECKPOINT
+
+T0 = 1_700_000_000
+
+
+@pytest.fixture
+def backend() -> str:
+    return "jsonl"
+
+
+def open_jsonl(path, **options):
+    return open_spool(path, backend="jsonl", **options)
+
+
+def event(n: int, **props):
+    return make_event(f"person{n}", "Did", {"n": n, **props}, now=T0 + n)
+
+
+def status(config) -> dict:
+    return json.loads(run_kmagent("status", "--json", "--config", str(config)).stdout)
+
+
+def test_a_line_is_kissmetrics_import_json_plus_a_little(spool_path):
+    spool_path.mkdir(parents=True)  # an existing directory is a jsonl spool
+    Client("own-key", spool=spool_path).record(
+        "bob", "Signed Up", {"Plan": "Pro", "Amount": 99.95, "_private": True},
+        timestamp=1234567890)
+    [line] = (spool_path / ACTIVE).read_bytes().splitlines()
+    obj = json.loads(line)
+    assert list(obj) == ["_p", "_n", "_t", "Plan", "Amount", "__private", "_c", "_k", "_v"]
+    assert (obj["_p"], obj["_n"], obj["_t"], obj["Amount"], obj["_k"], obj["_v"]) == (
+        "bob", "Signed Up", 1234567890, 99.95, "own-key", 1)
+
+
+def test_lines_from_another_writer_are_shipped(host, write_config, spool_path):
+    config = write_config(host)
+    spool_path.mkdir(parents=True)
+    (spool_path / ACTIVE).write_text(
+        '{"_p":"bob","_n":"Signed Up","_t":1234567890,"Plan":"Pro"}\n'
+        '{"_p":"bob","_p2":"bob@example.com","_t":1234567890}\n'
+        '{"_p":"bob","_t":1234567890,"gender":"male","__x":1}\n')
+    assert run_kmagent("flush", "--config", str(config)).returncode == 0
+    assert sorted(r.target for r in host.delivered()) == sorted([
+        "/e?_k=test-key&_p=bob&_n=Signed%20Up&_t=1234567890&_d=1&Plan=Pro",
+        "/a?_k=test-key&_p=bob&_n=bob%40example.com",
+        "/s?_k=test-key&_p=bob&_t=1234567890&_d=1&gender=male&_x=1",
+    ])
+
+
+def test_a_torn_line_is_set_aside_and_nothing_is_glued_to_it(host, write_config, spool_path):
+    config = write_config(host)
+    spool_path.mkdir(parents=True)
+    # A producer killed mid-write leaves a line without its newline...
+    (spool_path / ACTIVE).write_bytes(b'{"_p":"torn","_n":"Half","_t":12345')
+    Client(config=config).record("bob", "Whole")  # ...the next one starts afresh
+    (spool_path / ACTIVE).open("ab").write(b"garbage from an editor\n")
+    Client(config=config).record("bob", "After Garbage")
+    assert run_kmagent("flush", "--config", str(config)).returncode == 0
+    names = sorted(dict(r.params)["_n"] for r in host.delivered())
+    assert names == ["After Garbage", "Whole"]
+    figures = status(config)
+    assert (figures["bad_lines"], figures["pending"]) == (2, 0)
+    set_aside = [json.loads(line) for line in (spool_path / "bad.jsonl").read_text().splitlines()]
+    assert [b["line"] for b in set_aside] == [
+        '{"_p":"torn","_n":"Half","_t":12345\n', "garbage from an editor\n"]
+
+
+def test_out_of_order_acks_resend_only_what_was_in_flight(spool_path):
+    first = open_jsonl(spool_path)
+    for n in range(10):
+        first.append(event(n))
+    items = first.claim(10, now=time.time())
+    first.ack([i.id for i in items[2:7]])  # 0, 1 and 7..9 still in flight
+    first.close()  # the shipper "dies"
+    second = open_jsonl(spool_path)
+    second.recover()
+    again = second.claim(100, now=time.time())
+    assert [i.query for i in again] == [items[n].query for n in (0, 1, 7, 8, 9)]
+    assert second.stats(time.time())["pending"] == 5
+    second.close()
+
+
+def test_checkpoint_is_replaced_atomically(spool_path):
+    spool = open_jsonl(spool_path)
+    spool.append(event(1))
+    spool.ack([i.id for i in spool.claim(1, now=time.time())])
+    checkpoint = json.loads((spool_path / CHECKPOINT).read_text())
+    assert checkpoint["v"] == 1 and checkpoint["offset"] > 0
+    assert not (spool_path / (CHECKPOINT + ".tmp")).exists()
+    spool.close()
+
+
+def test_a_newer_checkpoint_format_is_refused(spool_path):
+    spool_path.mkdir(parents=True)
+    (spool_path / CHECKPOINT).write_text('{"v": 99, "seq": 1, "offset": 0}')
+    with pytest.raises(SpoolError, match="newer"):
+        open_jsonl(spool_path)
+
+
+def test_rotation_seals_by_rename_and_producers_follow(spool_path):
+    producer = open_jsonl(spool_path)
+    shipper = open_jsonl(spool_path, rotate_bytes=4096)
+    producer.append(event(0, pad="x" * 5000))
+    [first] = shipper.claim(10, now=time.time())  # over rotate_bytes: sealed now
+    assert sorted(p.name for p in spool_path.glob("events.*.jsonl")) == ["events.0000000001.jsonl"]
+    producer.append(event(1))  # the producer notices the new inode and reopens
+    assert (spool_path / ACTIVE).exists()
+    [second] = shipper.claim(10, now=time.time())
+    assert second.query.startswith("_p=person1&")
+    shipper.ack([first.id])  # every line of the sealed file settled: it goes
+    assert list(spool_path.glob("events.0*.jsonl")) == []
+    assert shipper.stats(time.time())["pending"] == 1
+    producer.close()
+    shipper.close()
+
+
+def test_a_sealed_file_stays_until_every_line_is_settled(spool_path):
+    shipper = open_jsonl(spool_path, rotate_bytes=4096)
+    for n in range(3):
+        shipper.append(event(n, pad="x" * 2000))
+    items = shipper.claim(10, now=time.time())
+    shipper.claim(10, now=time.time())  # rotates
+    shipper.ack([items[0].id, items[2].id])
+    assert len(list(spool_path.glob("events.0*.jsonl"))) == 1
+    shipper.dead_letter([items[1].id], status=400, reason="HTTP 400", now=time.time())
+    assert list(spool_path.glob("events.0*.jsonl")) == []
+    assert shipper.stats(time.time())["dead"] == 1
+    shipper.close()
+
+
+def test_rotation_while_the_daemon_ships_loses_and_repeats_nothing(
+        host, write_config, spool_path):
+    host.delay = 0.005
+    config = write_config(host, extra="[ship]\nconcurrency = 4\n")
+    with open(config, "a") as fh:
+        fh.write("rotate_bytes = 4096\n")
+    Client(config=config).close()
+    daemon = start_kmagent("run", "--config", str(config))
+    try:
+        client = Client(config=config)
+        for n in range(400):
+            client.record(f"p{n}", "Rotated", {"pad": "y" * 100})
+        wait_for(lambda: len(host.delivered()) >= 400, timeout=60)
+    finally:
+        daemon.terminate()
+        assert daemon.wait(20) == 0
+    seen = collections.Counter(dict(r.params)["_p"] for r in host.delivered())
+    assert set(seen) == {f"p{n}" for n in range(400)} and max(seen.values()) == 1
+    assert list(spool_path.glob("events.0*.jsonl")) == []  # sealed files cleaned up
+
+
+WRITER = textwrap.dedent("""
+    import sys, threading
+    from kmagent import Client
+    client = Client(config=sys.argv[1])
+    def write(t):
+        for n in range(100):
+            client.record(f"w{sys.argv[2]}-{t}", f"n{n}", {"pad": "z" * 7000})
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+""")
+
+
+def test_long_lines_from_many_processes_and_threads_never_interleave(write_config, spool_path):
+    config = write_config()
+    Client(config=config).close()
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(config), str(w)])
+               for w in range(4)]
+    assert [w.wait(120) for w in writers] == [0] * 4
+    lines = (spool_path / ACTIVE).read_bytes().splitlines()
+    assert len(lines) == 800
+    assert all(json.loads(line)["pad"] == "z" * 7000 for line in lines)  # none torn
+    assert len(stored_rows(spool_path)) == 800
+
+
+def test_full_durability_stores_events(write_config, spool_path):
+    config = write_config(extra="")
+    with open(config, "a") as fh:
+        fh.write('durability = "full"\n')
+    Client(config=config).record("bob", "Durable")
+    assert [q.split("&")[1] for _, q, _ in stored_rows(spool_path)] == ["_n=Durable"]
+
+
+def test_status_counts_pending_across_sealed_and_active_files(spool_path):
+    shipper = open_jsonl(spool_path, rotate_bytes=4096)
+    for n in range(3):
+        shipper.append(event(n, pad="x" * 2000))
+    shipper.claim(1, now=time.time())  # rotates: 3 lines sealed
+    for n in range(3, 5):
+        shipper.append(event(n))
+    reader = open_jsonl(spool_path)
+    assert reader.stats(time.time())["pending"] == 5
+    assert os.path.exists(spool_path / "events.0000000001.jsonl")
+    shipper.close()
+    reader.close()
