@@ -236,7 +236,11 @@ def alias(person: str, identity: str) -> int:
               show_default=True, help="HTTP status to answer with.")
 @click.option("--delay", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Seconds to wait before answering.")
-def testhost(port: int, answer: int, delay: float) -> int:
+@click.option("--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of requests answered 503, at random.")
+@click.option("--reset-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of connections reset without an answer, at random.")
+def testhost(port: int, answer: int, delay: float, fail_rate: float, reset_rate: float) -> int:
     """Run a stand-in tracking host on 127.0.0.1 that prints every request it gets.
 
     Point kmagent at it with  endpoint = "http://127.0.0.1:8089"  to watch events
@@ -252,9 +256,10 @@ def testhost(port: int, answer: int, delay: float) -> int:
     from .testhost import StandInHost
 
     def show(request: Any) -> None:
-        click.echo(f"{request.status} GET {unquote(request.target)}")
+        click.echo(f"{request.status or 'RST'} GET {unquote(request.target)}")
 
-    host = StandInHost(port, status=answer, delay=delay, on_request=show)
+    host = StandInHost(port, status=answer, delay=delay, fail_rate=fail_rate,
+                       reset_rate=reset_rate, on_request=show)
     click.echo(f"stand-in tracking host on {host.url} (Ctrl-C to stop)", err=True)
     with host:
         try:

@@ -2,12 +2,17 @@
 
 It answers like Kissmetrics (200 and a 1x1 GIF whatever the parameters) and keeps every
 request target it received, byte for byte. ``status`` and ``delay`` make it fail or be
-slow; ``fail_first`` makes the first N requests fail.
+slow; ``fail_first`` makes the first N requests fail; ``fail_rate`` answers that share
+of requests with 503 and ``reset_rate`` resets that share of connections (TCP RST, no
+answer), at random.
 """
 
 from __future__ import annotations
 
+import random
+import socket
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -26,7 +31,7 @@ class Received:
 
     target: str  # the raw request target, e.g. "/e?_k=KEY&_p=bob&..."
     at: float
-    status: int
+    status: int  # 0: the connection was reset instead of answered
     user_agent: str | None = None
 
     @property
@@ -42,12 +47,16 @@ class StandInHost:
     """``with StandInHost() as host: ... host.url ... host.received``"""
 
     def __init__(self, port: int = 0, *, status: int = 200, delay: float = 0.0,
-                 fail_first: int = 0,
+                 fail_first: int = 0, fail_rate: float = 0.0, reset_rate: float = 0.0,
+                 seed: int | None = None,
                  on_request: Callable[[Received], None] | None = None,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.status = status
         self.delay = delay
         self.fail_first = fail_first
+        self.fail_rate = fail_rate
+        self.reset_rate = reset_rate
+        self._random = random.Random(seed)
         self.received: list[Received] = []
         self._lock = threading.Lock()
         self._on_request = on_request
@@ -61,6 +70,13 @@ class StandInHost:
 
             def do_GET(self) -> None:
                 status = host._answer()
+                if status == 0:  # reset: RST instead of an answer
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    host._record(Received(self.path, time.time(), 0,
+                                          self.headers.get("User-Agent")))
+                    return
                 if host.delay:
                     time.sleep(host.delay)
                 body = PIXEL if status == 200 else b""
@@ -88,6 +104,11 @@ class StandInHost:
         with self._lock:
             if self.fail_first > 0:
                 self.fail_first -= 1
+                return 503
+            draw = self._random.random()
+            if draw < self.reset_rate:
+                return 0
+            if draw < self.reset_rate + self.fail_rate:
                 return 503
             return self.status
 
