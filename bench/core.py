@@ -7,6 +7,8 @@ against a baseline measured in the same run (the machine is shared and noisy).
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
 import statistics
 import sys
@@ -33,10 +35,24 @@ def bare_insert(path: Path, synchronous: str, n: int) -> float:
     return elapsed / n * 1e6
 
 
-def client_record(path: Path, durability: str, n: int) -> float:
+def bare_write(path: Path, fsync: bool, n: int) -> float:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    start = time.perf_counter()
+    for i in range(n):
+        os.write(fd, json.dumps({"_p": "bob@example.com", "_n": "Signed Up",
+                                 "_t": 1700000000, "Plan": "Pro", "Amount": i}).encode() + b"\n")
+        if fsync:
+            os.fdatasync(fd)
+    elapsed = time.perf_counter() - start
+    os.close(fd)
+    return elapsed / n * 1e6
+
+
+def client_record(path: Path, durability: str, n: int, backend: str = "sqlite") -> float:
     from kmagent.client import Client
     config = path.with_suffix(".toml")
-    config.write_text(f'[spool]\npath = "{path}"\ndurability = "{durability}"\n')
+    config.write_text(f'[spool]\nbackend = "{backend}"\npath = "{path}"\n'
+                      f'durability = "{durability}"\n')
     client = Client(config=config)
     start = time.perf_counter()
     for i in range(n):
@@ -82,6 +98,12 @@ def main() -> None:
             ours = median_of(client_record, tmp / f"km-{durability}.db", durability, n)
             print(f"| bare sqlite3 INSERT, WAL, {sync} | {bare:.1f} | 1.00 |")
             print(f"| Client.record, sqlite {durability} | {ours:.1f} | {ours / bare:.2f} |")
+        for fsync, durability, n in ((False, "normal", EVENTS), (True, "full", EVENTS // 10)):
+            bare = median_of(bare_write, tmp / f"bare-{durability}.jsonl", fsync, n)
+            ours = median_of(client_record, tmp / f"km-{durability}.d", durability, n, "jsonl")
+            label = "os.write of a JSON line" + (" + fdatasync" if fsync else "")
+            print(f"| bare {label} | {bare:.1f} | 1.00 |")
+            print(f"| Client.record, jsonl {durability} | {ours:.1f} | {ours / bare:.2f} |")
         print("\n| shipping, stand-in host on 127.0.0.1 | events/s |")
         print("|---|---:|")
         for delay in (0.0, 0.02):
