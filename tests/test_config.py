@@ -340,3 +340,9 @@ def test_repr_never_shows_a_key_read_from_api_key_file(tmp_path):
     assert config.api_key == "File-Secret-777"
     assert "File-Secret-777" not in repr(config)
     assert "File-Secret-777" not in f"{config}"
+
+
+def test_the_example_config_is_valid():
+    example = Path(__file__).resolve().parent.parent / "config.example.toml"
+    config = load_config(example)
+    assert config.spool_backend == "sqlite" and config.concurrency == 16
