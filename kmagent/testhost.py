@@ -25,6 +25,13 @@ PIXEL = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x
          b"\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client that hangs up mid-request (e.g. a SIGKILLed agent) is no error here
+
+
 @dataclass(frozen=True)
 class Received:
     """One request as the host saw it."""
@@ -91,8 +98,7 @@ class StandInHost:
             def log_message(self, format: str, *args: object) -> None:
                 pass  # requests are reported through on_request instead
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self._server.daemon_threads = True
+        self._server = _QuietServer(("127.0.0.1", port), Handler)
         self._scheme = "http"
         if ssl_context is not None:
             self._server.socket = ssl_context.wrap_socket(self._server.socket, server_side=True)
