@@ -39,7 +39,7 @@ def common_options(fn):
     fn = click.option("--log-level", type=click.Choice(LOG_LEVELS), callback=_remember,
                       expose_value=False, is_eager=True,
                       help="Override [log] level.")(fn)
-    fn = click.option("--config", "-c", type=click.Path(dir_okay=False), callback=_remember,
+    fn = click.option("--config", "-c", callback=_remember,
                       expose_value=False, is_eager=True, metavar="PATH",
                       help="Configuration file (default: $KMAGENT_CONFIG, then "
                            "/etc/kmagent/config.toml, then built-in defaults).")(fn)
@@ -141,7 +141,8 @@ def flush(timeout: float | None) -> int:
     if result.no_key:
         reason = "they carry no API key and none is configured (api_key or api_key_file)"
     else:
-        reason = f"nothing was delivered for {timeout or 2 * config.max_backoff:g} s"
+        waited = 2 * config.max_backoff if timeout is None else timeout
+        reason = f"nothing was delivered for {waited:g} s"
         if result.last_error:
             reason += f"; last error: {result.last_error}"
     click.echo(f"{result.remaining} of {result.total} events still pending: {reason}",
@@ -258,8 +259,11 @@ def testhost(port: int, answer: int, delay: float, fail_rate: float, reset_rate:
     def show(request: Any) -> None:
         click.echo(f"{request.status or 'RST'} GET {unquote(request.target)}")
 
-    host = StandInHost(port, status=answer, delay=delay, fail_rate=fail_rate,
-                       reset_rate=reset_rate, on_request=show)
+    try:
+        host = StandInHost(port, status=answer, delay=delay, fail_rate=fail_rate,
+                           reset_rate=reset_rate, on_request=show)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}")
     click.echo(f"stand-in tracking host on {host.url} (Ctrl-C to stop)", err=True)
     with host:
         try:

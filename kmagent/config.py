@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
@@ -45,6 +45,9 @@ class Config:
     """Everything kmagent reads from its configuration, validated."""
 
     api_key: str | None = field(default=None, repr=False)  # never printed
+    # Read only by the shipping side (see shipping_config): app users who record events
+    # need not be able to read the key, e.g. a systemd credential.
+    api_key_file: Path | None = None
     endpoint: str = DEFAULT_ENDPOINT
     spool_backend: str = DEFAULT_BACKEND
     spool_path: Path = field(default_factory=default_spool_path)
@@ -113,6 +116,10 @@ def _endpoint(value: Any, base: Path) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ValueError("must be an https:// URL, e.g. https://trk.kissmetrics.io")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("the port must be a number from 1 to 65535") from None
     if parts.query or parts.fragment:
         raise ValueError("must not have a query or fragment")
     if parts.scheme == "http" and not is_loopback(parts.hostname):
@@ -130,7 +137,7 @@ def _proxy(value: Any, base: Path) -> str:
 # (section, key) -> (Config field, validator). Section "" is the top level.
 KEYS: dict[tuple[str, str], tuple[str, Callable[[Any, Path], Any]]] = {
     ("", "api_key"): ("api_key", _string),
-    ("", "api_key_file"): ("api_key", None),  # read below: the file's content is the key
+    ("", "api_key_file"): ("api_key_file", _path),
     ("", "endpoint"): ("endpoint", _endpoint),
     ("spool", "backend"): ("spool_backend", _choice("sqlite", "jsonl")),
     ("spool", "path"): ("spool_path", _path),
@@ -142,7 +149,7 @@ KEYS: dict[tuple[str, str], tuple[str, Callable[[Any, Path], Any]]] = {
     ("ship", "read_timeout"): ("read_timeout", _number(0.1, 600)),
     ("ship", "max_backoff"): ("max_backoff", _number(1, 86400)),
     ("ship", "proxy"): ("proxy", _proxy),
-    ("ship", "ca_file"): ("ca_file", _existing_file),
+    ("ship", "ca_file"): ("ca_file", _path),  # checked by shipping_config
     ("log", "level"): ("log_level", _choice(*LOG_LEVELS)),
 }
 SECTIONS = {section for section, _ in KEYS if section}
@@ -181,7 +188,7 @@ def config_from_mapping(data: Mapping[str, Any], *, source: str, base: Path,
                 raise ConfigError(source, _key_name(section, key), f"unknown key (known: {known})")
             attr, check = KEYS[(section, key)]
             try:
-                values[attr] = (check or _read_key_file)(value, base)
+                values[attr] = check(value, base)
             except ValueError as exc:
                 raise ConfigError(source, _key_name(section, key), str(exc)) from None
     if "api_key" in data and "api_key_file" in data:
@@ -223,8 +230,29 @@ def load_config(explicit: str | os.PathLike | None = None,
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(str(path), None, "no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), None, "is a directory, not a TOML file") from None
     except OSError as exc:
         raise ConfigError(str(path), None, f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), None, f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), None, f"not valid TOML: {exc}") from None
     return config_from_mapping(data, source=str(path), base=path.resolve().parent, environ=environ)
+
+
+def shipping_config(config: Config) -> Config:
+    """The configuration completed for shipping: the key read from ``api_key_file``
+    and ``ca_file`` checked. Only the daemon and flush need (and may read) these."""
+    changes: dict[str, Any] = {}
+    if config.api_key_file is not None:
+        try:
+            changes["api_key"] = _read_key_file(str(config.api_key_file), Path("/"))
+        except ValueError as exc:
+            raise ConfigError(config.source, "api_key_file", str(exc)) from None
+    if config.ca_file is not None:
+        try:
+            _existing_file(str(config.ca_file), Path("/"))
+        except ValueError as exc:
+            raise ConfigError(config.source, "[ship] ca_file", str(exc)) from None
+    return replace(config, **changes) if changes else config

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Callable
 
-from .config import Config
+from .config import Config, shipping_config
 from .lock import ShipperLock
 from .sender import Sender
 from .shipper import Shipper
@@ -72,14 +72,16 @@ class Daemon:
             # A second signal means "now": everything unacknowledged is still in the
             # spool and will be sent again, byte-identical, on the next start.
             os._exit(0)
-        self.stop()
+        # Not self.stop() here: the handler runs on the main thread, which may be inside
+        # the very Event it would set (holding its lock): set it from another thread.
+        threading.Thread(target=self.stop, name="kmagent-stop", daemon=True).start()
 
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
 
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
-        config = self.config
+        config = self.config = shipping_config(self.config)
         spool = open_configured(config)
         lock = ShipperLock(spool.lock_path)
         try:

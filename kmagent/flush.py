@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import Config
+from .config import Config, shipping_config
 from .daemon import SHUTDOWN_TIMEOUT_S, make_shipper
 from .lock import ShipperLock
 from .shipper import Shipper
@@ -38,6 +38,7 @@ def flush(config: Config, *, timeout: float | None = None,
           on_progress: Callable[[int, int], None] | None = None) -> FlushResult:
     """Deliver everything pending at the start; ``on_progress(done, total)``."""
     timeout = 2 * config.max_backoff if timeout is None else timeout
+    config = shipping_config(config)
     spool = open_configured(config)
     lock = ShipperLock(spool.lock_path)
     shipper: Shipper | None = None
@@ -47,7 +48,7 @@ def flush(config: Config, *, timeout: float | None = None,
         total = remaining = spool.pending_through(mark)
         last_progress = time.monotonic()
         no_key = False
-        while remaining and time.monotonic() - last_progress <= timeout:
+        while remaining:
             if shipper is None:
                 if lock.try_acquire():
                     spool.recover()
@@ -59,22 +60,23 @@ def flush(config: Config, *, timeout: float | None = None,
                 time.sleep(POLL_S)
             else:
                 _ship_for(shipper, POLL_S)
-                # Pending, yet nothing in flight and nothing we may claim: what is left
-                # carries no API key of its own and none is configured.
-                no_key = not shipper.in_flight and shipper.idle_until() is None
+                # Pending, yet nothing in flight and nothing we may claim, and no key of
+                # our own: what is left carries no API key and none is configured.
+                no_key = (config.api_key is None and not shipper.in_flight
+                          and shipper.idle_until() is None)
             now_remaining = spool.pending_through(mark)
             if now_remaining < remaining:
                 last_progress = time.monotonic()
                 remaining = now_remaining
                 if on_progress:
                     on_progress(total - remaining, total)
-            elif no_key:
-                break
-        last_error = shipper.last_error if shipper else None
+            elif no_key or time.monotonic() - last_progress >= timeout:
+                break  # (checked after a pass, so that even --timeout 0 tries once)
         if shipper is not None:
             shipper.shutdown(SHUTDOWN_TIMEOUT_S)
             shipper.sender.close()
             remaining = spool.pending_through(mark)
+        last_error = shipper.last_error if shipper else None
         dead = spool.stats(time.time())["dead"]
         return FlushResult(total, remaining, dead, waited_for, last_error, no_key)
     finally:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import queue
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 from .sender import Outcome, Sender, backoff_delay
@@ -39,13 +39,20 @@ class Shipper:
         self.clock = clock
         # Set by workers when a request finishes (and by the daemon's watcher and signals).
         self.wake = wake or threading.Event()
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="kmagent-send")
-        self._in_flight: dict[Any, Future] = {}
+        self._in_flight: dict[Any, Claimed] = {}
+        self._todo: queue.SimpleQueue[Claimed | None] = queue.SimpleQueue()
         self._done: deque[tuple[Claimed, Outcome]] = deque()
+        # Daemon threads, not an executor: a request hung past the shutdown deadline
+        # must not keep the process alive (its event is back in the spool by then).
+        self._workers = [threading.Thread(target=self._work, name=f"kmagent-send-{n}",
+                                          daemon=True) for n in range(concurrency)]
+        for worker in self._workers:
+            worker.start()
         self.delivered_total = 0
         self.retried_total = 0
         self.last_error: str | None = None
-        self._keyless_only = sender.api_key is None
+        # Without a key of its own, the agent can send only events that carry one.
+        self._with_key_only = sender.api_key is None
 
     @property
     def in_flight(self) -> int:
@@ -61,26 +68,30 @@ class Shipper:
         """When a claimable event next becomes due, if the window has room for it."""
         if len(self._in_flight) >= self.window:
             return None  # a finishing request will wake us
-        return self.spool.next_due(with_key_only=self._keyless_only)
+        return self.spool.next_due(with_key_only=self._with_key_only)
 
     def fill(self) -> int:
         """Claim ready events up to the window and hand them to the workers."""
         room = self.window - len(self._in_flight)
         if room <= 0:
             return 0
-        items = self.spool.claim(room, now=self.clock(), with_key_only=self._keyless_only)
+        items = self.spool.claim(room, now=self.clock(), with_key_only=self._with_key_only)
         for item in items:
-            self._in_flight[item.id] = self._pool.submit(self._send, item)
+            self._in_flight[item.id] = item
+            self._todo.put(item)
         return len(items)
 
-    def _send(self, item: Claimed) -> None:
-        try:
-            outcome = self.sender.send(item)
-        except Exception as exc:  # a bug must not lose the claim: treat as a failure
-            log.exception("sending event %s failed unexpectedly", item.id)
-            outcome = Outcome(False, None, f"{type(exc).__name__}")
-        self._done.append((item, outcome))
-        self.wake.set()
+    def _work(self) -> None:
+        while (item := self._todo.get()) is not None:
+            if item.id not in self._in_flight:
+                continue  # released at shutdown before it started
+            try:
+                outcome = self.sender.send(item)
+            except Exception as exc:  # a bug must not lose the claim: treat as a failure
+                log.exception("sending event %s failed unexpectedly", item.id)
+                outcome = Outcome(False, None, f"{type(exc).__name__}")
+            self._done.append((item, outcome))
+            self.wake.set()
 
     def settle(self) -> int:
         """Record what finished: ack deliveries, schedule retries. Returns deliveries."""
@@ -94,7 +105,8 @@ class Shipper:
         now = self.clock()
         retries = []
         for item, outcome in finished:
-            del self._in_flight[item.id]
+            if self._in_flight.pop(item.id, None) is None:
+                continue  # given back at shutdown while it was being sent
             if not outcome.delivered:
                 # Everything not 2xx is retried for now; permanent refusals will go to
                 # dead letters once the fault policy classifies them.
@@ -109,14 +121,18 @@ class Shipper:
         return len(delivered)
 
     def shutdown(self, timeout: float) -> None:
-        """Stop: cancel what has not started, wait up to ``timeout`` for the rest,
+        """Stop: give back what has not started, wait up to ``timeout`` for the rest,
         settle it, and give anything still unsettled back to the spool."""
-        for future in self._in_flight.values():
-            future.cancel()
-        cancelled = [i for i, f in self._in_flight.items() if f.cancelled()]
-        self.spool.release(cancelled)
-        for i in cancelled:
-            del self._in_flight[i]
+        not_started = []
+        while True:
+            try:
+                item = self._todo.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                not_started.append(item.id)
+                self._in_flight.pop(item.id, None)
+        self.spool.release(not_started)
         deadline = time.monotonic() + timeout
         while self._in_flight and time.monotonic() < deadline:
             self.wake.wait(min(0.1, max(0.0, deadline - time.monotonic())))
@@ -126,4 +142,5 @@ class Shipper:
         # Still running past the deadline: release; a resend is byte-identical.
         self.spool.release(list(self._in_flight))
         self._in_flight.clear()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for _ in self._workers:
+            self._todo.put(None)  # idle workers exit; busy ones die with the process

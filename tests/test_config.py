@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import kmagent
-from kmagent.config import Config, load_config
+from kmagent.config import Config, load_config, shipping_config
 
 
 def toml(path: Path, text: str) -> Path:
@@ -20,10 +20,15 @@ def toml(path: Path, text: str) -> Path:
     return path
 
 
-def refused(path: Path, **kwargs) -> kmagent.ConfigError:
+def load_for_shipping(path: Path, **kwargs) -> Config:
+    """What the daemon and flush load: the key file read, the CA file checked."""
+    return shipping_config(load_config(path, **kwargs))
+
+
+def refused(path: Path, loader=load_config, **kwargs) -> kmagent.ConfigError:
     """Load ``path`` expecting a ConfigError; return it after checking its shape."""
     with pytest.raises(kmagent.ConfigError) as info:
-        load_config(path, **kwargs)
+        loader(path, **kwargs)
     error = info.value
     assert isinstance(error, kmagent.KmagentError)
     message = str(error)
@@ -229,7 +234,8 @@ def test_endpoints_accepted(tmp_path, endpoint):
 
 def test_missing_ca_file_refused(tmp_path):
     path = toml(tmp_path / "config.toml", '[ship]\nca_file = "no-such-ca.pem"\n')
-    error = refused(path)
+    load_config(path)  # producers never open it
+    error = refused(path, load_for_shipping)
     assert "ca_file" in str(error)
 
 
@@ -246,12 +252,13 @@ def test_api_key_and_api_key_file_together_refused(tmp_path):
 def test_api_key_file_is_read_and_stripped(tmp_path):
     toml(tmp_path / "key.txt", "  the-secret-key \n\n")
     path = toml(tmp_path / "config.toml", f'api_key_file = "{tmp_path / "key.txt"}"\n')
-    assert load_config(path).api_key == "the-secret-key"
+    assert load_config(path).api_key is None  # producers need not read it
+    assert load_for_shipping(path).api_key == "the-secret-key"
 
 
 def test_api_key_file_missing_refused(tmp_path):
     path = toml(tmp_path / "config.toml", 'api_key_file = "absent-key.txt"\n')
-    error = refused(path)
+    error = refused(path, load_for_shipping)
     assert "api_key_file" in str(error)
     assert "absent-key.txt" in str(error)
 
@@ -260,7 +267,7 @@ def test_api_key_file_missing_refused(tmp_path):
 def test_api_key_file_empty_refused(tmp_path, content):
     toml(tmp_path / "key.txt", content)
     path = toml(tmp_path / "config.toml", 'api_key_file = "key.txt"\n')
-    error = refused(path)
+    error = refused(path, load_for_shipping)
     assert "api_key_file" in str(error)
     assert "empty" in str(error).lower()
 
@@ -280,7 +287,7 @@ ca_file = "ca.pem"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     for given in (conf_dir / "config.toml", Path("../conf/config.toml")):
-        config = load_config(given)
+        config = load_for_shipping(given)
         assert config.api_key == "k-relative"
         assert Path(config.spool_path).resolve() == (conf_dir / "data" / "spool.db").resolve()
         assert Path(config.ca_file).resolve() == (conf_dir / "ca.pem").resolve()
@@ -336,7 +343,7 @@ def test_repr_never_shows_the_api_key(tmp_path):
 def test_repr_never_shows_a_key_read_from_api_key_file(tmp_path):
     toml(tmp_path / "key.txt", "File-Secret-777\n")
     path = toml(tmp_path / "config.toml", 'api_key_file = "key.txt"\n')
-    config = load_config(path)
+    config = load_for_shipping(path)
     assert config.api_key == "File-Secret-777"
     assert "File-Secret-777" not in repr(config)
     assert "File-Secret-777" not in f"{config}"
@@ -346,3 +353,28 @@ def test_the_example_config_is_valid():
     example = Path(__file__).resolve().parent.parent / "config.example.toml"
     config = load_config(example)
     assert config.spool_backend == "sqlite" and config.concurrency == 16
+
+
+def test_producers_need_not_read_the_key_file(tmp_path, spool_path):
+    """An app user records events although the key file is not there for it (e.g. a
+    systemd credential, visible only inside the service)."""
+    key = "/run/credentials/kmagent.service/api_key-not-here"
+    path = toml(tmp_path / "config.toml", f'api_key_file = "{key}"\n[spool]\npath = "{spool_path}"\n')
+    kmagent.Client(config=path).record("bob", "Did")
+    assert kmagent.status(config=path)["pending"] == 1
+    assert "api_key_file" in str(refused(path, load_for_shipping))
+
+
+def test_non_utf8_config_is_a_config_error(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_bytes(b'api_key = "\xff"\n')
+    assert "UTF-8" in str(refused(path))
+
+
+def test_a_directory_is_not_a_config_file(tmp_path):
+    assert "directory" in str(refused(tmp_path))
+
+
+def test_endpoint_port_must_be_a_port(tmp_path):
+    path = toml(tmp_path / "config.toml", 'endpoint = "http://127.0.0.1:99999"\n')
+    assert "port" in str(refused(path))

@@ -59,7 +59,7 @@ class Spool(abc.ABC):
     """A durable FIFO of events with claim / ack / retry / dead-letter.
 
     Producer handles are per process: a backend checks ``os.getpid()`` and reopens in a
-    forked child; ``_lock`` serialises threads and is renewed in a child after fork.
+    forked child; ``_lock`` serialises threads and is held across fork().
     """
 
     path: Path

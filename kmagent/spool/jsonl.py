@@ -169,7 +169,7 @@ class JsonlSpool(Spool):
                  rotate_bytes: int = DEFAULT_ROTATE_BYTES,
                  rotate_seconds: float = DEFAULT_ROTATE_SECONDS) -> None:
         super().__init__()
-        self.path = Path(path)
+        self.path = Path(path).resolve()  # one lock file per spool, whatever the path
         self._full = durability == "full"
         self.rotate_bytes = rotate_bytes
         self.rotate_seconds = rotate_seconds

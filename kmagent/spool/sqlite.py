@@ -40,6 +40,9 @@ SCHEMA = (
         lease INTEGER,
         last_error TEXT)""",
     "CREATE INDEX events_ready ON events(due) WHERE lease IS NULL",
+    # Without a key of its own the agent claims only events that carry one; this keeps
+    # that claim O(batch) however many keyless events wait.
+    "CREATE INDEX events_ready_keyed ON events(due) WHERE lease IS NULL AND api_key IS NOT NULL",
     "CREATE INDEX events_leased ON events(lease) WHERE lease IS NOT NULL",
     """CREATE TABLE dead (
         id INTEGER PRIMARY KEY,
@@ -53,15 +56,18 @@ SCHEMA = (
         reason TEXT NOT NULL)""",
 )
 
-INSERT = "INSERT INTO events (path, query, api_key, created, due) VALUES (?, ?, ?, ?, ?)"
+# A fresh event is due at once (due = 0): only retries carry a wall-clock time, so a
+# clock that jumps backwards never holds back events that were never tried.
+INSERT = "INSERT INTO events (path, query, api_key, created, due) VALUES (?, ?, ?, ?, 0)"
 CLAIM = """UPDATE events SET lease = ?, attempts = attempts + 1
     WHERE id IN (SELECT id FROM events WHERE lease IS NULL AND due <= ? {key_filter}
-                 ORDER BY due LIMIT ?)
+                 ORDER BY due, id LIMIT ?)
     RETURNING id, path, query, api_key, created, attempts, due"""
 
 
-# Connections a forked child inherited. SQLite forbids using them across fork(), and
-# closing them in the child could disturb the parent's locks, so they are kept, unused.
+# Connections a forked child inherited. SQLite forbids using them across fork(); closing
+# one would run SQLite's cleanup on state shared with the parent (its WAL index
+# mapping, its file descriptors), so they are kept, never used.
 _inherited: list[sqlite3.Connection] = []
 
 
@@ -70,7 +76,9 @@ class SqliteSpool(Spool):
 
     def __init__(self, path: Path, *, durability: str = "normal") -> None:
         super().__init__()
-        self.path = Path(path)
+        # Resolved: a symlinked path must lead to the same lock file, or two shippers
+        # could work one spool at once.
+        self.path = Path(path).resolve()
         self._synchronous = {"normal": "NORMAL", "full": "FULL"}[durability]
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
@@ -109,7 +117,9 @@ class SqliteSpool(Spool):
 
     @staticmethod
     def _create(conn: sqlite3.Connection) -> None:
-        # WAL must be set outside a transaction; it is persistent, so once is enough.
+        # Both must come before the first table: auto_vacuum lets the file shrink as
+        # delivered rows go (PRAGMA incremental_vacuum); WAL is persistent.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("BEGIN IMMEDIATE")  # two processes creating at once: one wins
         try:
@@ -149,7 +159,7 @@ class SqliteSpool(Spool):
         with self._lock:
             conn = self._connection()
             try:
-                conn.execute(INSERT, (path, query, event.api_key, now, now))
+                conn.execute(INSERT, (path, query, event.api_key, now))
             except sqlite3.Error as exc:
                 raise SpoolError(f"spool {self.path}: cannot append: {exc}") from None
 
@@ -187,9 +197,8 @@ class SqliteSpool(Spool):
             self._run("dead-letter", run)
 
     def expedite(self) -> int:
-        # Only rows in backoff have due > created; the partial index finds them.
         return self._run("expedite", lambda c: c.execute(
-            "UPDATE events SET due = created WHERE lease IS NULL AND due > created").rowcount)
+            "UPDATE events SET due = 0 WHERE lease IS NULL AND due > 0").rowcount)
 
     def recover(self) -> int:
         return self._run("recover", lambda c: c.execute(
