@@ -70,8 +70,7 @@ def _properties(pairs: tuple[str, ...]) -> dict[str, str]:
 
 def _client(config: Config):
     from .client import Client
-    meta = click.get_current_context().find_root().meta
-    return Client(config=meta.get("kmagent.config"), spool=config.spool_path)
+    return Client(config=config)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -162,18 +161,20 @@ def status(as_json: bool) -> int:
     """
     from .report import read_status
     config = _config()
-    meta = click.get_current_context().find_root().meta
-    figures = read_status(meta.get("kmagent.config"), spool=config.spool_path)
+    figures = read_status(config)
     if as_json:
         click.echo(json.dumps(figures))
         return 0
+    if not figures["exists"]:
+        click.echo(f"no spool at {figures['spool']} yet: nothing has been recorded", err=True)
     age = figures["oldest_pending_age_s"]
     pid = figures["daemon_pid"]
     click.echo(f"spool:    {figures['spool']}\n"
                f"pending:  {figures['pending']} ({figures['in_flight']} in flight)\n"
                f"dead:     {figures['dead']}\n"
                f"oldest:   {'-' if age is None else f'{age:.1f} s ago'}\n"
-               f"shipper:  {'none running' if pid is None else f'pid {pid}'}")
+               f"shipper:  {'none running' if pid is None else f'pid {pid}'}"
+               + (f"\nbad lines: {figures['bad_lines']}" if "bad_lines" in figures else ""))
     return 0
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from .config import load_config
+from .config import Config, load_config
 from .errors import InvalidEvent
 from .events import check_name, make_alias, make_event, make_set
 from .spool import open_configured
@@ -27,10 +27,12 @@ class Client:
     >>> km.record("bob@example.com", "Signed Up", {"Plan": "Pro", "Amount": 99.95})
     """
 
-    def __init__(self, api_key: str | None = None, *, config: str | os.PathLike | None = None,
+    def __init__(self, api_key: str | None = None, *,
+                 config: str | os.PathLike | Config | None = None,
                  spool: str | os.PathLike | None = None) -> None:
         self.api_key = None if api_key is None else check_name("api_key", api_key)
-        self._spool = open_configured(load_config(config), spool)
+        cfg = config if isinstance(config, Config) else load_config(config)
+        self._spool = open_configured(cfg, spool)
 
     def record(self, person: str, event: str | Mapping[str, Any], props: Mapping[str, Any] | None = None,
                *, timestamp: Any = None) -> None:

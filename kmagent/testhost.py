@@ -65,6 +65,7 @@ class StandInHost:
         self.reset_rate = reset_rate
         self._random = random.Random(seed)
         self.received: list[Received] = []
+        self.started = 0  # requests begun (``received`` has them once answered)
         self._lock = threading.Lock()
         self._on_request = on_request
         host = self
@@ -108,6 +109,7 @@ class StandInHost:
 
     def _answer(self) -> int:
         with self._lock:
+            self.started += 1
             if self.fail_first > 0:
                 self.fail_first -= 1
                 return 503

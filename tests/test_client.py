@@ -206,7 +206,7 @@ def test_client_is_fork_safe_while_another_thread_records(client, spool_path):
         while ticks[0] < 20 and time.monotonic() < wait_until:
             time.sleep(0.005)
         codes = []
-        for n in range(2):
+        for n in range(40):  # a child forked mid-append hung a few % of the time
             pid = os.fork()
             if pid == 0:  # the child: never return into pytest
                 code = 1
@@ -221,10 +221,10 @@ def test_client_is_fork_safe_while_another_thread_records(client, spool_path):
     finally:
         stop.set()
         thread.join(10)
-    assert codes == [0, 0], f"children exited {codes} (-{int(signal.SIGALRM)} = hung)"
+    assert codes == [0] * 40, f"children exited {codes} (-{int(signal.SIGALRM)} = hung)"
     children = sorted(decode(q).get("n") for _, q, _ in rows(spool_path)
                       if decode(q)["_p"] == "child")
-    assert children == ["0", "1"]
+    assert children == sorted(str(n) for n in range(40))
 
 
 def test_recording_does_not_import_requests_watchdog_or_click(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 
@@ -166,10 +167,20 @@ def test_events_survive_reopening(location, backend):
 
 
 @pytest.mark.parametrize("durability", ["normal", "full"])
-def test_both_durability_levels_store_events(location, backend, durability):
+def test_full_durability_syncs_before_append_returns(location, backend, durability,
+                                                     monkeypatch):
+    """"full" reaches the disk before append() returns; "normal" leaves it to the OS."""
+    synced = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
     with open_spool(location, backend=backend, durability=durability) as spool:
         spool.append(event(1))
         assert spool.stats(time.time())["pending"] == 1
+        if backend == "sqlite":  # SQLite syncs in C: ask it what it was told
+            level = spool._connection().execute("PRAGMA synchronous").fetchone()[0]
+            assert level == {"normal": 1, "full": 2}[durability]
+        else:
+            assert len(synced) == (1 if durability == "full" else 0)
 
 
 def test_sqlite_spool_is_wal_and_refuses_a_newer_format(tmp_path):
