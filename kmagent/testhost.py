@@ -91,10 +91,12 @@ class StandInHost:
                 self.send_response(status)
                 self.send_header("Content-Type", "image/gif")
                 self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                # Recorded before the answer goes out, so that a client that has its
+                # answer always finds its request here.
                 host._record(Received(self.path, time.time(), status,
                                       self.headers.get("User-Agent")))
+                self.end_headers()
+                self.wfile.write(body)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass  # requests are reported through on_request instead
