@@ -28,6 +28,10 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 10.0
 DEFAULT_MAX_BACKOFF = 60.0
 DEFAULT_LOG_LEVEL = "info"
+DEFAULT_MAX_AGE = 0.0  # never expire
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+DEFAULT_MAX_BYTES = 1024**3
+DEFAULT_WHEN_FULL = "error"
 DEFAULT_ROTATE_BYTES = 16 * 1024 * 1024
 DEFAULT_ROTATE_SECONDS = 3600.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -52,12 +56,16 @@ class Config:
     spool_backend: str = DEFAULT_BACKEND
     spool_path: Path = field(default_factory=default_spool_path)
     durability: str = DEFAULT_DURABILITY
+    max_bytes: int = DEFAULT_MAX_BYTES
+    when_full: str = DEFAULT_WHEN_FULL
     rotate_bytes: int = DEFAULT_ROTATE_BYTES
     rotate_seconds: float = DEFAULT_ROTATE_SECONDS
     concurrency: int = DEFAULT_CONCURRENCY
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
     max_backoff: float = DEFAULT_MAX_BACKOFF
+    max_age: float = DEFAULT_MAX_AGE
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     proxy: str | None = None
     ca_file: Path | None = None
     log_level: str = DEFAULT_LOG_LEVEL
@@ -142,12 +150,16 @@ KEYS: dict[tuple[str, str], tuple[str, Callable[[Any, Path], Any]]] = {
     ("spool", "backend"): ("spool_backend", _choice("sqlite", "jsonl")),
     ("spool", "path"): ("spool_path", _path),
     ("spool", "durability"): ("durability", _choice("normal", "full")),
+    ("spool", "max_bytes"): ("max_bytes", _number(64 * 1024, 2**50, integer=True)),
+    ("spool", "when_full"): ("when_full", _choice("error", "drop")),
     ("spool", "rotate_bytes"): ("rotate_bytes", _number(4096, 2**40, integer=True)),
     ("spool", "rotate_seconds"): ("rotate_seconds", _number(1, 30 * 86400)),
     ("ship", "concurrency"): ("concurrency", _number(1, 1024, integer=True)),
     ("ship", "connect_timeout"): ("connect_timeout", _number(0.1, 600)),
     ("ship", "read_timeout"): ("read_timeout", _number(0.1, 600)),
     ("ship", "max_backoff"): ("max_backoff", _number(1, 86400)),
+    ("ship", "max_age"): ("max_age", _number(0, 10 * 365 * 86400)),
+    ("ship", "shutdown_timeout"): ("shutdown_timeout", _number(0, 3600)),
     ("ship", "proxy"): ("proxy", _proxy),
     ("ship", "ca_file"): ("ca_file", _path),  # checked by shipping_config
     ("log", "level"): ("log_level", _choice(*LOG_LEVELS)),

@@ -19,6 +19,7 @@ import time
 from typing import Callable
 
 from .config import Config, shipping_config
+from .errors import SpoolError
 from .lock import ShipperLock
 from .sender import Sender
 from .shipper import Shipper
@@ -28,7 +29,7 @@ from .watch import RESCAN_INTERVAL_S, SpoolWatcher
 log = logging.getLogger("kmagent.daemon")
 
 LOCK_POLL_S = 0.5
-SHUTDOWN_TIMEOUT_S = 10.0
+SPOOL_RETRY_S = (1.0, 30.0)  # first and longest pause after the spool failed us
 
 
 def make_shipper(config: Config, spool: Spool, wake: threading.Event | None = None) -> Shipper:
@@ -37,7 +38,7 @@ def make_shipper(config: Config, spool: Spool, wake: threading.Event | None = No
                     connect_timeout=config.connect_timeout, read_timeout=config.read_timeout,
                     proxy=config.proxy, ca_file=config.ca_file, api_key=config.api_key)
     return Shipper(spool, sender, concurrency=config.concurrency,
-                   max_backoff=config.max_backoff, wake=wake)
+                   max_backoff=config.max_backoff, max_age=config.max_age, wake=wake)
 
 
 def acquire(lock: ShipperLock, stop: threading.Event, what: str) -> bool:
@@ -104,7 +105,7 @@ class Daemon:
                 self._loop(shipper)
             finally:
                 watcher.stop()
-                shipper.shutdown(SHUTDOWN_TIMEOUT_S)
+                shipper.shutdown(config.shutdown_timeout)
                 shipper.sender.close()
                 log.info("stopped; %d delivered this run", shipper.delivered_total)
             return 0
@@ -113,11 +114,19 @@ class Daemon:
             spool.close()
 
     def _loop(self, shipper: Shipper) -> None:
+        pause = SPOOL_RETRY_S[0]
         while not self._stop.is_set():
-            shipper.step()
-            timeout = RESCAN_INTERVAL_S
-            due = shipper.idle_until()
-            if due is not None:
-                timeout = min(timeout, max(0.0, due - time.time()))
+            try:
+                shipper.step()
+                timeout = RESCAN_INTERVAL_S
+                due = shipper.idle_until()
+                if due is not None:
+                    timeout = min(timeout, max(0.0, due - time.time()))
+                pause = SPOOL_RETRY_S[0]
+            except SpoolError as exc:
+                # Disk full, read-only... Keep running: nothing is lost (outcomes wait in
+                # memory, events in the spool), and shipping resumes when it can write.
+                log.error("%s; trying again in %.0f s", exc, pause)
+                timeout, pause = pause, min(pause * 2, SPOOL_RETRY_S[1])
             self._wake.wait(timeout)
             self._wake.clear()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import Config, shipping_config
-from .daemon import SHUTDOWN_TIMEOUT_S, make_shipper
+from .daemon import make_shipper
 from .lock import ShipperLock
 from .shipper import Shipper
 from .spool import open_configured
@@ -73,7 +73,7 @@ def flush(config: Config, *, timeout: float | None = None,
             elif no_key or time.monotonic() - last_progress >= timeout:
                 break  # (checked after a pass, so that even --timeout 0 tries once)
         if shipper is not None:
-            shipper.shutdown(SHUTDOWN_TIMEOUT_S)
+            shipper.shutdown(config.shutdown_timeout)
             shipper.sender.close()
             remaining = spool.pending_through(mark)
         last_error = shipper.last_error if shipper else None

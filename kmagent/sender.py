@@ -1,11 +1,18 @@
 """Sending one stored event: a keep-alive connection pool, timeouts, no redirects,
 and the classification of what came back. Also the backoff a failure earns.
+
+Classification (the real host answers 200 even to bad parameters, which is why bad
+events are refused at record()): 2xx delivered; connection errors, timeouts, 408, 429
+and 5xx transient (retry); 3xx (never followed: the key would travel elsewhere) and
+every other 4xx permanent (dead letter).
 """
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import random
+import time
 from dataclasses import dataclass
 
 import requests
@@ -19,21 +26,60 @@ log = logging.getLogger("kmagent.sender")
 
 USER_AGENT = f"kmagent/{__version__}"
 BACKOFF_BASE_S = 1.0
+MAX_RETRY_AFTER_S = 3600.0  # a host's Retry-After is honoured up to an hour
+TRANSIENT_STATUSES = frozenset({408, 429})
+
+DELIVERED, TRANSIENT, PERMANENT = "delivered", "transient", "permanent"
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What one request came to. ``error`` never contains the API key."""
 
-    delivered: bool
+    kind: str  # DELIVERED, TRANSIENT or PERMANENT
     status: int | None = None
     error: str | None = None
+    retry_after: float | None = None  # seconds the host asked us to wait
+
+    @property
+    def delivered(self) -> bool:
+        return self.kind == DELIVERED
+
+
+def classify(status: int) -> str:
+    if 200 <= status < 300:
+        return DELIVERED
+    if status >= 500 or status in TRANSIENT_STATUSES:
+        return TRANSIENT
+    return PERMANENT
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds from now (delta-seconds or an HTTP date), capped at an hour."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when is None or when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def backoff_ceiling(attempts: int, cap: float) -> float:
+    """Capped exponential: min(cap, base·2ⁿ⁻¹) after the n-th failure."""
+    return min(cap, BACKOFF_BASE_S * 2 ** min(max(attempts - 1, 0), 30))
 
 
 def backoff_delay(attempts: int, cap: float, rng: random.Random = random._inst) -> float:
-    """Capped exponential backoff with full jitter (uniform in [0, min(cap, base·2ⁿ⁻¹)])."""
-    ceiling = min(cap, BACKOFF_BASE_S * 2 ** min(max(attempts - 1, 0), 30))
-    return rng.uniform(0, ceiling)
+    """Capped exponential backoff with full jitter: uniform in [0, ceiling]."""
+    return rng.uniform(0, backoff_ceiling(attempts, cap))
 
 
 def redact(text: str, secrets: tuple[str, ...]) -> str:
@@ -70,15 +116,21 @@ class Sender:
         """Send one event once. 2xx is delivered; anything else is not."""
         key = item.api_key or self.api_key
         if key is None:
-            return Outcome(False, None, "no API key: set api_key or api_key_file")
+            return Outcome(TRANSIENT, None, "no API key: set api_key or api_key_file")
         url = self.endpoint + request_target(item.path, item.query, key)
         try:
             response = self._session.get(url, timeout=self._timeout, allow_redirects=False)
         except requests.RequestException as exc:
-            return Outcome(False, None, redact(f"{type(exc).__name__}: {exc}", (key,)))
-        if 200 <= response.status_code < 300:
-            return Outcome(True, response.status_code)
-        return Outcome(False, response.status_code, f"HTTP {response.status_code}")
+            return Outcome(TRANSIENT, None, redact(f"{type(exc).__name__}: {exc}", (key,)))
+        status = response.status_code
+        kind = classify(status)
+        if kind == DELIVERED:
+            return Outcome(kind, status)
+        error = f"HTTP {status} {response.reason or ''}".strip()
+        if 300 <= status < 400:
+            error += " (redirects are never followed)"
+        return Outcome(kind, status, redact(error, (key,)),
+                       parse_retry_after(response.headers.get("Retry-After")))
 
     def close(self) -> None:
         self._session.close()

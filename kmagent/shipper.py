@@ -1,22 +1,31 @@
 """Claim → send concurrently → acknowledge only what got a 2xx.
 
-The shipper keeps up to ``window`` events in flight: worker threads send them and
-report back through a queue; the owning thread (the only one that touches the spool)
-acknowledges deliveries and schedules failures for a retry with backoff. Whatever is
-claimed and not acknowledged stays in the spool, so a crash costs at most a resend of
-the in-flight window, byte for byte the same requests.
+The shipper keeps up to ``window`` events in flight: worker threads send them (each
+first passing the agent-wide Gate) and report back through a queue; the owning thread,
+the only one that touches the spool, settles each outcome:
+
+| outcome | what the spool is told |
+|---|---|
+| 2xx | ack: delivered, forget it |
+| transient (connection error, timeout, 408, 429, 5xx) | retry after a capped, jittered backoff (at least the host's Retry-After); dead letter once older than ``max_age`` |
+| permanent (3xx, other 4xx) | dead letter, with status and reason |
+| not started (shutdown) | release |
+
+Whatever is claimed and not settled stays in the spool, so a crash costs at most a
+resend of the in-flight window, byte for byte the same requests.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-import queue
 from collections import deque
 from typing import Any, Callable
 
-from .sender import Outcome, Sender, backoff_delay
+from .gate import Gate
+from .sender import DELIVERED, PERMANENT, TRANSIENT, Outcome, Sender, backoff_delay
 from .spool import Claimed, Spool
 
 log = logging.getLogger("kmagent.shipper")
@@ -30,18 +39,20 @@ class Shipper:
     """Moves events from a spool to the tracking host; drive it with ``step``."""
 
     def __init__(self, spool: Spool, sender: Sender, *, concurrency: int, max_backoff: float,
-                 wake: threading.Event | None = None,
+                 max_age: float = 0.0, wake: threading.Event | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.spool = spool
         self.sender = sender
         self.max_backoff = max_backoff
+        self.max_age = max_age
         self.window = concurrency * WINDOW_PER_WORKER
         self.clock = clock
+        self.gate = Gate(concurrency, max_backoff)
         # Set by workers when a request finishes (and by the daemon's watcher and signals).
         self.wake = wake or threading.Event()
         self._in_flight: dict[Any, Claimed] = {}
         self._todo: queue.SimpleQueue[Claimed | None] = queue.SimpleQueue()
-        self._done: deque[tuple[Claimed, Outcome]] = deque()
+        self._done: deque[tuple[Claimed, Outcome | None]] = deque()
         # Daemon threads, not an executor: a request hung past the shutdown deadline
         # must not keep the process alive (its event is back in the spool by then).
         self._workers = [threading.Thread(target=self._work, name=f"kmagent-send-{n}",
@@ -50,6 +61,7 @@ class Shipper:
             worker.start()
         self.delivered_total = 0
         self.retried_total = 0
+        self.dead_total = 0
         self.last_error: str | None = None
         # Without a key of its own, the agent can send only events that carry one.
         self._with_key_only = sender.api_key is None
@@ -83,46 +95,79 @@ class Shipper:
 
     def _work(self) -> None:
         while (item := self._todo.get()) is not None:
-            if item.id not in self._in_flight:
-                continue  # released at shutdown before it started
-            try:
-                outcome = self.sender.send(item)
-            except Exception as exc:  # a bug must not lose the claim: treat as a failure
-                log.exception("sending event %s failed unexpectedly", item.id)
-                outcome = Outcome(False, None, f"{type(exc).__name__}")
+            ticket = self.gate.enter()
+            if ticket is None:  # shutting down: not started, give it back
+                outcome = None
+            else:
+                try:
+                    outcome = self.sender.send(item)
+                except Exception as exc:  # a bug must not lose the claim: a failure
+                    log.exception("sending event %s failed unexpectedly", item.id)
+                    outcome = Outcome(TRANSIENT, None, type(exc).__name__)
+                self.gate.leave(ticket, outcome)
             self._done.append((item, outcome))
             self.wake.set()
 
     def settle(self) -> int:
-        """Record what finished: ack deliveries, schedule retries. Returns deliveries."""
+        """Record what finished in the spool. Returns deliveries. If the spool cannot
+        be written (disk full...), nothing is lost: the outcomes wait for the next try."""
         finished = []
         while self._done:
             finished.append(self._done.popleft())
         if not finished:
             return 0
-        delivered = [item.id for item, outcome in finished if outcome.delivered]
-        self.spool.ack(delivered)
+        try:
+            delivered = self._record(finished)
+        except BaseException:
+            self._done.extendleft(reversed(finished))
+            raise
+        for item, _ in finished:
+            self._in_flight.pop(item.id, None)
+        if self.gate.recovered.is_set():
+            self.gate.recovered.clear()
+            woken = self.spool.expedite()  # the outage is over: drain at full speed
+            log.info("the tracking host answers again; %d waiting events due now", woken)
+        return delivered
+
+    def _record(self, finished: list[tuple[Claimed, Outcome | None]]) -> int:
         now = self.clock()
-        retries = []
+        delivered, released, retries, dead = [], [], [], []
         for item, outcome in finished:
-            if self._in_flight.pop(item.id, None) is None:
+            if item.id not in self._in_flight:
                 continue  # given back at shutdown while it was being sent
-            if not outcome.delivered:
-                # Everything not 2xx is retried for now; permanent refusals will go to
-                # dead letters once the fault policy classifies them.
-                delay = backoff_delay(item.attempts, self.max_backoff)
+            if outcome is None:
+                released.append(item.id)
+            elif outcome.kind == DELIVERED:
+                delivered.append(item.id)
+            elif outcome.kind == PERMANENT:
+                dead.append((item, outcome.status, outcome.error or "refused"))
+            elif self.max_age and now - item.created > self.max_age:
+                dead.append((item, outcome.status,
+                             f"expired after {now - item.created:.0f} s (max_age "
+                             f"{self.max_age:g} s); last error: {outcome.error}"))
+            else:
+                delay = max(backoff_delay(item.attempts, self.max_backoff),
+                            outcome.retry_after or 0.0)
                 retries.append((item.id, now + delay, outcome.error))
                 self.last_error = outcome.error
                 log.warning("event %s not delivered (%s); retry in %.1f s",
                             item.id, outcome.error, delay)
+        self.spool.ack(delivered)
+        self.spool.release(released)
         self.spool.retry(retries)
-        self.retried_total += len(retries)
+        for item, status, reason in dead:
+            self.spool.dead_letter([item.id], status=status, reason=reason, now=now)
+            self.last_error = reason
+            log.error("event %s dead-lettered: %s", item.id, reason)
         self.delivered_total += len(delivered)
+        self.retried_total += len(retries)
+        self.dead_total += len(dead)
         return len(delivered)
 
     def shutdown(self, timeout: float) -> None:
         """Stop: give back what has not started, wait up to ``timeout`` for the rest,
         settle it, and give anything still unsettled back to the spool."""
+        self.gate.close()  # workers waiting at the gate hand their events back
         not_started = []
         while True:
             try:

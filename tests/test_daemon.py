@@ -226,7 +226,7 @@ def test_failed_requests_are_retried_with_the_same_bytes(host, write_config, spo
     host.fail_first = 6
     config = write_config(host, extra=FAST_RETRY)
     record_many(config, 3)
-    result = run_kmagent("flush", "--config", str(config))
+    result = run_kmagent("flush", "--timeout", "15", "--config", str(config))
     assert result.returncode == 0, result.stderr
     failed = [r.target for r in host.received if r.status == 503]
     delivered = [r.target for r in host.delivered()]
@@ -235,11 +235,24 @@ def test_failed_requests_are_retried_with_the_same_bytes(host, write_config, spo
 
 
 def test_events_are_never_acknowledged_without_a_2xx(host, write_config, spool_path):
-    host.status = 302  # a redirect is never followed, and is not a delivery
+    host.status = 503
     config = write_config(host, extra=FAST_RETRY)
     record_many(config, 2)
     result = run_kmagent("flush", "--timeout", "2", "--config", str(config))
     assert result.returncode == 1
-    assert "HTTP 302" in result.stderr
-    assert status(config)["pending"] == 2
-    assert all(r.target.startswith("/e?") for r in host.received)
+    assert "HTTP 503" in result.stderr
+    figures = status(config)
+    assert (figures["pending"], figures["dead"]) == (2, 0)
+
+
+def test_a_redirect_is_never_followed_and_the_event_is_dead_lettered(
+        host, write_config, spool_path):
+    host.status = 302
+    config = write_config(host, extra=FAST_RETRY)
+    record_many(config, 2)
+    result = run_kmagent("flush", "--config", str(config))
+    assert result.returncode == 0  # dead letters are reported, not a failure of flush
+    assert "2 dead letters" in result.stderr
+    figures = status(config)
+    assert (figures["pending"], figures["dead"]) == (0, 2)
+    assert len(host.received) == 2 and all(r.target.startswith("/e?") for r in host.received)
