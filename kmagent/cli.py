@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from typing import Any
 
 import click
 
-from . import __version__
+from . import __version__, logs
 from .config import LOG_LEVELS, Config, load_config
 from .errors import ConfigError, InvalidEvent, KmagentError, SpoolError
 
@@ -50,11 +49,8 @@ def _config() -> Config:
     """Load the configuration named on the command line and set up logging from it."""
     meta = click.get_current_context().find_root().meta
     config = load_config(meta.get("kmagent.config"))
-    level = meta.get("kmagent.log_level") or config.log_level
-    # Under journald (JOURNAL_STREAM set) the journal adds its own timestamps.
-    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") \
-        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+    logs.setup(meta.get("kmagent.log_level") or config.log_level)
+    logs.hide(config.api_key)
     return config
 
 
@@ -135,7 +131,8 @@ def flush(timeout: float | None) -> int:
     if result.dead:
         click.echo(f"{result.dead} dead letters in the spool (kmagent dead list)", err=True)
     if result.remaining == 0:
-        click.echo(f"flushed {result.total} events{who}", err=True)
+        refused = f"; {result.dead_new} of them refused for good" if result.dead_new else ""
+        click.echo(f"flushed {result.total} events{who}{refused}", err=True)
         return 0
     if result.no_key:
         reason = "they carry no API key and none is configured (api_key or api_key_file)"
@@ -176,6 +173,87 @@ def status(as_json: bool) -> int:
                f"shipper:  {'none running' if pid is None else f'pid {pid}'}"
                + (f"\nbad lines: {figures['bad_lines']}" if "bad_lines" in figures else ""))
     return 0
+
+
+@cli.group()
+def dead() -> None:
+    """Dead letters: events the host refused for good, or that expired (max_age).
+
+    \b
+    Examples:
+      kmagent dead list
+      kmagent dead retry 17 18
+      kmagent dead purge --all
+    """
+
+
+def _spool(config: Config):
+    from .spool import open_configured
+    return open_configured(config)
+
+
+@dead.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@common_options
+def dead_list(as_json: bool) -> int:
+    """List dead letters: id, reason, person, event, properties.
+
+    \b
+    Example:
+      kmagent dead list --json
+    """
+    with _spool(_config()) as spool:
+        letters = spool.dead_letters()
+    if as_json:
+        click.echo(json.dumps(letters))
+        return 0
+    for letter in letters:
+        what = letter["event"] if letter["path"] == "e" else (
+            f"alias of {letter['identity']}" if letter["path"] == "a" else "(set)")
+        props = " ".join(f"{k}={v}" for k, v in letter["properties"].items())
+        click.echo(f"{letter['id']}\t{letter['reason']}\t{letter['person']}\t{what}\t{props}")
+    return 0
+
+
+def _dead_action(action: str, ids: tuple[str, ...], everything: bool) -> int:
+    if bool(ids) == everything:
+        raise click.UsageError("give the ids of the dead letters, or --all (not both)")
+    with _spool(_config()) as spool:
+        try:
+            count = getattr(spool, f"{action}_dead")(None if everything else list(ids))
+        except KeyError as exc:
+            raise click.UsageError(f"no dead letter with id {exc.args[0]}") from None
+    done = "back to pending" if action == "retry" else "purged"
+    click.echo(f"{count} dead letters {done}", err=True)
+    return 0
+
+
+@dead.command(name="retry")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Every dead letter.")
+@common_options
+def dead_retry(ids: tuple[str, ...], everything: bool) -> int:
+    """Put dead letters back in the spool, to be sent again.
+
+    \b
+    Example:
+      kmagent dead retry --all
+    """
+    return _dead_action("retry", ids, everything)
+
+
+@dead.command(name="purge")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Every dead letter.")
+@common_options
+def dead_purge(ids: tuple[str, ...], everything: bool) -> int:
+    """Delete dead letters for good.
+
+    \b
+    Example:
+      kmagent dead purge 17
+    """
+    return _dead_action("purge", ids, everything)
 
 
 TIMESTAMP_HELP = "Unix seconds when it happened (default: now)."

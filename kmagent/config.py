@@ -8,6 +8,7 @@ Anything wrong is refused at start with one line naming the file, the key and th
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -250,12 +251,32 @@ def load_config(explicit: str | os.PathLike | None = None,
         raise ConfigError(str(path), None, f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), None, f"not valid TOML: {exc}") from None
-    return config_from_mapping(data, source=str(path), base=path.resolve().parent, environ=environ)
+    config = config_from_mapping(data, source=str(path), base=path.resolve().parent,
+                                 environ=environ)
+    if "api_key" in data:
+        _warn_if_world_readable(path)
+    return config
+
+
+_warned: set[str] = set()
+
+
+def _warn_if_world_readable(path: Path) -> None:
+    try:
+        readable_by_all = os.stat(path).st_mode & 0o004
+    except OSError:
+        return
+    if readable_by_all and str(path) not in _warned:
+        _warned.add(str(path))
+        logging.getLogger("kmagent.config").warning(
+            "%s holds api_key and is readable by every user: put the key in a file only "
+            "kmagent can read and name it with api_key_file (or chmod o-r %s)", path, path)
 
 
 def shipping_config(config: Config) -> Config:
     """The configuration completed for shipping: the key read from ``api_key_file``
     and ``ca_file`` checked. Only the daemon and flush need (and may read) these."""
+    from . import logs
     changes: dict[str, Any] = {}
     if config.api_key_file is not None:
         try:
@@ -267,4 +288,6 @@ def shipping_config(config: Config) -> Config:
             _existing_file(str(config.ca_file), Path("/"))
         except ValueError as exc:
             raise ConfigError(config.source, "[ship] ca_file", str(exc)) from None
-    return replace(config, **changes) if changes else config
+    complete = replace(config, **changes) if changes else config
+    logs.hide(complete.api_key)  # whoever logs what, the key is never written
+    return complete

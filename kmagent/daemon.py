@@ -30,6 +30,7 @@ log = logging.getLogger("kmagent.daemon")
 
 LOCK_POLL_S = 0.5
 SPOOL_RETRY_S = (1.0, 30.0)  # first and longest pause after the spool failed us
+MAINTAIN_EVERY_S = 30.0
 
 
 def make_shipper(config: Config, spool: Spool, wake: threading.Event | None = None) -> Shipper:
@@ -115,9 +116,13 @@ class Daemon:
 
     def _loop(self, shipper: Shipper) -> None:
         pause = SPOOL_RETRY_S[0]
+        maintained = time.monotonic()
         while not self._stop.is_set():
             try:
                 shipper.step()
+                if time.monotonic() - maintained >= MAINTAIN_EVERY_S:
+                    shipper.spool.maintain()
+                    maintained = time.monotonic()
                 timeout = RESCAN_INTERVAL_S
                 due = shipper.idle_until()
                 if due is not None:

@@ -29,6 +29,7 @@ class FlushResult:
     total: int  # pending when the flush started
     remaining: int  # of those, still pending at the end
     dead: int  # dead letters in the spool at the end
+    dead_new: int  # of the flushed events, how many went to dead letters
     waited_for: int | None  # pid of the daemon that did the shipping, if not us
     last_error: str | None
     no_key: bool  # what remains carries no API key and none is configured
@@ -44,6 +45,7 @@ def flush(config: Config, *, timeout: float | None = None,
     shipper: Shipper | None = None
     waited_for = None
     try:
+        dead_before = spool.stats(time.time())["dead"]
         mark = spool.mark()
         total = remaining = spool.pending_through(mark)
         last_progress = time.monotonic()
@@ -78,7 +80,8 @@ def flush(config: Config, *, timeout: float | None = None,
             remaining = spool.pending_through(mark)
         last_error = shipper.last_error if shipper else None
         dead = spool.stats(time.time())["dead"]
-        return FlushResult(total, remaining, dead, waited_for, last_error, no_key)
+        return FlushResult(total, remaining, dead, max(0, dead - dead_before), waited_for,
+                           last_error, no_key)
     finally:
         lock.release()
         spool.close()

@@ -9,7 +9,8 @@ lets Kissmetrics drop it as a duplicate (KISSMETRICS.md, "Duplicates").
 
 from __future__ import annotations
 
-from urllib.parse import quote
+from typing import Any
+from urllib.parse import parse_qsl, quote
 
 from .events import ALIAS, Event, Value
 
@@ -47,3 +48,18 @@ def encode(event: Event) -> tuple[str, str]:
 def request_target(path: str, query: str, api_key: str) -> str:
     """The request target for one stored event, with the key that will send it first."""
     return f"/{path}?_k={quote_param(api_key)}&{query}"
+
+
+def describe(path: str, query: str) -> dict[str, Any]:
+    """A stored request read back for people: ``path``, ``person``, ``event``
+    (None for sets and aliases), ``identity`` (aliases), ``properties`` (as sent)."""
+    params = parse_qsl(query, keep_blank_values=True)
+    fields = {name: value for name, value in params if name in ("_p", "_n")}
+    properties = {name: value for name, value in params
+                  if name not in ("_p", "_n", "_t", "_d")}
+    view: dict[str, Any] = {"path": path, "person": fields.get("_p"),
+                            "event": fields.get("_n") if path == "e" else None}
+    if path == ALIAS:
+        view["identity"] = fields.get("_n")
+    view["properties"] = properties
+    return view

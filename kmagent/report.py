@@ -21,9 +21,11 @@ def read_status(config: str | os.PathLike | Config | None = None, *,
     location = Path(spool if spool is not None else cfg.spool_path)
     if not location.exists():
         return {"pending": 0, "in_flight": 0, "dead": 0, "oldest_pending_age_s": None,
-                "daemon_pid": None, "spool": str(location), "exists": False}
+                "dropped_total": 0, "daemon_pid": None, "spool": str(location),
+                "exists": False}
     with open_configured(cfg, spool) as store:
         figures = store.stats(time.time())
+        figures["dropped_total"] = store.dropped_total()
         figures["daemon_pid"] = ShipperLock(store.lock_path).holder()
         if figures["daemon_pid"] is None:
             figures["in_flight"] = 0  # claims die with their shipper

@@ -4,7 +4,9 @@ It answers like Kissmetrics (200 and a 1x1 GIF whatever the parameters) and keep
 request target it received, byte for byte. ``status`` and ``delay`` make it fail or be
 slow; ``fail_first`` makes the first N requests fail; ``fail_rate`` answers that share
 of requests with 503 and ``reset_rate`` resets that share of connections (TCP RST, no
-answer), at random.
+answer), at random. ``outage(seconds)`` fails every request for a while;
+``retry_after`` adds that Retry-After header to every failure; ``answer_for`` picks
+the status per request target (e.g. 400 for some events).
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ class StandInHost:
         self._random = random.Random(seed)
         self.received: list[Received] = []
         self.started = 0  # requests begun (``received`` has them once answered)
+        self.retry_after: str | None = None
+        self.answer_for: Callable[[str], int | None] | None = None
+        self.outage_status = 503  # or 0: reset connections during an outage
+        self._outage_until = 0.0
         self._lock = threading.Lock()
         self._on_request = on_request
         host = self
@@ -77,7 +83,7 @@ class StandInHost:
             disable_nagle_algorithm = True
 
             def do_GET(self) -> None:
-                status = host._answer()
+                status = host._answer(self.path)
                 if status == 0:  # reset: RST instead of an answer
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                                struct.pack("ii", 1, 0))
@@ -91,6 +97,8 @@ class StandInHost:
                 self.send_response(status)
                 self.send_header("Content-Type", "image/gif")
                 self.send_header("Content-Length", str(len(body)))
+                if status != 200 and host.retry_after is not None:
+                    self.send_header("Retry-After", host.retry_after)
                 # Recorded before the answer goes out, so that a client that has its
                 # answer always finds its request here.
                 host._record(Received(self.path, time.time(), status,
@@ -109,9 +117,19 @@ class StandInHost:
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.1}, daemon=True)
 
-    def _answer(self) -> int:
+    def outage(self, seconds: float) -> None:
+        """Fail every request (``outage_status``) for the next ``seconds``."""
+        self._outage_until = time.time() + seconds
+
+    def _answer(self, target: str) -> int:
         with self._lock:
             self.started += 1
+            if time.time() < self._outage_until:
+                return self.outage_status
+            if self.answer_for is not None:
+                chosen = self.answer_for(target)
+                if chosen is not None:
+                    return chosen
             if self.fail_first > 0:
                 self.fail_first -= 1
                 return 503

@@ -20,10 +20,11 @@ BACKENDS = ("sqlite", "jsonl")
 def open_spool(path: str | os.PathLike, *, backend: str = "sqlite",
                durability: str = "normal", **options: Any) -> Spool:
     """Open (creating if missing) the spool at ``path``: a file for SQLite, a directory
-    for jsonl. ``options``: jsonl's ``rotate_bytes`` and ``rotate_seconds``."""
+    for jsonl. ``options``: ``max_bytes``, ``when_full``; jsonl's ``rotate_bytes`` and
+    ``rotate_seconds``."""
     if backend == "sqlite":
         from .sqlite import SqliteSpool
-        return SqliteSpool(Path(path), durability=durability)
+        return SqliteSpool(Path(path), durability=durability, **options)
     if backend == "jsonl":
         from .jsonl import JsonlSpool
         return JsonlSpool(Path(path), durability=durability, **options)
@@ -40,7 +41,7 @@ def open_configured(config: "Config", path: str | os.PathLike | None = None) -> 
         backend = "jsonl"
     elif Path(path).is_file():
         backend = "sqlite"
-    return open_spool(path, backend=backend, durability=config.durability,
-                      **({"rotate_bytes": config.rotate_bytes,
-                          "rotate_seconds": config.rotate_seconds}
-                         if backend == "jsonl" else {}))
+    options: dict[str, Any] = {"max_bytes": config.max_bytes, "when_full": config.when_full}
+    if backend == "jsonl":
+        options.update(rotate_bytes=config.rotate_bytes, rotate_seconds=config.rotate_seconds)
+    return open_spool(path, backend=backend, durability=config.durability, **options)

@@ -1,4 +1,4 @@
-"""The spool contract every backend implements (SQLite now; newline-JSON next).
+"""The spool contract every backend implements (SQLite and newline-JSON).
 
 Producers only ``append``. The one shipper (see ``kmagent.lock``) claims ready events,
 and for each claimed event later calls exactly one of ``ack`` (delivered: forget it),
@@ -12,12 +12,44 @@ from __future__ import annotations
 import abc
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..errors import SpoolError, SpoolFull
 from ..events import Event
+
+# Spool files are never world-readable (they hold events, maybe API keys); the group
+# may write, so that app users in the spool's group can append (see the README).
+FILE_MODE = 0o660
+DIR_MODE = 0o770
+
+
+def open_file(path: Path, flags: int) -> int:
+    """os.open with the spool's file mode when it creates the file."""
+    return os.open(path, flags | os.O_CLOEXEC, FILE_MODE)
+
+
+def append_to(path: Path, data: bytes, *, sync: bool = False) -> None:
+    """Append ``data`` to ``path`` (created with the spool's mode) in one write."""
+    fd = open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, data)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: Path) -> None:
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+
+
+# How often a producer re-measures the spool's size for max_bytes; in between it adds
+# what it wrote itself (other processes may overshoot the cap by what they write then).
+SIZE_CHECK_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +96,60 @@ class Spool(abc.ABC):
 
     path: Path
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_bytes: int | None = None, when_full: str = "error") -> None:
         self._lock = threading.Lock()
+        self.max_bytes = max_bytes
+        self.when_full = when_full
+        self._size = 0
+        self._size_at = -SIZE_CHECK_S  # monotonic time of the last measurement
         _live.add(self)
 
-    @abc.abstractmethod
     def append(self, event: Event) -> None:
-        """Store one event durably (per ``durability``) before returning."""
+        """Store one event durably (per ``durability``) before returning; at
+        ``max_bytes`` raise SpoolFull or, with ``when_full = "drop"``, drop and count."""
+        if self.max_bytes is not None and self._full_now():
+            if self.when_full == "drop":
+                self._count_drop()
+                return
+            raise SpoolFull(f"spool {self.path} is at its max_bytes ({self.max_bytes} "
+                            "bytes): is the daemon running and the host reachable?")
+        self._size += self._store(event)
+
+    def _full_now(self) -> bool:
+        now = time.monotonic()
+        if now - self._size_at >= SIZE_CHECK_S:
+            self._size = self.size_on_disk()
+            self._size_at = now
+        return self._size >= self.max_bytes
+
+    @property
+    def drops_path(self) -> Path:
+        """One byte per event dropped by ``when_full = "drop"``: its size is the count."""
+        return self.path.with_name(self.path.name + ".dropped")
+
+    def _count_drop(self) -> None:
+        try:
+            append_to(self.drops_path, b"\n")
+        except OSError as exc:
+            raise SpoolError(f"spool {self.path}: cannot count a dropped event: "
+                             f"{exc.strerror}") from None
+
+    def dropped_total(self) -> int:
+        try:
+            return os.stat(self.drops_path).st_size
+        except FileNotFoundError:
+            return 0
+
+    @abc.abstractmethod
+    def _store(self, event: Event) -> int:
+        """Write one event; returns about how many bytes it added."""
+
+    @abc.abstractmethod
+    def size_on_disk(self) -> int:
+        """What the spool's pending content takes on disk, in bytes (for max_bytes)."""
+
+    def maintain(self) -> None:
+        """Housekeeping the shipper runs now and then (e.g. giving free pages back)."""
 
     @abc.abstractmethod
     def claim(self, limit: int, *, now: float, with_key_only: bool = False) -> list[Claimed]:
@@ -95,6 +174,21 @@ class Spool(abc.ABC):
     def dead_letter(self, ids: Iterable[Any], *, status: int | None, reason: str,
                     now: float) -> None:
         """These can never be delivered: move them to the dead letters."""
+
+    @abc.abstractmethod
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """Every dead letter: ``id`` (an opaque string), ``path``, ``person``, ``event``,
+        ``properties``, ``status``, ``reason``, ``failed_at``; oldest first."""
+
+    @abc.abstractmethod
+    def retry_dead(self, ids: list[str] | None) -> int:
+        """Put these dead letters (None: all) back to pending; returns how many.
+        Unknown ids raise KeyError before anything changes."""
+
+    @abc.abstractmethod
+    def purge_dead(self, ids: list[str] | None) -> int:
+        """Delete these dead letters (None: all); returns how many. Unknown ids raise
+        KeyError before anything changes."""
 
     @abc.abstractmethod
     def expedite(self) -> int:
@@ -139,3 +233,11 @@ class Spool(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def unknown_ids(wanted: list[str] | None, known: Iterable[str]) -> None:
+    """Raise KeyError naming the ids in ``wanted`` that are not in ``known``."""
+    if wanted is not None:
+        missing = sorted(set(wanted) - set(known))
+        if missing:
+            raise KeyError(", ".join(missing))

@@ -32,20 +32,22 @@ import os
 import re
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import SpoolError
 from ..events import Event
-from ..protocol import encode
-from .base import Claimed, Spool
+from ..protocol import describe, encode
+from .base import Claimed, Spool, append_to, make_dirs, open_file, unknown_ids
 from .jsonl_line import BadLine, from_line, to_line
 
 ACTIVE = "events.jsonl"
 SEALED = re.compile(r"^events\.(\d{10})\.jsonl$")
 CHECKPOINT = "checkpoint.json"
 DEAD = "dead.jsonl"
+DEAD_LOCK = "dead.lock"  # the shipper appends, `kmagent dead` rewrites: one at a time
 BAD = "bad.jsonl"
 CHECKPOINT_VERSION = 1
 
@@ -75,7 +77,7 @@ def _fsync_dir(path: Path) -> None:
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         os.write(fd, data)
         os.fsync(fd)
@@ -132,7 +134,6 @@ class _Checkpoint:
     ino: int | None = None  # inode of file ``seq`` (None: not seen yet)
     offset: int = 0
     ahead: list[Position] = field(default_factory=list)
-    dead: int = 0
     bad_lines: int = 0
     in_flight: int = 0
     lines: dict[int, int] = field(default_factory=dict)  # seq -> lines, sealed files
@@ -150,14 +151,14 @@ class _Checkpoint:
                              f"kmagent understands ({CHECKPOINT_VERSION}); upgrade kmagent")
         return cls(seq=data["seq"], ino=data.get("ino"), offset=data["offset"],
                    ahead=[tuple(p) for p in data.get("ahead", [])],
-                   dead=data.get("dead", 0), bad_lines=data.get("bad_lines", 0),
+                   bad_lines=data.get("bad_lines", 0),
                    in_flight=data.get("in_flight", 0),
                    lines={int(k): v for k, v in data.get("lines", {}).items()})
 
     def dump(self) -> bytes:
         return json.dumps({
             "v": CHECKPOINT_VERSION, "seq": self.seq, "ino": self.ino, "offset": self.offset,
-            "ahead": self.ahead, "dead": self.dead, "bad_lines": self.bad_lines,
+            "ahead": self.ahead, "bad_lines": self.bad_lines,
             "in_flight": self.in_flight, "lines": self.lines,
         }, separators=(",", ":")).encode()
 
@@ -167,8 +168,9 @@ class JsonlSpool(Spool):
 
     def __init__(self, path: Path, *, durability: str = "normal",
                  rotate_bytes: int = DEFAULT_ROTATE_BYTES,
-                 rotate_seconds: float = DEFAULT_ROTATE_SECONDS) -> None:
-        super().__init__()
+                 rotate_seconds: float = DEFAULT_ROTATE_SECONDS,
+                 max_bytes: int | None = None, when_full: str = "error") -> None:
+        super().__init__(max_bytes=max_bytes, when_full=when_full)
         self.path = Path(path).resolve()  # one lock file per spool, whatever the path
         self._full = durability == "full"
         self.rotate_bytes = rotate_bytes
@@ -178,7 +180,7 @@ class JsonlSpool(Spool):
         self._pid = -1
         self._shipping: _Shipping | None = None
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path)
             _Checkpoint.load(self.path / CHECKPOINT)  # refuses a newer format at once
             with self._lock:
                 self._active_fd()  # open now so a bad path fails at construction
@@ -199,8 +201,7 @@ class JsonlSpool(Spool):
         if self._pid != os.getpid():  # a forked child opens its own descriptor
             self._fd, self._pid = None, os.getpid()
         if self._fd is None:
-            self._fd = os.open(self._active_path,
-                               os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._fd = open_file(self._active_path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         return self._fd
 
     def _is_active(self, fd: int) -> bool:
@@ -211,15 +212,31 @@ class JsonlSpool(Spool):
         held = os.fstat(fd)
         return (held.st_ino, held.st_dev) == (current.st_ino, current.st_dev)
 
-    def append(self, event: Event) -> None:
-        line = to_line(event, time.time())
+    @property
+    def drops_path(self) -> Path:
+        return self.path / "dropped"
+
+    def _store(self, event: Event) -> int:
         with self._lock:
-            try:
-                fd = self._write(line)
-                if self._full:
-                    os.fdatasync(fd)  # after the unlock: concurrent writers share it
-            except OSError as exc:
-                raise SpoolError(f"spool {self.path}: cannot append: {exc.strerror}") from None
+            return self._append_locked(event)
+
+    def size_on_disk(self) -> int:
+        """The event files, less the delivered prefix of the first one."""
+        view = _DiskView(self.path)
+        total = sum(st.st_size for _, _, st in view.files)
+        if view.files and view.files[0][0] == view.checkpoint.seq:
+            total -= view.checkpoint.offset
+        return total
+
+    def _append_locked(self, event: Event) -> int:
+        line = to_line(event, time.time())
+        try:
+            fd = self._write(line)
+            if self._full:
+                os.fdatasync(fd)  # after the unlock: concurrent writers share it
+        except OSError as exc:
+            raise SpoolError(f"spool {self.path}: cannot append: {exc.strerror}") from None
+        return len(line)
 
     def _write(self, line: bytes) -> int:
         while True:
@@ -289,11 +306,64 @@ class JsonlSpool(Spool):
                 # The shipper knows; anyone else reads its last checkpoint.
                 "in_flight": len(self._shipping.in_flight) if self._shipping
                 else view.checkpoint.in_flight,
-                "dead": view.checkpoint.dead,
+                "dead": self._count_dead(),
                 "oldest_pending_age_s": None if created is None else max(0.0, now - created),
                 "bad_lines": view.checkpoint.bad_lines,
             }
         return self._guard("stats", read)
+
+    # --- dead letters: <dir>/dead.jsonl, one JSON object per line ---------------------
+
+    @contextmanager
+    def _dead_locked(self) -> Iterator[None]:
+        fd = open_file(self.path / DEAD_LOCK, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _count_dead(self) -> int:
+        try:
+            return (self.path / DEAD).read_bytes().count(b"\n")
+        except FileNotFoundError:
+            return 0
+
+    def _read_dead(self) -> list[dict[str, Any]]:
+        try:
+            text = (self.path / DEAD).read_bytes()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        def read() -> list[dict[str, Any]]:
+            letters = []
+            for record in self._read_dead():
+                event, _ = from_line(json.dumps(record["line"]).encode())
+                letters.append({"id": record["id"], **describe(*encode(event)),
+                                "status": record["status"], "reason": record["reason"],
+                                "failed_at": record["failed_at"]})
+            return letters
+        return self._guard("read", read)
+
+    def _take_dead(self, ids: list[str] | None, requeue: bool) -> int:
+        with self._dead_locked():
+            records = self._read_dead()
+            unknown_ids(ids, (r["id"] for r in records))
+            chosen = [r for r in records if ids is None or r["id"] in ids]
+            for record in chosen if requeue else ():
+                event, _ = from_line(json.dumps(record["line"]).encode())
+                self._append_locked(event)  # a fresh line: due now, aged from now
+            kept = b"".join(_dump_line(r) for r in records if r not in chosen)
+            write_atomically(self.path / DEAD, kept)
+        return len(chosen)
+
+    def retry_dead(self, ids: list[str] | None) -> int:
+        return self._guard("dead retry", lambda: self._take_dead(ids, requeue=True))
+
+    def purge_dead(self, ids: list[str] | None) -> int:
+        return self._guard("dead purge", lambda: self._take_dead(ids, requeue=False))
 
     def _guard(self, what: str, fn):
         with self._lock:
@@ -310,6 +380,10 @@ class JsonlSpool(Spool):
             if self._fd is not None and self._pid == os.getpid():
                 os.close(self._fd)
             self._fd = None
+
+
+def _dump_line(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
 class _DiskView:
@@ -581,8 +655,7 @@ class _Shipping:
         self.ckpt.bad_lines += 1
         record = {"file": sealed_name(line.id[0]), "offset": line.id[1], "reason": reason,
                   "line": line.raw.decode("utf-8", errors="replace")}
-        with open(self.dir / BAD, "ab") as fh:
-            fh.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+        append_to(self.dir / BAD, _dump_line(record))
 
     def wait(self, entries: list[tuple[Position, float]]) -> None:
         for pos, due in entries:
@@ -595,17 +668,12 @@ class _Shipping:
 
     def dead_letter(self, ids: list[Position], status: int | None, reason: str,
                     now: float) -> None:
-        with open(self.dir / DEAD, "ab") as fh:
-            for pos in ids:
-                line = self.lines.get(pos)
-                if line is None:
-                    continue
-                record = {"id": f"{pos[0]}:{pos[1]}", "status": status, "reason": reason,
-                          "failed_at": now, "line": json.loads(line.raw)}
-                fh.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
-            fh.flush()
-            os.fsync(fh.fileno())
-        self.ckpt.dead += len(ids)
+        records = [{"id": f"{pos[0]}:{pos[1]}", "status": status, "reason": reason,
+                    "failed_at": now, "line": json.loads(self.lines[pos].raw)}
+                   for pos in ids if pos in self.lines]
+        with self.spool._dead_locked():
+            # Synced before the lines are settled (after which they may be deleted).
+            append_to(self.dir / DEAD, b"".join(_dump_line(r) for r in records), sync=True)
         self.settle(ids)
 
     def settle(self, ids: list[Position]) -> None:

@@ -20,8 +20,8 @@ from typing import Any, Iterable
 
 from ..errors import SpoolError
 from ..events import Event
-from ..protocol import encode
-from .base import Claimed, Spool
+from ..protocol import describe, encode
+from .base import Claimed, Spool, make_dirs, open_file, unknown_ids
 
 FORMAT_VERSION = 1  # stored as PRAGMA user_version
 BUSY_TIMEOUT_S = 5.0  # how long a writer waits for another before SpoolError
@@ -74,8 +74,9 @@ _inherited: list[sqlite3.Connection] = []
 class SqliteSpool(Spool):
     """A spool in one SQLite file; safe across threads, processes and forks."""
 
-    def __init__(self, path: Path, *, durability: str = "normal") -> None:
-        super().__init__()
+    def __init__(self, path: Path, *, durability: str = "normal",
+                 max_bytes: int | None = None, when_full: str = "error") -> None:
+        super().__init__(max_bytes=max_bytes, when_full=when_full)
         # Resolved: a symlinked path must lead to the same lock file, or two shippers
         # could work one spool at once.
         self.path = Path(path).resolve()
@@ -97,7 +98,10 @@ class SqliteSpool(Spool):
 
     def _open(self) -> sqlite3.Connection:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
+            # Created by us, with the spool's mode: SQLite would make it world-readable,
+            # and gives its -wal and -shm files the database file's mode.
+            os.close(open_file(self.path, os.O_RDWR | os.O_CREAT))
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                    check_same_thread=False)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -138,10 +142,12 @@ class SqliteSpool(Spool):
             conn = self._connection()
             try:
                 return fn(conn, *args)
-            except sqlite3.Error as exc:
+            except BaseException as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                raise SpoolError(f"spool {self.path}: {what} failed: {exc}") from None
+                if isinstance(exc, sqlite3.Error):
+                    raise SpoolError(f"spool {self.path}: {what} failed: {exc}") from None
+                raise
 
     def _many(self, sql: str, rows: list[tuple]) -> None:
         def run(conn: sqlite3.Connection) -> None:
@@ -153,7 +159,7 @@ class SqliteSpool(Spool):
 
     # --- producer -----------------------------------------------------------------------
 
-    def append(self, event: Event) -> None:
+    def _store(self, event: Event) -> int:
         path, query = encode(event)
         now = time.time()
         with self._lock:
@@ -162,6 +168,23 @@ class SqliteSpool(Spool):
                 conn.execute(INSERT, (path, query, event.api_key, now))
             except sqlite3.Error as exc:
                 raise SpoolError(f"spool {self.path}: cannot append: {exc}") from None
+        return len(query) + 40  # the row and its index entry, roughly
+
+    def size_on_disk(self) -> int:
+        # Live pages only: pages freed by delivered rows are reused (and given back to
+        # the OS by maintain()), so they do not count against max_bytes.
+        def measure(conn: sqlite3.Connection) -> int:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            size = conn.execute("PRAGMA page_size").fetchone()[0]
+            return (pages - free) * size
+        return self._run("measure", measure)
+
+    def maintain(self) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("PRAGMA incremental_vacuum(1000)").fetchall()
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        self._run("maintain", run)
 
     # --- shipper ------------------------------------------------------------------------
 
@@ -199,6 +222,44 @@ class SqliteSpool(Spool):
     def expedite(self) -> int:
         return self._run("expedite", lambda c: c.execute(
             "UPDATE events SET due = 0 WHERE lease IS NULL AND due > 0").rowcount)
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        import sqlite_utils  # inspection only: the daemon side may import it
+
+        def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = sqlite_utils.Database(conn)["dead"].rows_where(order_by="id")
+            return [{"id": str(row["id"]), **describe(row["path"], row["query"]),
+                     "status": row["status"], "reason": row["reason"],
+                     "failed_at": row["failed_at"]} for row in rows]
+        return self._run("read", read)
+
+    def _select_dead(self, conn: sqlite3.Connection, ids: list[str] | None) -> list[int]:
+        known = [row[0] for row in conn.execute("SELECT id FROM dead ORDER BY id")]
+        unknown_ids(ids, map(str, known))
+        return known if ids is None else [int(i) for i in ids]
+
+    def retry_dead(self, ids: list[str] | None) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            chosen = [(i,) for i in self._select_dead(conn, ids)]
+            # A fresh start: due now, and its age counts from now (max_age).
+            conn.executemany(
+                "INSERT INTO events (path, query, api_key, created, due) "
+                "SELECT path, query, api_key, ?, 0 FROM dead WHERE id = ?",
+                [(time.time(), i) for (i,) in chosen])
+            conn.executemany("DELETE FROM dead WHERE id = ?", chosen)
+            conn.execute("COMMIT")
+            return len(chosen)
+        return self._run("dead retry", run)
+
+    def purge_dead(self, ids: list[str] | None) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            chosen = [(i,) for i in self._select_dead(conn, ids)]
+            conn.executemany("DELETE FROM dead WHERE id = ?", chosen)
+            conn.execute("COMMIT")
+            return len(chosen)
+        return self._run("dead purge", run)
 
     def recover(self) -> int:
         return self._run("recover", lambda c: c.execute(
