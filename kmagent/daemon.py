@@ -29,7 +29,7 @@ from .watch import RESCAN_INTERVAL_S, SpoolWatcher
 log = logging.getLogger("kmagent.daemon")
 
 LOCK_POLL_S = 0.5
-SPOOL_RETRY_S = (1.0, 30.0)  # first and longest pause after the spool failed us
+SPOOL_RETRY_S = (0.5, 5.0)  # first and longest pause after the spool failed us
 MAINTAIN_EVERY_S = 30.0
 
 
@@ -131,7 +131,8 @@ class Daemon:
             except SpoolError as exc:
                 # Disk full, read-only... Keep running: nothing is lost (outcomes wait in
                 # memory, events in the spool), and shipping resumes when it can write.
-                log.error("%s; trying again in %.0f s", exc, pause)
-                timeout, pause = pause, min(pause * 2, SPOOL_RETRY_S[1])
+                log.error("%s; trying again in %.1f s", exc, pause)
+                self._stop.wait(pause)  # finished requests must not cut the pause short
+                timeout, pause = 0.0, min(pause * 2, SPOOL_RETRY_S[1])
             self._wake.wait(timeout)
             self._wake.clear()

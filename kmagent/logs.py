@@ -4,25 +4,31 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 from .protocol import quote_param
 
 
+# Any key in a request target, including keys that events carry of their own.
+_KEY_IN_URL = re.compile(r"([?&]_k=)[^&\s\"']*")
+
+
 class _Redact(logging.Filter):
-    """Replaces secrets (raw and percent-encoded) in every record before it is written,
-    whoever logged it (urllib3 logs request URLs at debug level, ``_k`` included)."""
+    """Replaces secrets (raw and percent-encoded) and every ``_k=`` value in every record
+    before it is written, whoever logged it (urllib3 logs request URLs at debug level)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.secrets: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            message = record.getMessage()
-            for secret in self.secrets:
-                message = message.replace(secret, "***").replace(quote_param(secret), "***")
-            record.msg, record.args = message, None
+        message = record.getMessage()
+        redacted = _KEY_IN_URL.sub(r"\1***", message)
+        for secret in self.secrets:
+            redacted = redacted.replace(secret, "***").replace(quote_param(secret), "***")
+        if redacted != message:
+            record.msg, record.args = redacted, None
         return True
 
 
@@ -39,7 +45,12 @@ def setup(level: str) -> None:
         handler.addFilter(_redact)
 
 
+# Shorter strings are too common to replace everywhere (a one-letter test key would turn
+# every such letter into ***); real Kissmetrics keys are 40 hex digits.
+MIN_SECRET_CHARS = 6
+
+
 def hide(secret: str | None) -> None:
     """Never let ``secret`` appear in a log line from now on."""
-    if secret:
+    if secret and len(secret) >= MIN_SECRET_CHARS:
         _redact.secrets.add(secret)

@@ -149,14 +149,17 @@ class Shipper:
                 delay = max(backoff_delay(item.attempts, self.max_backoff),
                             outcome.retry_after or 0.0)
                 retries.append((item.id, now + delay, outcome.error))
-                self.last_error = outcome.error
-                log.warning("event %s not delivered (%s); retry in %.1f s",
-                            item.id, outcome.error, delay)
         self.spool.ack(delivered)
         self.spool.release(released)
         self.spool.retry(retries)
         for item, status, reason in dead:
             self.spool.dead_letter([item.id], status=status, reason=reason, now=now)
+        # Logged once written: a spool error above means this batch is recorded again.
+        for event_id, due, error in retries:
+            self.last_error = error
+            log.warning("event %s not delivered (%s); retry in %.1f s",
+                        event_id, error, due - now)
+        for item, status, reason in dead:
             self.last_error = reason
             log.error("event %s dead-lettered: %s", item.id, reason)
         self.delivered_total += len(delivered)
