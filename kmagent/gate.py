@@ -11,12 +11,15 @@ Workers call ``enter()`` before a request and ``leave(outcome)`` after it.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
 from typing import Callable
 
 from .sender import DELIVERED, TRANSIENT, Outcome, backoff_ceiling
+
+log = logging.getLogger("kmagent.gate")
 
 # Transient failures in a row, with no success between them, that mean "the host is
 # down" rather than "this request was unlucky".
@@ -74,6 +77,7 @@ class Gate:
                 if self.outage_level:
                     self.outage_level = 0
                     self.recovered.set()
+                    log.warning("the tracking host answers again: ramping back up")
             else:
                 self.failures_in_row += 1
                 if (not self.outage_level and self.failures_in_row >= OUTAGE_AFTER) or (
@@ -86,6 +90,9 @@ class Gate:
                     # "Equal jitter": at least half the ceiling, so probes really space out.
                     delay = ceiling / 2 + self.rng.uniform(0, ceiling / 2)
                     self.hold_until = max(self.hold_until, now + delay)
+                    log.warning("the tracking host looks down (%d failures in a row, last: "
+                                "%s): one probe in %.1f s", self.failures_in_row,
+                                outcome.error, delay)
             self._cond.notify_all()
 
     def close(self) -> None:

@@ -157,8 +157,10 @@ class Shipper:
         # Logged once written: a spool error above means this batch is recorded again.
         for event_id, due, error in retries:
             self.last_error = error
-            log.warning("event %s not delivered (%s); retry in %.1f s",
-                        event_id, error, due - now)
+            log.debug("event %s not delivered (%s); retry in %.1f s", event_id, error, due - now)
+        if retries:  # one line per batch, not per event: an outage must not flood the log
+            log.warning("%d events not delivered (last: %s); retrying with backoff",
+                        len(retries), self.last_error)
         for item, status, reason in dead:
             self.last_error = reason
             log.error("event %s dead-lettered: %s", item.id, reason)

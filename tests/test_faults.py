@@ -3,11 +3,9 @@ letters, max_age, bounded disk, a full or read-only disk, shutdown, and secrets.
 
 from __future__ import annotations
 
-import collections
 import email.utils
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
