@@ -87,14 +87,16 @@ def cli() -> None:
 @cli.command()
 @common_options
 def run() -> int:
-    """Ship the spool continuously until SIGTERM or SIGINT (exit 0).
+    """Ship the spool continuously until SIGTERM or SIGINT (exit 0); SIGHUP reloads
+    the configuration. Under systemd (Type=notify) it reports READY, STATUS, WATCHDOG
+    and STOPPING.
 
     \b
     Example:
       kmagent run --config /etc/kmagent/config.toml
     """
     from .daemon import Daemon
-    daemon = Daemon(_config())
+    daemon = Daemon(_config(), reload=_config)
     daemon.install_signal_handlers()
     return daemon.run()
 

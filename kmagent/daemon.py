@@ -4,9 +4,14 @@ Startup order (each step relies on the one before):
 1. open the spool (creating it if missing);
 2. take the shipper lock, waiting if a flush holds it;
 3. recover what a dead shipper left in flight;
-4. arm the watcher, then ship: wake on inotify, on finished requests, on the next
-   backoff expiry, and at least every RESCAN_INTERVAL_S.
-Signal handlers only set flags (and wake the loop); the loop does the work.
+4. arm the watcher, tell systemd READY=1, then ship: wake on inotify, on finished
+   requests, on the next backoff expiry, and at least every RESCAN_INTERVAL_S.
+Signal handlers only set flags (and wake the loop); the loop does the work, and pings
+systemd's watchdog only from the loop, so a stuck loop stops the pings.
+
+SIGHUP reloads the configuration: the sending side (key, endpoint, ``[ship]``, log
+level) is rebuilt with it; the spool keys take effect on restart. In-flight work is
+finished or given back first, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import time
 from typing import Callable
 
 from .config import Config, shipping_config
-from .errors import SpoolError
+from .errors import KmagentError, SpoolError
+from .metrics import RunFigures
 from .lock import ShipperLock
 from .sender import Sender
 from .shipper import Shipper
 from .spool import Spool, open_configured
+from .notify import Notifier
 from .watch import RESCAN_INTERVAL_S, SpoolWatcher
 
 log = logging.getLogger("kmagent.daemon")
@@ -31,6 +38,7 @@ log = logging.getLogger("kmagent.daemon")
 LOCK_POLL_S = 0.5
 SPOOL_RETRY_S = (0.5, 5.0)  # first and longest pause after the spool failed us
 MAINTAIN_EVERY_S = 30.0
+STATUS_EVERY_S = 5.0  # how often systemd's STATUS= line is refreshed
 
 
 def make_shipper(config: Config, spool: Spool, wake: threading.Event | None = None) -> Shipper:
@@ -58,15 +66,26 @@ def acquire(lock: ShipperLock, stop: threading.Event, what: str) -> bool:
 class Daemon:
     """The ``kmagent run`` loop; ``stop()`` may be called from any thread or a signal."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, reload: Callable[[], Config] | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
+        self._reload_config = reload
+        self.notifier = notifier or Notifier()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._reload = threading.Event()
         self._signals = 0
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+
+    def reload(self) -> None:
+        self._reload.set()
+        self._wake.set()
+
+    def _on_hangup(self, signum: int, frame: object) -> None:
+        threading.Thread(target=self.reload, name="kmagent-reload", daemon=True).start()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signals += 1
@@ -81,6 +100,7 @@ class Daemon:
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hangup)
 
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
         config = self.config = shipping_config(self.config)
@@ -95,33 +115,50 @@ class Daemon:
             shipper = make_shipper(config, spool, self._wake)
             watcher = SpoolWatcher(*spool.watch_target, self._wake)
             watcher.start()
-            log.info("shipping %s to %s (concurrency %d)", spool.path, config.endpoint,
-                     config.concurrency)
-            if config.api_key is None:
-                log.warning("no api_key configured: events recorded without a key of their "
-                            "own wait in the spool until api_key or api_key_file is set")
+            self._announce(config, spool)
+            self.notifier.notify("READY=1", f"MAINPID={os.getpid()}")
             if on_ready:
                 on_ready()
+            figures = RunFigures(spool.figures_path, shipper)
             try:
-                self._loop(shipper)
+                self._loop(figures)
             finally:
+                self.notifier.notify("STOPPING=1")
                 watcher.stop()
-                shipper.shutdown(config.shutdown_timeout)
+                shipper = figures.shipper
+                shipper.shutdown(self.config.shutdown_timeout)
                 shipper.sender.close()
+                figures.publish(force=True)
                 log.info("stopped; %d delivered this run", shipper.delivered_total)
             return 0
         finally:
             lock.release()
             spool.close()
+            self.notifier.close()
 
-    def _loop(self, shipper: Shipper) -> None:
+    @staticmethod
+    def _announce(config: Config, spool: Spool) -> None:
+        log.info("shipping %s to %s (concurrency %d)", spool.path, config.endpoint,
+                 config.concurrency)
+        if config.api_key is None:
+            log.warning("no api_key configured: events recorded without a key of their "
+                        "own wait in the spool until api_key or api_key_file is set")
+
+    def _loop(self, figures: RunFigures) -> None:
+        """Ship until stopped (a reload replaces ``figures.shipper``)."""
+        shipper = figures.shipper
+        spool = shipper.spool
         pause = SPOOL_RETRY_S[0]
-        maintained = time.monotonic()
+        maintained = pinged = status_at = time.monotonic()
+        watchdog = self.notifier.watchdog_interval
         while not self._stop.is_set():
+            if self._reload.is_set():
+                shipper = self._reloaded(shipper)
+                figures.shipper = shipper
             try:
                 shipper.step()
                 if time.monotonic() - maintained >= MAINTAIN_EVERY_S:
-                    shipper.spool.maintain()
+                    spool.maintain()
                     maintained = time.monotonic()
                 timeout = RESCAN_INTERVAL_S
                 due = shipper.idle_until()
@@ -134,5 +171,52 @@ class Daemon:
                 log.error("%s; trying again in %.1f s", exc, pause)
                 self._stop.wait(pause)  # finished requests must not cut the pause short
                 timeout, pause = 0.0, min(pause * 2, SPOOL_RETRY_S[1])
+            figures.publish()
+            now = time.monotonic()
+            if watchdog is not None:
+                if now - pinged >= watchdog:
+                    self.notifier.notify("WATCHDOG=1")  # the loop made a full turn
+                    pinged = now
+                timeout = min(timeout, max(0.0, pinged + watchdog - now))
+            if self.notifier.enabled and now - status_at >= STATUS_EVERY_S:
+                self._report(shipper, figures)
+                status_at = now
             self._wake.wait(timeout)
             self._wake.clear()
+
+    def _report(self, shipper: Shipper, figures: RunFigures) -> None:
+        try:
+            pending = shipper.spool.stats(time.time())["pending"]
+        except SpoolError:
+            pending = "?"
+        now = figures.current()
+        self.notifier.notify(f"STATUS={pending} pending, {now['in_flight']} in flight, "
+                             f"{now['delivered_total']} delivered, "
+                             f"{now['rate_1m']:.1f}/s over the last minute")
+
+    def _reloaded(self, shipper: Shipper) -> Shipper:
+        """SIGHUP: finish or give back in-flight work, then ship with the new settings."""
+        self._reload.clear()
+        if self._reload_config is None:
+            return shipper
+        self.notifier.notify("RELOADING=1")
+        try:
+            fresh = shipping_config(self._reload_config())
+        except KmagentError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            self.notifier.notify("READY=1")
+            return shipper
+        for key in ("spool_backend", "spool_path", "durability", "rotate_bytes",
+                    "rotate_seconds", "max_bytes", "when_full"):
+            if getattr(fresh, key) != getattr(self.config, key):
+                log.warning("reload: %s changed; it takes effect on restart", key)
+        shipper.shutdown(self.config.shutdown_timeout)
+        shipper.sender.close()
+        self.config = fresh
+        replacement = make_shipper(fresh, shipper.spool, self._wake)
+        for name in ("delivered_total", "retried_total", "dead_total", "last_error",
+                     "last_error_at", "last_success_at"):
+            setattr(replacement, name, getattr(shipper, name))
+        log.info("configuration reloaded from %s", fresh.source)
+        self.notifier.notify("READY=1")
+        return replacement

@@ -9,26 +9,38 @@ from typing import Any
 
 from .config import Config, load_config
 from .lock import ShipperLock
+from .metrics import read_figures
 from .spool import open_configured
 
 
 def read_status(config: str | os.PathLike | Config | None = None, *,
                 spool: str | os.PathLike | None = None) -> dict[str, Any]:
-    """``pending``, ``in_flight``, ``dead``, ``oldest_pending_age_s``, ``daemon_pid``,
-    ``spool`` (its path), and ``bad_lines`` for jsonl; cheap at any backlog. A spool
-    that does not exist yet is reported empty, not created."""
+    """Every field of ``kmagent status --json`` (see the README); cheap at any backlog.
+    A spool that does not exist yet is reported empty, not created."""
     cfg = config if isinstance(config, Config) else load_config(config)
     location = Path(spool if spool is not None else cfg.spool_path)
+    figures: dict[str, Any] = {
+        "pending": 0, "in_flight": 0, "dead": 0, "oldest_pending_age_s": None,
+        "dropped_total": 0, "delivered_total": 0, "retried_total": 0,
+        "last_success_at": None, "last_error_at": None, "last_error": None,
+        "rate_1m": 0.0, "daemon_pid": None, "spool": str(location), "exists": False}
     if not location.exists():
-        return {"pending": 0, "in_flight": 0, "dead": 0, "oldest_pending_age_s": None,
-                "dropped_total": 0, "daemon_pid": None, "spool": str(location),
-                "exists": False}
+        return figures
     with open_configured(cfg, spool) as store:
-        figures = store.stats(time.time())
+        figures.update(store.stats(time.time()))
         figures["dropped_total"] = store.dropped_total()
         figures["daemon_pid"] = ShipperLock(store.lock_path).holder()
+        published = read_figures(store.figures_path)
+        for name in ("delivered_total", "retried_total", "last_success_at",
+                     "last_error_at", "last_error"):
+            figures[name] = published.get(name, figures[name])
+        running = figures["daemon_pid"] is not None and published.get("pid") == figures["daemon_pid"]
+        # The rate and what is in flight belong to the running shipper; claims die with it.
+        figures["rate_1m"] = published.get("rate_1m", 0.0) if running else 0.0
         if figures["daemon_pid"] is None:
-            figures["in_flight"] = 0  # claims die with their shipper
+            figures["in_flight"] = 0
+        elif running:
+            figures["in_flight"] = published.get("in_flight", figures["in_flight"])
         figures["spool"] = str(store.path)
         figures["exists"] = True
     return figures

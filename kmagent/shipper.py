@@ -63,6 +63,8 @@ class Shipper:
         self.retried_total = 0
         self.dead_total = 0
         self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.last_success_at: float | None = None
         # Without a key of its own, the agent can send only events that carry one.
         self._with_key_only = sender.api_key is None
 
@@ -164,6 +166,10 @@ class Shipper:
         for item, status, reason in dead:
             self.last_error = reason
             log.error("event %s dead-lettered: %s", item.id, reason)
+        if delivered:
+            self.last_success_at = now
+        if retries or dead:
+            self.last_error_at = now
         self.delivered_total += len(delivered)
         self.retried_total += len(retries)
         self.dead_total += len(dead)

@@ -228,6 +228,11 @@ class Spool(abc.ABC):
         """The file whose flock makes its holder the spool's only shipper."""
         return self.path.with_name(self.path.name + ".lock")
 
+    @property
+    def figures_path(self) -> Path:
+        """Where the running daemon publishes its figures for ``kmagent status``."""
+        return self.lock_path.with_name(self.lock_path.name + ".figures.json")
+
     def __enter__(self) -> "Spool":
         return self
 

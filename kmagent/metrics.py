@@ -1,0 +1,74 @@
+"""The daemon's running figures, published for ``kmagent status`` in another process.
+
+The shipper counts; ``RunFigures`` turns the counts into the status fields and writes
+them, at most once a second, to a small JSON file beside the spool (replaced by
+rename, so a reader never sees half of it). Totals carry over from the previous run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from .shipper import Shipper
+
+PUBLISH_EVERY_S = 1.0
+RATE_WINDOW_S = 60.0
+CARRIED = ("delivered_total", "retried_total", "dead_total")
+
+
+def read_figures(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+class RunFigures:
+    """``in_flight``, ``delivered_total``, ``retried_total``, ``dead_total``,
+    ``last_success_at``, ``last_error_at``, ``last_error``, ``rate_1m``."""
+
+    def __init__(self, path: Path, shipper: Shipper) -> None:
+        self.path = path
+        self.shipper = shipper
+        previous = read_figures(path)
+        self._base = {name: int(previous.get(name) or 0) for name in CARRIED}
+        self._samples: deque[tuple[float, int]] = deque()
+        self._published = 0.0
+
+    def current(self, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        shipper = self.shipper
+        delivered = self._base["delivered_total"] + shipper.delivered_total
+        self._samples.append((now, delivered))
+        while len(self._samples) > 2 and self._samples[1][0] <= now - RATE_WINDOW_S:
+            self._samples.popleft()
+        first_at, first = self._samples[0]
+        span = max(now - first_at, 1.0)
+        return {
+            "pid": os.getpid(),
+            "in_flight": shipper.in_flight,
+            "delivered_total": delivered,
+            "retried_total": self._base["retried_total"] + shipper.retried_total,
+            "dead_total": self._base["dead_total"] + shipper.dead_total,
+            "last_success_at": shipper.last_success_at,
+            "last_error_at": shipper.last_error_at,
+            "last_error": shipper.last_error,
+            "rate_1m": (delivered - first) / span,
+        }
+
+    def publish(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._published < PUBLISH_EVERY_S:
+            return
+        self._published = now
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(self.current(now)))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # figures are a courtesy: a full disk must not stop shipping

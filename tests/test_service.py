@@ -1,0 +1,147 @@
+"""Running as a system service: sd_notify over a real Unix datagram socket standing in
+for systemd, the watchdog, SIGHUP reloads, and the figures ``status`` reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+
+import pytest
+from conftest import run_kmagent, start_kmagent, wait_for
+
+from kmagent import Client
+from kmagent.notify import Notifier
+
+
+class FakeSystemd:
+    """A datagram socket like systemd's NOTIFY_SOCKET, collecting what it is told."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.sock.settimeout(0.05)
+        self.messages: list[tuple[float, str]] = []
+
+    def collect(self) -> list[str]:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except (socket.timeout, BlockingIOError):
+                break
+            for field in data.decode().split("\n"):
+                self.messages.append((time.monotonic(), field))
+        return [field for _, field in self.messages]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(params=["path", "abstract"])
+def systemd(request, tmp_path, monkeypatch):
+    address = str(tmp_path / "notify") if request.param == "path" else f"@kmagent-test-{os.getpid()}"
+    fake = FakeSystemd(address)
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # ping every 0.2 s
+    yield fake
+    fake.close()
+
+
+def test_run_tells_systemd_ready_watchdog_status_and_stopping(systemd, host, write_config):
+    config = write_config(host)
+    Client(config=config).record("bob", "Under Systemd")
+    daemon = start_kmagent("run", "--config", str(config))
+    wait_for(lambda: "READY=1" in systemd.collect())
+    wait_for(lambda: len(host.delivered()) == 1)
+    time.sleep(1.5)
+    pings = [at for at, field in systemd.messages if field == "WATCHDOG=1"]
+    systemd.collect()
+    pings = [at for at, field in systemd.messages if field == "WATCHDOG=1"]
+    assert len(pings) >= 5  # every ~0.2 s while the loop turns
+    assert max(b - a for a, b in zip(pings, pings[1:])) < 0.4  # never past the timeout
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(20) == 0
+    fields = systemd.collect()
+    assert fields.index("READY=1") < fields.index("STOPPING=1")
+    assert any(field.startswith("MAINPID=") for field in fields)
+
+
+def test_status_line_reports_the_backlog(systemd, host, write_config, monkeypatch):
+    monkeypatch.setattr("kmagent.daemon.STATUS_EVERY_S", 0.2)  # in-process daemon below
+    from kmagent.config import load_config
+    from kmagent.daemon import Daemon
+    import threading
+    config = load_config(write_config(host))
+    daemon = Daemon(config)
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: any(f.startswith("STATUS=") and "pending" in f
+                             for f in systemd.collect()))
+    finally:
+        daemon.stop()
+        runner.join(20)
+
+
+def test_sighup_reloads_without_losing_anything(systemd, host, write_config, tmp_path):
+    config = write_config(host, extra="[ship]\nconcurrency = 2\n")
+    daemon = start_kmagent("run", "--config", str(config))
+    wait_for(lambda: "READY=1" in systemd.collect())
+    Client(config=config).record("bob", "Before Reload")
+    wait_for(lambda: len(host.delivered()) == 1)
+    write_config(host, extra="[ship]\nconcurrency = 3\nconnect_timeout = 3\n")
+    daemon.send_signal(signal.SIGHUP)
+    wait_for(lambda: "RELOADING=1" in systemd.collect())
+    wait_for(lambda: systemd.collect().count("READY=1") >= 2)
+    Client(config=config).record("bob", "After Reload")
+    wait_for(lambda: len(host.delivered()) == 2)
+    config.write_text(config.read_text() + "no_such_key = 1\n")  # a broken edit...
+    daemon.send_signal(signal.SIGHUP)
+    wait_for(lambda: systemd.collect().count("READY=1") >= 3)
+    daemon.send_signal(signal.SIGTERM)
+    _, log = daemon.communicate(timeout=20)
+    assert daemon.returncode == 0  # ...is refused, and the agent kept running
+    assert "configuration reloaded" in log and "reload refused" in log
+    assert "(concurrency 2)" in log
+
+
+def test_notifier_does_nothing_without_notify_socket(monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    notifier = Notifier()
+    assert not notifier.enabled and notifier.watchdog_interval is None
+    notifier.notify("READY=1")  # no error
+
+
+def test_watchdog_for_another_pid_is_not_ours():
+    notifier = Notifier({"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "1000000",
+                         "WATCHDOG_PID": "1"})
+    assert notifier.watchdog_interval is None
+
+
+def test_status_reports_the_daemons_figures(host, write_config, spool_path):
+    config = write_config(host)
+    client = Client(config=config)
+    for n in range(20):
+        client.record(f"p{n}", "Counted")
+    daemon = start_kmagent("run", "--config", str(config))
+    try:
+        wait_for(lambda: len(host.delivered()) == 20)
+        def figures():
+            result = json.loads(run_kmagent("status", "--json", "--config", str(config)).stdout)
+            return result if result["delivered_total"] == 20 else None
+        shown = wait_for(figures)
+        assert shown["daemon_pid"] == daemon.pid and shown["rate_1m"] > 0
+        assert shown["last_success_at"] > time.time() - 60 and shown["last_error"] is None
+        assert set(shown) >= {"pending", "dead", "oldest_pending_age_s", "in_flight",
+                              "delivered_total", "retried_total", "last_success_at",
+                              "last_error_at", "last_error", "rate_1m", "daemon_pid",
+                              "dropped_total"}
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.communicate(timeout=20)
+    after = json.loads(run_kmagent("status", "--json", "--config", str(config)).stdout)
+    assert after["delivered_total"] == 20 and after["daemon_pid"] is None
+    assert after["rate_1m"] == 0.0
