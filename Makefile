@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test flush status clean
+.PHONY: run test bench install clean
 
 $(BIN)/kmagent: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,33 @@ run: $(BIN)/kmagent  ## the agent, in the foreground, on the default SQLite spoo
 
 test: $(BIN)/kmagent  ## the whole test suite
 	$(BIN)/pytest -q
+
+bench: $(BIN)/kmagent  ## the benchmark tables
+	$(BIN)/python bench/core.py
+	$(BIN)/python bench/resends.py
+	$(BIN)/python bench/outage.py
+
+# A system install: kmagent in its own venv (Debian's Python refuses system-wide pip
+# installs), the command linked into $(PREFIX)/bin, the unit and snippets in place.
+PREFIX ?= /usr/local
+OPT ?= /opt/kmagent
+DESTDIR ?=
+SYSTEMD_UNIT_DIR ?= /etc/systemd/system
+
+install:
+	$(PYTHON) -m venv $(DESTDIR)$(OPT)
+	$(DESTDIR)$(OPT)/bin/pip install --quiet .
+	install -d $(DESTDIR)$(PREFIX)/bin
+	ln -sf $(OPT)/bin/kmagent $(DESTDIR)$(PREFIX)/bin/kmagent
+	install -d $(DESTDIR)$(SYSTEMD_UNIT_DIR) $(DESTDIR)/usr/lib/sysusers.d $(DESTDIR)/usr/lib/tmpfiles.d
+	sed 's#/usr/local/bin/kmagent#$(PREFIX)/bin/kmagent#' systemd/kmagent.service \
+		> $(DESTDIR)$(SYSTEMD_UNIT_DIR)/kmagent.service
+	install -m 644 systemd/kmagent.sysusers.conf $(DESTDIR)/usr/lib/sysusers.d/kmagent.conf
+	install -m 644 systemd/kmagent.tmpfiles.conf $(DESTDIR)/usr/lib/tmpfiles.d/kmagent.conf
+	install -d -m 755 $(DESTDIR)/etc/kmagent
+	test -e $(DESTDIR)/etc/kmagent/config.toml || \
+		sed -e 's#^api_key = .*#api_key_file = "/run/credentials/kmagent.service/api_key"#' \
+		    -e 's#^\# api_key_file = .*##' config.example.toml > $(DESTDIR)/etc/kmagent/config.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -28,8 +28,21 @@ DIR_MODE = 0o770
 
 
 def open_file(path: Path, flags: int) -> int:
-    """os.open with the spool's file mode when it creates the file."""
-    return os.open(path, flags | os.O_CLOEXEC, FILE_MODE)
+    """os.open; a file it creates gets the spool's mode whatever the umask, so that in a
+    shared spool directory every app user of the group can append to it."""
+    flags |= os.O_CLOEXEC
+    if flags & os.O_CREAT:
+        try:
+            fd = os.open(path, flags | os.O_EXCL, FILE_MODE)
+        except FileExistsError:
+            pass
+        else:
+            try:
+                os.fchmod(fd, FILE_MODE)
+            except OSError:
+                pass
+            return fd
+    return os.open(path, flags, FILE_MODE)
 
 
 def append_to(path: Path, data: bytes, *, sync: bool = False) -> None:
