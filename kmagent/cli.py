@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from typing import Any
 
 import click
@@ -166,14 +167,72 @@ def status(as_json: bool) -> int:
         return 0
     if not figures["exists"]:
         click.echo(f"no spool at {figures['spool']} yet: nothing has been recorded", err=True)
-    age = figures["oldest_pending_age_s"]
-    pid = figures["daemon_pid"]
-    click.echo(f"spool:    {figures['spool']}\n"
-               f"pending:  {figures['pending']} ({figures['in_flight']} in flight)\n"
-               f"dead:     {figures['dead']}\n"
-               f"oldest:   {'-' if age is None else f'{age:.1f} s ago'}\n"
-               f"shipper:  {'none running' if pid is None else f'pid {pid}'}"
-               + (f"\nbad lines: {figures['bad_lines']}" if "bad_lines" in figures else ""))
+    click.echo(_status_text(figures))
+    return 0
+
+
+def _ago(at: float | None) -> str:
+    return "never" if at is None else f"{_seconds(max(0.0, time.time() - at))} ago"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f} s" if value < 120 else f"{value / 60:.0f} min" if value < 7200 \
+        else f"{value / 3600:.1f} h"
+
+
+def _status_text(f: dict[str, Any]) -> str:
+    """``kmagent status`` for people: the backlog first, then how shipping goes."""
+    age = f["oldest_pending_age_s"]
+    pid = f["daemon_pid"]
+    lines = [
+        f"spool:      {f['spool']}",
+        f"pending:    {f['pending']} ({f['in_flight']} in flight)"
+        + ("" if age is None else f", oldest {_seconds(age)} old"),
+        f"dead:       {f['dead']}" + (" (kmagent dead list)" if f["dead"] else ""),
+        f"shipper:    {'none running' if pid is None else f'pid {pid}'}"
+        + (f", {f['rate_1m']:.1f} events/s over the last minute" if pid else ""),
+        f"delivered:  {f['delivered_total']} (last {_ago(f['last_success_at'])}), "
+        f"retried {f['retried_total']}",
+    ]
+    if f["last_error"]:
+        lines.append(f"last error: {f['last_error']} ({_ago(f['last_error_at'])})")
+    if f["dropped_total"]:
+        lines.append(f"dropped:    {f['dropped_total']} (spool full, when_full = \"drop\")")
+    if "bad_lines" in f:
+        lines.append(f"bad lines:  {f['bad_lines']}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@common_options
+def check() -> int:
+    """Validate the configuration and make one harmless request to the endpoint
+    (GET /, no event, no key): 0 when the host answers, 1 when it cannot be reached.
+
+    \b
+    Example:
+      kmagent check --config /etc/kmagent/config.toml
+    """
+    from .config import shipping_config
+    from .sender import Sender
+    config = shipping_config(_config())
+    click.echo(f"configuration: {config.source}: ok")
+    click.echo(f"spool:         {config.spool_backend} at {config.spool_path}")
+    if config.api_key is None:
+        click.echo("api key:       none configured: events without a key of their own will wait")
+    else:
+        click.echo("api key:       configured")
+    sender = Sender(config.endpoint, concurrency=1, connect_timeout=config.connect_timeout,
+                    read_timeout=config.read_timeout, proxy=config.proxy,
+                    ca_file=config.ca_file, api_key=config.api_key)
+    started = time.monotonic()
+    outcome = sender.probe()
+    sender.close()
+    took = time.monotonic() - started
+    if outcome.status is None:
+        click.echo(f"endpoint:      {config.endpoint}: unreachable ({outcome.error})")
+        return 1
+    click.echo(f"endpoint:      {config.endpoint}: HTTP {outcome.status} in {took * 1000:.0f} ms")
     return 0
 
 

@@ -70,6 +70,8 @@ class Config:
     proxy: str | None = None
     ca_file: Path | None = None
     log_level: str = DEFAULT_LOG_LEVEL
+    metrics_listen: str | None = None
+    metrics_textfile: Path | None = None
     source: str = "built-in defaults"
 
 
@@ -136,6 +138,17 @@ def _endpoint(value: Any, base: Path) -> str:
     return url
 
 
+def _listen(value: Any, base: Path) -> str:
+    text = _string(value, base)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be host:port, e.g. 127.0.0.1:9187")
+    if not is_loopback(host.strip("[]")):
+        raise ValueError("must be a loopback address (127.0.0.0/8, ::1, localhost): "
+                         "put a proxy in front to publish it")
+    return text
+
+
 def _proxy(value: Any, base: Path) -> str:
     url = _string(value, base)
     if urlsplit(url).scheme not in ("http", "https", "socks5", "socks5h") or not urlsplit(url).hostname:
@@ -164,6 +177,8 @@ KEYS: dict[tuple[str, str], tuple[str, Callable[[Any, Path], Any]]] = {
     ("ship", "proxy"): ("proxy", _proxy),
     ("ship", "ca_file"): ("ca_file", _path),  # checked by shipping_config
     ("log", "level"): ("log_level", _choice(*LOG_LEVELS)),
+    ("metrics", "listen"): ("metrics_listen", _listen),
+    ("metrics", "textfile"): ("metrics_textfile", _path),
 }
 SECTIONS = {section for section, _ in KEYS if section}
 

@@ -21,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from .config import Config, shipping_config
 from .errors import KmagentError, SpoolError
@@ -120,8 +120,9 @@ class Daemon:
             if on_ready:
                 on_ready()
             figures = RunFigures(spool.figures_path, shipper)
+            exporter = self._exporter(config, figures)
             try:
-                self._loop(figures)
+                self._loop(figures, exporter)
             finally:
                 self.notifier.notify("STOPPING=1")
                 watcher.stop()
@@ -129,6 +130,8 @@ class Daemon:
                 shipper.shutdown(self.config.shutdown_timeout)
                 shipper.sender.close()
                 figures.publish(force=True)
+                if exporter is not None:
+                    exporter.tick(force=True)
                 log.info("stopped; %d delivered this run", shipper.delivered_total)
             return 0
         finally:
@@ -144,7 +147,24 @@ class Daemon:
             log.warning("no api_key configured: events recorded without a key of their "
                         "own wait in the spool until api_key or api_key_file is set")
 
-    def _loop(self, figures: RunFigures) -> None:
+    @staticmethod
+    def _exporter(config: Config, figures: RunFigures):
+        """Prometheus metrics, when [metrics] asks for them."""
+        if not (config.metrics_listen or config.metrics_textfile):
+            return None
+        from .prometheus import Exporter
+        spool = figures.shipper.spool
+        cached: dict[str, Any] = {}
+
+        def current() -> dict[str, Any]:
+            # Spool figures at most every few seconds: a scrape must stay cheap.
+            if time.monotonic() - cached.get("at", -1e9) >= STATUS_EVERY_S:
+                cached.update(spool.stats(time.time()), dropped_total=spool.dropped_total(),
+                              at=time.monotonic())
+            return {**cached, **figures.current()}
+        return Exporter(config.metrics_listen, config.metrics_textfile, current)
+
+    def _loop(self, figures: RunFigures, exporter=None) -> None:
         """Ship until stopped (a reload replaces ``figures.shipper``)."""
         shipper = figures.shipper
         spool = shipper.spool
@@ -172,6 +192,8 @@ class Daemon:
                 self._stop.wait(pause)  # finished requests must not cut the pause short
                 timeout, pause = 0.0, min(pause * 2, SPOOL_RETRY_S[1])
             figures.publish()
+            if exporter is not None:
+                exporter.tick()
             now = time.monotonic()
             if watchdog is not None:
                 if now - pinged >= watchdog:

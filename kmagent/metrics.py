@@ -12,9 +12,10 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .shipper import Shipper
+if TYPE_CHECKING:  # status reads figures without importing the shipping side
+    from .shipper import Shipper
 
 PUBLISH_EVERY_S = 1.0
 RATE_WINDOW_S = 60.0
@@ -32,7 +33,7 @@ class RunFigures:
     """``in_flight``, ``delivered_total``, ``retried_total``, ``dead_total``,
     ``last_success_at``, ``last_error_at``, ``last_error``, ``rate_1m``."""
 
-    def __init__(self, path: Path, shipper: Shipper) -> None:
+    def __init__(self, path: Path, shipper: "Shipper") -> None:
         self.path = path
         self.shipper = shipper
         previous = read_figures(path)

@@ -132,5 +132,16 @@ class Sender:
         return Outcome(kind, status, redact(error, (key,)),
                        parse_retry_after(response.headers.get("Retry-After")))
 
+    def probe(self) -> Outcome:
+        """One harmless request (``GET /`` on the endpoint, no event, no key): can the
+        host be reached, TLS and proxy included? Any HTTP answer counts as reachable."""
+        try:
+            response = self._session.get(self.endpoint + "/", timeout=self._timeout,
+                                         allow_redirects=False)
+        except requests.RequestException as exc:
+            return Outcome(TRANSIENT, None, redact(f"{type(exc).__name__}: {exc}",
+                                                   (self.api_key or "",)))
+        return Outcome(DELIVERED, response.status_code)
+
     def close(self) -> None:
         self._session.close()

@@ -145,3 +145,59 @@ def test_status_reports_the_daemons_figures(host, write_config, spool_path):
     after = json.loads(run_kmagent("status", "--json", "--config", str(config)).stdout)
     assert after["delivered_total"] == 20 and after["daemon_pid"] is None
     assert after["rate_1m"] == 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_prometheus_metrics_on_loopback_and_in_a_textfile(host, write_config, tmp_path):
+    import urllib.request
+    port = free_port()
+    textfile = tmp_path / "kmagent.prom"
+    config = write_config(host, extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
+                                      f'textfile = "{textfile}"\n')
+    client = Client(config=config)
+    for n in range(5):
+        client.record(f"p{n}", "Measured")
+    daemon = start_kmagent("run", "--config", str(config))
+    try:
+        wait_for(lambda: len(host.delivered()) == 5)
+
+        def scraped():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+            except OSError:
+                return None
+            # pending is read from the spool at most every few seconds
+            return text if ("kmagent_events_delivered_total 5.0" in text
+                            and "kmagent_events_pending 0.0" in text) else None
+        text = wait_for(scraped)
+        assert "kmagent_events_in_flight" in text and "kmagent_delivery_rate" in text
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.communicate(timeout=20)
+    assert "kmagent_events_delivered_total 5.0" in textfile.read_text()
+
+
+def test_metrics_listen_must_be_loopback(write_config, tmp_path):
+    config = write_config(extra='[metrics]\nlisten = "0.0.0.0:9187"\n')
+    result = run_kmagent("status", "--config", str(config))
+    assert result.returncode == 78 and "loopback" in result.stderr
+
+
+def test_check_makes_one_harmless_request(host, write_config, tmp_path):
+    config = write_config(host)
+    result = run_kmagent("check", "--config", str(config))
+    assert result.returncode == 0 and "HTTP 200" in result.stdout
+    assert [r.target for r in host.received] == ["/"]  # no event, no key
+    unreachable = tmp_path / "down.toml"
+    unreachable.write_text(f'endpoint = "http://127.0.0.1:{free_port()}"\n')
+    result = run_kmagent("check", "--config", str(unreachable))
+    assert result.returncode == 1 and "unreachable" in result.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("concurrency = 0\n")
+    assert run_kmagent("check", "--config", str(bad)).returncode == 78
