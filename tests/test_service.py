@@ -201,3 +201,36 @@ def test_check_makes_one_harmless_request(host, write_config, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("concurrency = 0\n")
     assert run_kmagent("check", "--config", str(bad)).returncode == 78
+
+
+def test_a_stuck_loop_stops_the_watchdog_pings(systemd, host, write_config, monkeypatch):
+    import threading
+
+    from kmagent.config import load_config
+    from kmagent.daemon import Daemon
+    from kmagent.shipper import Shipper
+    stall = threading.Event()
+    real_step = Shipper.step
+
+    def step(self):
+        if stall.is_set():
+            stall.clear()
+            time.sleep(1.5)  # the loop hangs (a wedged disk, a deadlock...)
+        return real_step(self)
+
+    monkeypatch.setattr(Shipper, "step", step)
+    daemon = Daemon(load_config(write_config(host)))
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: systemd.collect().count("WATCHDOG=1") >= 3)
+        stall.set()
+        time.sleep(2.5)
+        systemd.collect()
+    finally:
+        daemon.stop()
+        runner.join(20)
+    pings = [at for at, field in systemd.messages if field == "WATCHDOG=1"]
+    gaps = [b - a for a, b in zip(pings, pings[1:])]
+    assert max(gaps) >= 1.4  # no ping while the loop was stuck
+    assert sorted(gaps)[len(gaps) // 2] < 0.4  # and regular pings otherwise
