@@ -3,7 +3,9 @@ processes running the real ``kmagent`` command."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -115,3 +117,24 @@ def stored_rows(spool_path) -> list[tuple[str, str, str | None]]:
         return conn.execute("SELECT path, query, api_key FROM events ORDER BY id").fetchall()
     finally:
         conn.close()
+
+
+def status(config) -> dict:
+    """``kmagent status --json`` for this configuration, as a real command."""
+    result = run_kmagent("status", "--json", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def start_daemon(config) -> subprocess.Popen:
+    """``kmagent run`` in the background, returned once it holds the spool."""
+    daemon = start_kmagent("run", "--config", str(config))
+    wait_for(lambda: status(config)["daemon_pid"] == daemon.pid, timeout=20)
+    return daemon
+
+
+def stop(process: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 30) -> int:
+    """Signal the process, wait for it, and keep its stderr in ``process.log``."""
+    process.send_signal(sig)
+    _, process.log = process.communicate(timeout=timeout)
+    return process.returncode

@@ -4,7 +4,6 @@ live delivery, SIGTERM, SIGKILL mid-drain, concurrent producers, flush beside a 
 from __future__ import annotations
 
 import collections
-import json
 import signal
 import subprocess
 import sys
@@ -17,7 +16,8 @@ import pytest
 from kmagent import Client
 from kmagent.protocol import request_target
 
-from conftest import API_KEY, run_kmagent, start_kmagent, stored_rows, wait_for
+from conftest import (API_KEY, run_kmagent, start_daemon, start_kmagent, status, stop,
+                      stored_rows, wait_for)
 
 FAST_RETRY = "[ship]\nmax_backoff = 1\nconcurrency = 4\n"
 
@@ -27,10 +27,6 @@ def backend(request) -> str:
     return request.param
 
 
-def status(config) -> dict:
-    result = run_kmagent("status", "--json", "--config", str(config))
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def expected_targets(spool_path) -> list[str]:
@@ -46,17 +42,8 @@ def record_many(config, count: int, prefix: str = "e") -> None:
     client.close()
 
 
-def start_daemon(config) -> subprocess.Popen:
-    daemon = start_kmagent("run", "--config", str(config))
-    wait_for(lambda: status(config)["daemon_pid"] == daemon.pid, timeout=20)
-    return daemon
 
 
-def stop(process: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 20) -> int:
-    """Signal the process, wait for it, and keep its stderr in ``process.log``."""
-    process.send_signal(sig)
-    _, process.log = process.communicate(timeout=timeout)
-    return process.returncode
 
 
 def test_run_delivers_events_recorded_while_it_idles_within_milliseconds(
@@ -94,7 +81,7 @@ def test_sigterm_exits_zero_and_loses_nothing_in_flight(host, write_config, spoo
     in_flight_at_signal = len(host.received)
     assert in_flight_at_signal > 0 and all(r.status == 200 for r in host.received)
     host.delay = 0
-    assert run_kmagent("flush", "--config", str(config)).returncode == 0
+    assert run_kmagent("flush", "--timeout", "30", "--config", str(config)).returncode == 0
     delivered = collections.Counter(r.target for r in host.delivered())
     assert set(delivered) == set(expected)
     # What was in flight at the signal was finished and acknowledged before the exit:
@@ -250,7 +237,7 @@ def test_a_redirect_is_never_followed_and_the_event_is_dead_lettered(
     host.status = 302
     config = write_config(host, extra=FAST_RETRY)
     record_many(config, 2)
-    result = run_kmagent("flush", "--config", str(config))
+    result = run_kmagent("flush", "--timeout", "30", "--config", str(config))
     assert result.returncode == 0  # dead letters are reported, not a failure of flush
     assert "2 dead letters" in result.stderr
     figures = status(config)

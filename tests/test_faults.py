@@ -12,7 +12,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import API_KEY, run_kmagent, start_kmagent, wait_for
+from conftest import API_KEY, run_kmagent, start_daemon, status, stop, wait_for
 
 import kmagent
 from kmagent import Client
@@ -23,22 +23,10 @@ from kmagent.sender import (DELIVERED, PERMANENT, TRANSIENT, Outcome, classify,
 FAST = "[ship]\nmax_backoff = 1\nconcurrency = 4\n"
 
 
-def status(config) -> dict:
-    result = run_kmagent("status", "--json", "--config", str(config))
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
-def stop(process, sig=signal.SIGTERM, timeout=30) -> int:
-    process.send_signal(sig)
-    _, process.log = process.communicate(timeout=timeout)
-    return process.returncode
 
 
-def start_daemon(config):
-    daemon = start_kmagent("run", "--config", str(config))
-    wait_for(lambda: status(config)["daemon_pid"] == daemon.pid)
-    return daemon
 
 
 # --- classification ----------------------------------------------------------------
@@ -136,7 +124,7 @@ def test_retry_after_stops_every_new_request_until_it_expires(host, write_config
     client = Client(config=config)
     for n in range(20):
         client.record(f"p{n}", "Rate Limited")
-    result = run_kmagent("flush", "--config", str(config))
+    result = run_kmagent("flush", "--timeout", "30", "--config", str(config))
     assert result.returncode == 0, result.stderr
     [refusal] = [r for r in host.received if r.status == 429]
     later = [r.at - refusal.at for r in host.received if r.at > refusal.at]
@@ -178,7 +166,7 @@ def test_refused_events_go_to_dead_letters_and_the_rest_flows(host, write_config
     client = Client(config=config)
     for n in range(10):
         client.record("poison" if n % 5 == 0 else f"p{n}", f"Event {n}", {"n": n})
-    result = run_kmagent("flush", "--config", str(config))
+    result = run_kmagent("flush", "--timeout", "30", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert "2 of them refused for good" in result.stderr
     assert len(host.delivered()) == 8
@@ -196,7 +184,7 @@ def test_refused_events_go_to_dead_letters_and_the_rest_flows(host, write_config
     assert retried.returncode == 0
     assert (status(config)["pending"], status(config)["dead"]) == (1, 1)
     host.answer_for = None
-    assert run_kmagent("flush", "--config", str(config)).returncode == 0
+    assert run_kmagent("flush", "--timeout", "30", "--config", str(config)).returncode == 0
     assert any("Event%200" in r.target and r.status == 200 for r in host.received)
 
     unknown = run_kmagent("dead", "purge", "no-such-id", "--config", str(config))

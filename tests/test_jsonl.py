@@ -12,7 +12,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import run_kmagent, start_kmagent, stored_rows, wait_for
+from conftest import run_kmagent, start_kmagent, status, stored_rows, wait_for
 
 from kmagent import Client
 from kmagent.errors import SpoolError
@@ -36,8 +36,6 @@ def event(n: int, **props):
     return make_event(f"person{n}", "Did", {"n": n, **props}, now=T0 + n)
 
 
-def status(config) -> dict:
-    return json.loads(run_kmagent("status", "--json", "--config", str(config)).stdout)
 
 
 def test_a_line_is_kissmetrics_import_json_plus_a_little(spool_path):
@@ -59,7 +57,7 @@ def test_lines_from_another_writer_are_shipped(host, write_config, spool_path):
         '{"_p":"bob","_n":"Signed Up","_t":1234567890,"Plan":"Pro"}\n'
         '{"_p":"bob","_p2":"bob@example.com","_t":1234567890}\n'
         '{"_p":"bob","_t":1234567890,"gender":"male","__x":1}\n')
-    assert run_kmagent("flush", "--config", str(config)).returncode == 0
+    assert run_kmagent("flush", "--timeout", "30", "--config", str(config)).returncode == 0
     assert sorted(r.target for r in host.delivered()) == sorted([
         "/e?_k=test-key&_p=bob&_n=Signed%20Up&_t=1234567890&_d=1&Plan=Pro",
         "/a?_k=test-key&_p=bob&_n=bob%40example.com",
@@ -75,7 +73,7 @@ def test_a_torn_line_is_set_aside_and_nothing_is_glued_to_it(host, write_config,
     Client(config=config).record("bob", "Whole")  # ...the next one starts afresh
     (spool_path / ACTIVE).open("ab").write(b"garbage from an editor\n")
     Client(config=config).record("bob", "After Garbage")
-    assert run_kmagent("flush", "--config", str(config)).returncode == 0
+    assert run_kmagent("flush", "--timeout", "30", "--config", str(config)).returncode == 0
     names = sorted(dict(r.params)["_n"] for r in host.delivered())
     assert names == ["After Garbage", "Whole"]
     figures = status(config)
