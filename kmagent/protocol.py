@@ -15,8 +15,18 @@ from urllib.parse import parse_qsl, quote
 from .events import ALIAS, Event, Value
 
 
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# For ASCII text, str.translate does in C what quote() does byte by byte in Python. Every
+# ASCII code is in the table (unreserved ones map to themselves): a code missing from it
+# would cost translate() a raised and caught LookupError.
+_ASCII_ESCAPES = {byte: chr(byte) if byte in _UNRESERVED else f"%{byte:02X}"
+                  for byte in range(128)}
+
+
 def quote_param(text: str) -> str:
     """Percent-encode everything but RFC 3986 unreserved characters (space → %20)."""
+    if text.isascii():
+        return text.translate(_ASCII_ESCAPES)
     return quote(text, safe="")
 
 

@@ -5,9 +5,12 @@ the process being SIGKILLed (``synchronous=NORMAL``); ``FULL`` also fsyncs the W
 every commit, so it survives power loss. The producer's INSERT runs on a bare sqlite3
 connection: it is the hot path (DESIGN.md, "Measured facts").
 
-Rows are deleted once delivered, so the table holds only pending work. ``lease`` marks
-rows a shipper has in flight; a partial index over unleased rows makes a claim cost
-O(batch) however large the backlog, and another over leased rows makes recovery cheap.
+Rows are deleted once delivered, so the table holds only pending work, oldest first by
+rowid. A fresh row is due at once (``due = 0``) and enters no index, so the producer's
+INSERT costs little more than a bare one. ``lease`` marks rows a shipper has in flight
+and ``due > 0`` rows waiting out a backoff; each kind has a partial index, and both are
+few (the in-flight window; the failures the outage gate lets through), so a claim, which
+walks the rowid order past them, costs O(batch + window + backoffs), not O(backlog).
 """
 
 from __future__ import annotations
@@ -26,11 +29,9 @@ from .base import Claimed, Spool, make_dirs, open_file, unknown_ids
 FORMAT_VERSION = 1  # stored as PRAGMA user_version
 BUSY_TIMEOUT_S = 5.0  # how long a writer waits for another before SpoolError
 
-# AUTOINCREMENT: ids never come back after rows are deleted, so a dead letter keeps its
-# id and a flush's mark stays meaningful when the table empties.
 SCHEMA = (
     """CREATE TABLE events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        id INTEGER PRIMARY KEY,
         path TEXT NOT NULL,
         query TEXT NOT NULL,
         api_key TEXT,
@@ -39,11 +40,11 @@ SCHEMA = (
         attempts INTEGER NOT NULL DEFAULT 0,
         lease INTEGER,
         last_error TEXT)""",
-    "CREATE INDEX events_ready ON events(due) WHERE lease IS NULL",
-    # Without a key of its own the agent claims only events that carry one; this keeps
-    # that claim O(batch) however many keyless events wait.
-    "CREATE INDEX events_ready_keyed ON events(due) WHERE lease IS NULL AND api_key IS NOT NULL",
+    "CREATE INDEX events_backoff ON events(due) WHERE due > 0 AND lease IS NULL",
     "CREATE INDEX events_leased ON events(lease) WHERE lease IS NOT NULL",
+    # Without a key of its own the agent claims only events that carry one; this keeps
+    # that claim cheap however many keyless events wait (keyless rows never enter it).
+    "CREATE INDEX events_keyed ON events(id) WHERE api_key IS NOT NULL AND lease IS NULL",
     """CREATE TABLE dead (
         id INTEGER PRIMARY KEY,
         path TEXT NOT NULL,
@@ -61,8 +62,8 @@ SCHEMA = (
 INSERT = "INSERT INTO events (path, query, api_key, created, due) VALUES (?, ?, ?, ?, 0)"
 CLAIM = """UPDATE events SET lease = ?, attempts = attempts + 1
     WHERE id IN (SELECT id FROM events WHERE lease IS NULL AND due <= ? {key_filter}
-                 ORDER BY due, id LIMIT ?)
-    RETURNING id, path, query, api_key, created, attempts, due"""
+                 ORDER BY id LIMIT ?)
+    RETURNING id, path, query, api_key, created, attempts"""
 
 
 # Connections a forked child inherited. SQLite forbids using them across fork(); closing
@@ -191,8 +192,8 @@ class SqliteSpool(Spool):
     def claim(self, limit: int, *, now: float, with_key_only: bool = False) -> list[Claimed]:
         sql = CLAIM.format(key_filter="AND api_key IS NOT NULL" if with_key_only else "")
         rows = self._run("claim", lambda c: c.execute(sql, (os.getpid(), now, limit)).fetchall())
-        rows.sort(key=lambda r: (r[6], r[0]))  # RETURNING has no defined order
-        return [Claimed(*row[:6]) for row in rows]
+        rows.sort()  # by id: RETURNING has no defined order
+        return [Claimed(*row) for row in rows]
 
     def ack(self, ids: Iterable[Any]) -> None:
         self._many("DELETE FROM events WHERE id = ?", [(i,) for i in ids])
@@ -211,8 +212,8 @@ class SqliteSpool(Spool):
         def run(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(
-                "INSERT INTO dead (id, path, query, api_key, created, attempts, failed_at, "
-                "status, reason) SELECT id, path, query, api_key, created, attempts, ?, ?, ? "
+                "INSERT INTO dead (path, query, api_key, created, attempts, failed_at, "
+                "status, reason) SELECT path, query, api_key, created, attempts, ?, ?, ? "
                 "FROM events WHERE id = ?", rows)
             conn.executemany("DELETE FROM events WHERE id = ?", [(r[3],) for r in rows])
             conn.execute("COMMIT")
@@ -267,13 +268,23 @@ class SqliteSpool(Spool):
 
     def next_due(self, *, with_key_only: bool = False) -> float | None:
         key_filter = " AND api_key IS NOT NULL" if with_key_only else ""
-        return self._run("read", lambda c: c.execute(
-            "SELECT min(due) FROM events WHERE lease IS NULL" + key_filter).fetchone()[0])
+
+        def read(conn: sqlite3.Connection) -> float | None:
+            # A fresh row is due now; it lies after the few leased and backed-off ones.
+            fresh = conn.execute("SELECT 1 FROM events WHERE lease IS NULL AND due = 0"
+                                 + key_filter + " LIMIT 1").fetchone()
+            if fresh:
+                return 0.0
+            return conn.execute("SELECT min(due) FROM events WHERE due > 0 AND lease IS NULL"
+                                + key_filter).fetchone()[0]
+        return self._run("read", read)
 
     def mark(self) -> int:
+        # Every event so far has an id at most this. (Ids can come back once the newest
+        # row is delivered; such a later event then counts as pending at the mark too,
+        # which makes a flush wait for it as well: harmless.)
         return self._run("read", lambda c: c.execute(
-            "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'events'"
-        ).fetchone()[0])
+            "SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
 
     def pending_through(self, mark: int) -> int:
         return self._run("read", lambda c: c.execute(
