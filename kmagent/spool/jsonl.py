@@ -177,6 +177,7 @@ class JsonlSpool(Spool):
         self.rotate_seconds = rotate_seconds
         self._active_path = self.path / ACTIVE
         self._fd: int | None = None
+        self._end = -1  # where our last complete line ended in the file we hold
         self._pid = -1
         self._shipping: _Shipping | None = None
         try:
@@ -199,18 +200,21 @@ class JsonlSpool(Spool):
 
     def _active_fd(self) -> int:
         if self._pid != os.getpid():  # a forked child opens its own descriptor
-            self._fd, self._pid = None, os.getpid()
+            self._fd, self._pid, self._end = None, os.getpid(), -1
         if self._fd is None:
             self._fd = open_file(self._active_path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         return self._fd
 
-    def _is_active(self, fd: int) -> bool:
+    def _held_size(self, fd: int) -> int | None:
+        """The size of the file ``fd`` holds, or None if it is no longer events.jsonl."""
         try:
             current = os.stat(self._active_path)
         except FileNotFoundError:
-            return False
+            return None
         held = os.fstat(fd)
-        return (held.st_ino, held.st_dev) == (current.st_ino, current.st_dev)
+        if (held.st_ino, held.st_dev) != (current.st_ino, current.st_dev):
+            return None
+        return held.st_size
 
     @property
     def drops_path(self) -> Path:
@@ -243,18 +247,22 @@ class JsonlSpool(Spool):
             fd = self._active_fd()
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                if self._is_active(fd):
-                    size = os.fstat(fd).st_size
-                    if size and os.pread(fd, 1, size - 1) != b"\n":
-                        line = b"\n" + line  # a writer died mid-line: don't glue onto it
+                size = self._held_size(fd)
+                if size is not None:
+                    # If the file ends where our own last line did, it ends in a newline;
+                    # otherwise look: a writer that died mid-line must not get ours glued on.
+                    if size and size != self._end and os.pread(fd, 1, size - 1) != b"\n":
+                        line = b"\n" + line
                     written = os.write(fd, line)
                     if written != len(line):
+                        self._end = -1
                         raise OSError(errno.ENOSPC, "short write (disk full?)")
+                    self._end = size + written
                     return fd
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)  # sealed under us: reopen events.jsonl
-            self._fd = None
+            self._fd, self._end = None, -1
 
     # --- shipper --------------------------------------------------------------------------
 
