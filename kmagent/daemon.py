@@ -127,7 +127,12 @@ class Daemon:
                 self.notifier.notify("STOPPING=1")
                 watcher.stop()
                 shipper = figures.shipper
-                shipper.shutdown(self.config.shutdown_timeout)
+                try:
+                    shipper.shutdown(self.config.shutdown_timeout)
+                except SpoolError as exc:
+                    # What could not be given back is still leased in the spool and is
+                    # recovered at the next start: nothing is lost; exit as asked.
+                    log.error("%s while stopping; the next start recovers it", exc)
                 shipper.sender.close()
                 figures.publish(force=True)
                 if exporter is not None:
@@ -172,10 +177,9 @@ class Daemon:
         maintained = pinged = status_at = time.monotonic()
         watchdog = self.notifier.watchdog_interval
         while not self._stop.is_set():
-            if self._reload.is_set():
-                shipper = self._reloaded(shipper)
-                figures.shipper = shipper
             try:
+                if self._reload.is_set():
+                    shipper = figures.shipper = self._reloaded(shipper)
                 shipper.step()
                 if time.monotonic() - maintained >= MAINTAIN_EVERY_S:
                     spool.maintain()
@@ -232,13 +236,18 @@ class Daemon:
                     "rotate_seconds", "max_bytes", "when_full"):
             if getattr(fresh, key) != getattr(self.config, key):
                 log.warning("reload: %s changed; it takes effect on restart", key)
-        shipper.shutdown(self.config.shutdown_timeout)
+        try:
+            shipper.shutdown(self.config.shutdown_timeout)
+        except SpoolError as exc:  # still leased in the spool: recovered at next start
+            log.error("%s while reloading; the next start recovers it", exc)
         shipper.sender.close()
         self.config = fresh
         replacement = make_shipper(fresh, shipper.spool, self._wake)
         for name in ("delivered_total", "retried_total", "dead_total", "last_error",
                      "last_error_at", "last_success_at"):
             setattr(replacement, name, getattr(shipper, name))
+        # A host's "wait" (Retry-After, an outage hold) outlives a reload.
+        replacement.gate.hold_until = shipper.gate.hold_until
         log.info("configuration reloaded from %s", fresh.source)
         self.notifier.notify("READY=1")
         return replacement

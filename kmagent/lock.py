@@ -36,14 +36,20 @@ class ShipperLock:
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
                 return False
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the pid is for people (status); the lock is what counts (disk full...)
         self._fd = fd
         return True
 
     def release(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                pass
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 

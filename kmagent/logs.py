@@ -22,13 +22,20 @@ class _Redact(logging.Filter):
         super().__init__()
         self.secrets: set[str] = set()
 
+    def redact(self, text: str) -> str:
+        text = _KEY_IN_URL.sub(r"\1***", text)
+        for secret in self.secrets:
+            text = text.replace(secret, "***").replace(quote_param(secret), "***")
+        return text
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        redacted = _KEY_IN_URL.sub(r"\1***", message)
-        for secret in self.secrets:
-            redacted = redacted.replace(secret, "***").replace(quote_param(secret), "***")
+        redacted = self.redact(message)
         if redacted != message:
             record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            # A traceback can hold a URL too; the formatter uses exc_text when it is set.
+            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
         return True
 
 

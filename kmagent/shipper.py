@@ -25,7 +25,7 @@ from collections import deque
 from typing import Any, Callable
 
 from .gate import Gate
-from .sender import DELIVERED, PERMANENT, TRANSIENT, Outcome, Sender, backoff_delay
+from .sender import DELIVERED, PERMANENT, Outcome, Sender, backoff_delay
 from .spool import Claimed, Spool
 
 log = logging.getLogger("kmagent.shipper")
@@ -103,9 +103,11 @@ class Shipper:
             else:
                 try:
                     outcome = self.sender.send(item)
-                except Exception as exc:  # a bug must not lose the claim: a failure
+                except Exception as exc:
+                    # A bug (or an event no request can be built from) must neither lose
+                    # the event nor retry it forever: it goes to the dead letters.
                     log.exception("sending event %s failed unexpectedly", item.id)
-                    outcome = Outcome(TRANSIENT, None, type(exc).__name__)
+                    outcome = Outcome(PERMANENT, None, f"could not be sent: {type(exc).__name__}")
                 self.gate.leave(ticket, outcome)
             self._done.append((item, outcome))
             self.wake.set()

@@ -63,15 +63,19 @@ def fail(retry_after=None) -> Outcome:
 
 
 def test_retry_after_holds_every_new_request_agent_wide():
-    clock = Clock()
-    gate = Gate(4, 60, clock=clock)
+    import threading
+    gate = Gate(4, 60)  # the real clock: enter() really has to wait
     ticket = gate.enter()
-    gate.leave(ticket, Outcome(TRANSIENT, 429, "HTTP 429", retry_after=2))
-    assert gate.hold_until == 102.0
-    clock.now = 101.9
-    assert gate.hold_until > clock.now  # enter() would wait
-    clock.now = 102.0
-    assert gate.enter() is not None
+    gate.leave(ticket, Outcome(TRANSIENT, 429, "HTTP 429", retry_after=0.5))
+    started = time.monotonic()
+    entered = []
+    workers = [threading.Thread(target=lambda: entered.append(
+        (gate.enter(), time.monotonic() - started))) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(5)
+    assert len(entered) == 3 and all(waited >= 0.45 for _, waited in entered)
 
 
 def test_an_outage_is_probed_with_one_request_then_ramps_up():
@@ -120,9 +124,10 @@ def test_retry_after_stops_every_new_request_until_it_expires(host, write_config
 
     host.answer_for = first_is_429
     host.retry_after = "2"
+    host.delay = 0.02  # the backlog takes seconds: without the hold, requests would go on
     config = write_config(host, extra="[ship]\nconcurrency = 4\n")
     client = Client(config=config)
-    for n in range(20):
+    for n in range(200):  # a backlog: without the agent-wide hold, requests would go on
         client.record(f"p{n}", "Rate Limited")
     result = run_kmagent("flush", "--timeout", "30", "--config", str(config))
     assert result.returncode == 0, result.stderr
@@ -131,7 +136,7 @@ def test_retry_after_stops_every_new_request_until_it_expires(host, write_config
     # Requests already on their way may land just after the 429; nothing new starts
     # until the 2 s are over.
     assert not [gap for gap in later if 0.2 < gap < 1.95], later
-    assert len(host.delivered()) == 20
+    assert len(host.delivered()) == 200
 
 
 def test_an_outage_costs_a_few_dozen_requests_and_the_backlog_drains_after(

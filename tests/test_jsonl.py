@@ -212,3 +212,49 @@ def test_status_counts_pending_across_sealed_and_active_files(spool_path):
     assert os.path.exists(spool_path / "events.0000000001.jsonl")
     shipper.close()
     reader.close()
+
+
+def test_one_event_that_keeps_failing_does_not_stop_the_rest(spool_path):
+    """It is moved out of the way (written again at the end), so the checkpoint and the
+    reader move on, and sealed files can still be deleted."""
+    spool = open_jsonl(spool_path, rotate_bytes=65536)
+    for n in range(6001):
+        spool.append(event(n))
+    delivered = 0
+    for _ in range(400):
+        items = spool.claim(64, now=time.time() + 1e6)
+        if not items:
+            break
+        failing = [i for i in items if i.query.startswith("_p=person0&")]
+        spool.retry([(i.id, time.time() + 1e7, "HTTP 503") for i in failing])
+        spool.ack([i.id for i in items if i not in failing])
+        delivered += len(items) - len(failing)
+    assert delivered == 6000
+    assert spool.stats(time.time())["pending"] == 1  # still there, still pending
+    assert len(list(spool_path.glob("events.0*.jsonl"))) <= 1
+    spool.close()
+
+
+def test_a_deeply_nested_line_is_a_bad_line_not_a_crash(host, write_config, spool_path):
+    config = write_config(host)
+    spool_path.mkdir(parents=True)
+    (spool_path / ACTIVE).write_bytes(b"[" * 100_000 + b"\n")
+    Client(config=config).record("bob", "After The Bomb")
+    assert status(config)["pending"] == 2
+    assert run_kmagent("flush", "--timeout", "30", "--config", str(config)).returncode == 0
+    assert [dict(r.params)["_n"] for r in host.delivered()] == ["After The Bomb"]
+    assert status(config)["bad_lines"] == 1
+
+
+def test_pending_counts_a_sealed_files_torn_tail_and_lines_end_only_at_newline(spool_path):
+    spool = open_jsonl(spool_path, rotate_bytes=4096)
+    spool.append(event(1, pad="x" * 5000))
+    (spool_path / ACTIVE).open("ab").write(b'{"_p":"torn"')  # a writer died mid-line
+    spool.claim(1, now=time.time())  # rotates: the torn tail is final now
+    with open(spool_path / ACTIVE, "ab") as fh:
+        fh.write(b'{"_p":"a\\rb","_n":"Carriage","_t":1700000000}\n')
+    assert spool.stats(time.time())["pending"] == 3
+    items = spool.claim(10, now=time.time())
+    assert [i.query.split("&")[0] for i in items] == ["_p=a%0Db"]
+    assert spool.stats(time.time())["bad_lines"] == 1
+    spool.close()

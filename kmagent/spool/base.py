@@ -10,6 +10,7 @@ given back by ``recover`` when the next shipper starts, so a claim is never lost
 from __future__ import annotations
 
 import abc
+import errno
 import os
 import threading
 import time
@@ -46,12 +47,23 @@ def open_file(path: Path, flags: int) -> int:
 
 
 def append_to(path: Path, data: bytes, *, sync: bool = False) -> None:
-    """Append ``data`` to ``path`` (created with the spool's mode) in one write."""
-    fd = open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    """Append ``data`` to ``path`` (created with the spool's mode) in one write. A short
+    write (disk full) is undone and raised: a half record must not stand for a whole."""
+    fd = open_file(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
     try:
-        os.write(fd, data)
-        if sync:
-            os.fsync(fd)
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, "short write (disk full?)")
+            if sync:
+                os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise
     finally:
         os.close(fd)
 

@@ -35,7 +35,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import SpoolError
 from ..events import Event
@@ -242,6 +242,12 @@ class JsonlSpool(Spool):
             raise SpoolError(f"spool {self.path}: cannot append: {exc.strerror}") from None
         return len(line)
 
+    def _requeue(self, raw: bytes) -> None:
+        """Append a line the shipper read before, as it was, and sync it (the caller
+        then settles the old copy, so the new one must be on disk first)."""
+        fd = self._write(raw if raw.endswith(b"\n") else raw + b"\n")
+        os.fdatasync(fd)
+
     def _write(self, line: bytes) -> int:
         while True:
             fd = self._active_fd()
@@ -299,15 +305,24 @@ class JsonlSpool(Spool):
     def next_due(self, *, with_key_only: bool = False) -> float | None:
         return self._guard("read", lambda: self._ship().next_due(with_key_only))
 
+    def _viewed(self, fn: Callable[["_DiskView"], Any]) -> Any:
+        """``fn`` of a fresh view of the files; the shipper may rename or delete one
+        between the listing and the reading, so a vanished file means: look again."""
+        for attempt in range(5):
+            try:
+                return fn(_DiskView(self.path))
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
+
     def mark(self) -> Any:
-        return self._guard("read", lambda: _DiskView(self.path).end())
+        return self._guard("read", lambda: self._viewed(lambda view: view.end()))
 
     def pending_through(self, mark: Any) -> int:
-        return self._guard("read", lambda: _DiskView(self.path).pending(mark))
+        return self._guard("read", lambda: self._viewed(lambda view: view.pending(mark)))
 
     def stats(self, now: float) -> dict[str, Any]:
-        def read() -> dict[str, Any]:
-            view = _DiskView(self.path)
+        def read(view: "_DiskView") -> dict[str, Any]:
             created = view.oldest_created()
             return {
                 "pending": view.pending(),
@@ -318,7 +333,7 @@ class JsonlSpool(Spool):
                 "oldest_pending_age_s": None if created is None else max(0.0, now - created),
                 "bad_lines": view.checkpoint.bad_lines,
             }
-        return self._guard("stats", read)
+        return self._guard("stats", lambda: self._viewed(read))
 
     # --- dead letters: <dir>/dead.jsonl, one JSON object per line ---------------------
 
@@ -342,7 +357,16 @@ class JsonlSpool(Spool):
             text = (self.path / DEAD).read_bytes()
         except FileNotFoundError:
             return []
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        records: dict[str, dict[str, Any]] = {}
+        for line in text.split(b"\n"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a record torn by a full disk: its event was not settled
+            # A crash between writing a dead letter and settling its line writes it
+            # twice on the next run: one id, one letter.
+            records.setdefault(record["id"], record)
+        return list(records.values())
 
     def dead_letters(self) -> list[dict[str, Any]]:
         def read() -> list[dict[str, Any]]:
@@ -434,6 +458,14 @@ class _DiskView:
         for seq, _, st in self.files:
             if st.st_ino == mark[0]:
                 return (seq, mark[1])
+        # Maybe sealed (renamed) since we listed: look for it under its new name.
+        for name in os.listdir(self.path):
+            match = SEALED.match(name)
+            try:
+                if match and os.stat(self.path / name).st_ino == mark[0]:
+                    return (int(match.group(1)), mark[1])
+            except FileNotFoundError:
+                continue
         return (0, 0)  # that file is gone: everything in it was settled
 
     def pending(self, mark: tuple[int, int] | None = None) -> int:
@@ -453,6 +485,10 @@ class _DiskView:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     count += count_lines(fd, lo, hi)
+                    # A sealed file's torn tail is a line too (the reader sets it aside).
+                    if path.name != ACTIVE and hi == st.st_size \
+                            and os.pread(fd, 1, hi - 1) != b"\n":
+                        count += 1
                 finally:
                     os.close(fd)
         settled = sum(1 for p in ckpt.ahead if stop is None or p < stop)
@@ -473,8 +509,8 @@ class _DiskView:
                         try:
                             obj = json.loads(line)
                             return float(obj.get("_c", obj.get("_t", 0)))
-                        except (ValueError, TypeError, AttributeError):
-                            return 0.0  # a bad line waits too: age unknown, so oldest
+                        except Exception:  # any bad line (even [[[[... nested deep)
+                            return 0.0  # waits too: its age is unknown, so the oldest
                     offset += len(line)
         return None
 
@@ -577,9 +613,9 @@ class _Shipping:
                     self.stalled = (seq, offset + len(data))
                     return  # caught up (or a line is being written): wait for more
                 if data:  # a torn tail that no writer will finish: one bad line
+                    self.read_pos = (seq, offset + len(data))  # before yielding: a
+                    room -= 1                                  # failure must not re-read
                     yield self._line((seq, offset), offset + len(data), data)
-                    room -= 1
-                    self.read_pos = (seq, offset + len(data))
                     continue
                 if not entry.sealed:
                     return
@@ -591,13 +627,14 @@ class _Shipping:
                         return
                 self.read_pos = (min(later), 0)
                 continue
-            for raw in data[:cut + 1].splitlines(keepends=True):
+            # Lines end at b"\n" only (as count_lines counts them), never at a lone b"\r".
+            for raw in data[:cut].split(b"\n"):
                 if room <= 0 or len(self.order) >= MAX_AHEAD:
                     return
-                yield self._line((seq, offset), offset + len(raw), raw)
-                offset += len(raw)
+                start, offset = offset, offset + len(raw) + 1
                 self.read_pos = (seq, offset)
                 room -= 1
+                yield self._line((seq, start), offset, raw + b"\n")
 
     def _line(self, pos: Position, end: int, raw: bytes) -> _Line:
         line = _Line(pos, end, raw)
@@ -619,7 +656,17 @@ class _Shipping:
     def claim(self, limit: int, now: float, with_key_only: bool) -> list[Claimed]:
         self._maybe_rotate(now)
         self._trim()
+        self._unblock(with_key_only)
         out: list[Claimed] = []
+        try:
+            self._claim_into(out, limit, now, with_key_only)
+        except BaseException:
+            self.wait([(item.id, 0.0) for item in out])  # nothing taken is left behind
+            raise
+        return out
+
+    def _claim_into(self, out: list[Claimed], limit: int, now: float,
+                    with_key_only: bool) -> None:
         while self.ready and self.ready[0][0] <= now and len(out) < limit:
             _, pos = heapq.heappop(self.ready)
             line = self.lines.get(pos)
@@ -632,7 +679,6 @@ class _Shipping:
                     break
                 self.keyless.discard(pos)
                 out.append(self._take(self.lines[pos]))
-        bad: list[Position] = []
         for line in self._read(limit - len(out)):
             if line.settled:
                 continue
@@ -640,7 +686,7 @@ class _Shipping:
                 event, created = from_line(line.raw)
             except BadLine as exc:
                 self._set_aside(line, str(exc))
-                bad.append(line.id)
+                self.settle([line.id])
                 continue
             path, query = encode(event)
             line.item = Claimed(line.id, path, query, event.api_key, created, 0)
@@ -648,9 +694,25 @@ class _Shipping:
                 self.keyless.add(line.id)
             else:
                 out.append(self._take(line))
-        if bad:
-            self.settle(bad)
-        return out
+
+    def _unblock(self, with_key_only: bool) -> None:
+        """Keep the checkpoint moving past lines that wait long (a transient failure
+        that never ends, events with no key while the agent has none): once the lines
+        read ahead of the oldest unsettled one fill half the read-ahead, that line is
+        written again at the end of the active file (synced; the same line, so the same
+        request) and its old copy settled. Without this, one such line would stop the
+        reader, and sealed files would pile up."""
+        while len(self.order) >= MAX_AHEAD // 2 and self.order:
+            head = self.order[0]
+            if head.settled:
+                self.order.popleft()
+                continue
+            if head.id in self.in_flight or head.item is None or head.id in self.keyless:
+                # Being sent: it settles soon. Waiting for a key: nothing moves it on but
+                # configuring one (requeueing would only go round in circles).
+                return
+            self.spool._requeue(head.raw)
+            self.settle([head.id])
 
     def _take(self, line: _Line) -> Claimed:
         item = line.item
@@ -660,10 +722,10 @@ class _Shipping:
         return item
 
     def _set_aside(self, line: _Line, reason: str) -> None:
-        self.ckpt.bad_lines += 1
         record = {"file": sealed_name(line.id[0]), "offset": line.id[1], "reason": reason,
                   "line": line.raw.decode("utf-8", errors="replace")}
         append_to(self.dir / BAD, _dump_line(record))
+        self.ckpt.bad_lines += 1  # counted once written
 
     def wait(self, entries: list[tuple[Position, float]]) -> None:
         for pos, due in entries:

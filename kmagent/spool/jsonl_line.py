@@ -16,10 +16,11 @@ it, so no property can be mistaken for a field. Any writer may append such lines
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from ..errors import InvalidEvent
-from ..events import ALIAS, EVENT, Event, make_alias, make_event, make_set
+from ..events import ALIAS, EVENT, Event, check_name, make_alias, make_event, make_set
 
 FORMAT_VERSION = 1
 FIELDS = frozenset({"_p", "_n", "_p2", "_t", "_c", "_k", "_v", "_d"})
@@ -52,8 +53,8 @@ def from_line(line: bytes) -> tuple[Event, float]:
     """The Event a line holds and when it was written; BadLine if it holds none."""
     try:
         obj = json.loads(line)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BadLine(f"not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: [[[[... nested deep
+        raise BadLine(f"not JSON: {str(exc)[:200] or type(exc).__name__}") from None
     if not isinstance(obj, dict):
         raise BadLine("not a JSON object")
     version = obj.pop("_v", FORMAT_VERSION)
@@ -79,8 +80,8 @@ def from_line(line: bytes) -> tuple[Event, float]:
 
 def _event(fields: dict[str, Any], props: dict[str, Any]) -> Event:
     api_key = fields.get("_k")
-    if api_key is not None and (not isinstance(api_key, str) or not api_key):
-        raise BadLine("_k: must be a non-empty string")
+    if api_key is not None:
+        check_name("_k", api_key)  # as Client checks its api_key
     if "_d" in fields:
         props["_d"] = fields["_d"]  # validated as the seed's _d: only 1 is accepted
     if "_p2" in fields:
@@ -97,6 +98,7 @@ def _event(fields: dict[str, Any], props: dict[str, Any]) -> Event:
 
 def _created(fields: dict[str, Any]) -> float:
     created = fields.get("_c", fields.get("_t"))
-    if isinstance(created, bool) or not isinstance(created, (int, float)):
+    if isinstance(created, bool) or not isinstance(created, (int, float)) \
+            or not math.isfinite(created):
         return 0.0  # unknown: treated as very old
     return float(created)
