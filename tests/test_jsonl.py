@@ -258,3 +258,40 @@ def test_pending_counts_a_sealed_files_torn_tail_and_lines_end_only_at_newline(s
     assert [i.query.split("&")[0] for i in items] == ["_p=a%0Db"]
     assert spool.stats(time.time())["bad_lines"] == 1
     spool.close()
+
+
+def test_a_new_active_file_is_never_mistaken_for_the_checkpointed_one(spool_path):
+    """Deleting events.jsonl while the daemon is down lets the filesystem give the new
+    file the same inode number; the checkpoint's fingerprint of the first line tells
+    them apart, so the new file is read from its start."""
+    first = open_jsonl(spool_path)
+    for n in range(10):
+        first.append(event(n))
+    first.ack([i.id for i in first.claim(10, now=time.time())])
+    first.close()
+    (spool_path / ACTIVE).unlink()
+    producer = open_jsonl(spool_path)
+    for n in range(10, 20):
+        producer.append(event(n))
+    producer.close()
+    checkpoint = json.loads((spool_path / CHECKPOINT).read_text())
+    checkpoint["ino"] = os.stat(spool_path / ACTIVE).st_ino  # as if the inode came back
+    (spool_path / CHECKPOINT).write_text(json.dumps(checkpoint))
+    shipper = open_jsonl(spool_path)
+    shipper.recover()
+    assert len(shipper.claim(100, now=time.time())) == 10
+    shipper.close()
+
+
+def test_an_active_file_deleted_by_hand_does_not_stop_shipping(spool_path):
+    shipper = open_jsonl(spool_path)
+    shipper.append(event(1))
+    shipper.ack([i.id for i in shipper.claim(10, now=time.time())])
+    (spool_path / ACTIVE).unlink()
+    producer = open_jsonl(spool_path)
+    for n in range(5):
+        producer.append(event(n))
+    claimed = shipper.claim(100, now=time.time()) + shipper.claim(100, now=time.time())
+    assert len(claimed) == 5
+    producer.close()
+    shipper.close()

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import time
+import zlib
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -99,10 +100,19 @@ def count_lines(fd: int, start: int, end: int) -> int:
     return count
 
 
-def active_seq(ckpt: "_Checkpoint", sealed: Iterable[int], active_ino: int) -> int:
+def file_head(fd: int) -> int | None:
+    """A fingerprint of a file: the CRC of its first line (None until it has one).
+    With the inode it tells a file from a new one that reuses a deleted file's inode."""
+    first = os.pread(fd, 4096, 0)
+    end = first.find(b"\n")
+    return None if end < 0 else zlib.crc32(first[:end + 1])
+
+
+def active_seq(ckpt: "_Checkpoint", sealed: Iterable[int], active_ino: int,
+               active_head: int | None) -> int:
     """The sequence number events.jsonl will be sealed under (only the shipper seals):
     the checkpoint's file if it is this one, else the next after every known file."""
-    if ckpt.ino == active_ino:
+    if ckpt.ino == active_ino and ckpt.head in (None, active_head):
         return ckpt.seq
     return max([s + 1 for s in sealed] + [ckpt.seq + (ckpt.ino is not None)])
 
@@ -132,6 +142,7 @@ class _Line:
 class _Checkpoint:
     seq: int = 1
     ino: int | None = None  # inode of file ``seq`` (None: not seen yet)
+    head: int | None = None  # and its fingerprint (file_head)
     offset: int = 0
     ahead: list[Position] = field(default_factory=list)
     bad_lines: int = 0
@@ -149,7 +160,8 @@ class _Checkpoint:
         if data.get("v", 0) > CHECKPOINT_VERSION:
             raise SpoolError(f"spool {path.parent}: format {data['v']} is newer than this "
                              f"kmagent understands ({CHECKPOINT_VERSION}); upgrade kmagent")
-        return cls(seq=data["seq"], ino=data.get("ino"), offset=data["offset"],
+        return cls(seq=data["seq"], ino=data.get("ino"), head=data.get("head"),
+                   offset=data["offset"],
                    ahead=[tuple(p) for p in data.get("ahead", [])],
                    bad_lines=data.get("bad_lines", 0),
                    in_flight=data.get("in_flight", 0),
@@ -157,7 +169,8 @@ class _Checkpoint:
 
     def dump(self) -> bytes:
         return json.dumps({
-            "v": CHECKPOINT_VERSION, "seq": self.seq, "ino": self.ino, "offset": self.offset,
+            "v": CHECKPOINT_VERSION, "seq": self.seq, "ino": self.ino, "head": self.head,
+            "offset": self.offset,
             "ahead": self.ahead, "bad_lines": self.bad_lines,
             "in_flight": self.in_flight, "lines": self.lines,
         }, separators=(",", ":")).encode()
@@ -435,7 +448,12 @@ class _DiskView:
         except FileNotFoundError:
             st = None
         if st is not None:
-            seq = active_seq(self.checkpoint, [f[0] for f in self.files], st.st_ino)
+            fd = os.open(path / ACTIVE, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                head = file_head(fd)
+            finally:
+                os.close(fd)
+            seq = active_seq(self.checkpoint, [f[0] for f in self.files], st.st_ino, head)
             self.files.append((seq, path / ACTIVE, st))
         self.files.sort(key=lambda f: f[0])
 
@@ -561,14 +579,24 @@ class _Shipping:
         if self._active() is not None:
             return
         try:
-            ino = os.stat(self.dir / ACTIVE).st_ino
+            fd = os.open(self.dir / ACTIVE, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return
-        self._open(active_seq(self.ckpt, self.files, ino), self.dir / ACTIVE, sealed=False)
+        seq = active_seq(self.ckpt, self.files, os.fstat(fd).st_ino, file_head(fd))
+        self.files[seq] = _File(seq, os.fstat(fd).st_ino, fd, sealed=False)
 
     def _maybe_rotate(self, now: float) -> None:
         active = self._active()
         if active is None:
+            return
+        try:
+            current = os.stat(self.dir / ACTIVE).st_ino
+        except FileNotFoundError:
+            current = None
+        if current != active.ino:
+            # Deleted or replaced by hand: what it held is still read through our
+            # descriptor, as a sealed file; the new events.jsonl comes next.
+            active.sealed = True
             return
         size = os.fstat(active.fd).st_size
         old = size > 0 and now - active.seen >= self.spool.rotate_seconds
@@ -774,6 +802,7 @@ class _Shipping:
         entry = self.files.get(seq)
         self.ckpt.seq, self.ckpt.offset = seq, offset
         self.ckpt.ino = entry.ino if entry is not None else None
+        self.ckpt.head = file_head(entry.fd) if entry is not None else None
         self.ckpt.ahead = ahead
         self.ckpt.in_flight = len(self.in_flight)
         self.ckpt.lines = {s: n for s, n in self.ckpt.lines.items() if s >= seq}
