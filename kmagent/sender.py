@@ -15,8 +15,8 @@ import random
 import time
 from dataclasses import dataclass
 
-import requests
-from requests.adapters import HTTPAdapter
+import certifi
+import urllib3
 
 from . import __version__
 from .protocol import quote_param, request_target
@@ -91,38 +91,47 @@ def redact(text: str, secrets: tuple[str, ...]) -> str:
 
 
 class Sender:
-    """GETs stored events from the tracking host over a pool of keep-alive connections."""
+    """GETs stored events from the tracking host over a pool of keep-alive connections.
+
+    urllib3, the transport under requests, used directly: requests' per-request work
+    (environment lookups, hooks, URL re-preparation) halves the rate on this hot path
+    (bench: ~1,500 vs ~2,900 requests/s on one loopback connection). TLS is always
+    verified, against certifi's bundle as with requests, or ``ca_file``; ``proxy`` is
+    an HTTPS proxy (CONNECT), as with requests' ``https`` proxy.
+    """
 
     def __init__(self, endpoint: str, *, concurrency: int, connect_timeout: float,
                  read_timeout: float, proxy: str | None = None, ca_file: str | None = None,
                  api_key: str | None = None) -> None:
         self.endpoint = endpoint.rstrip("/")
         self.api_key = api_key
-        self._timeout = (connect_timeout, read_timeout)
-        session = requests.Session()
-        # The environment (proxies, netrc, CA bundle) was read once into the Config;
-        # looking it up again on every request costs a third of the time (DESIGN.md).
-        session.trust_env = False
-        session.verify = str(ca_file) if ca_file else True  # TLS is always verified
-        session.proxies = {"https": proxy} if proxy else {}
-        session.headers = {"User-Agent": USER_AGENT, "Accept": "*/*",
-                           "Accept-Encoding": "identity"}
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=concurrency, max_retries=0)
-        session.mount("https://", adapter)
-        session.mount("http://", adapter)
-        self._session = session
+        options = dict(
+            num_pools=2, maxsize=concurrency, block=False, retries=False,
+            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+            headers={"User-Agent": USER_AGENT, "Accept": "*/*",
+                     "Accept-Encoding": "identity"},
+            cert_reqs="CERT_REQUIRED", ca_certs=str(ca_file) if ca_file else certifi.where())
+        if proxy and self.endpoint.startswith("https://"):
+            self._pool: urllib3.PoolManager = urllib3.ProxyManager(proxy, **options)
+        else:
+            self._pool = urllib3.PoolManager(**options)
+
+    def _get(self, url: str, key: str | None) -> tuple[urllib3.BaseHTTPResponse | None, str | None]:
+        try:
+            return self._pool.request("GET", url, redirect=False), None
+        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            return None, redact(f"{type(exc).__name__}: {exc}", (key or "",))
 
     def send(self, item: Claimed) -> Outcome:
         """Send one event once. 2xx is delivered; anything else is not."""
         key = item.api_key or self.api_key
         if key is None:
             return Outcome(TRANSIENT, None, "no API key: set api_key or api_key_file")
-        url = self.endpoint + request_target(item.path, item.query, key)
-        try:
-            response = self._session.get(url, timeout=self._timeout, allow_redirects=False)
-        except requests.RequestException as exc:
-            return Outcome(TRANSIENT, None, redact(f"{type(exc).__name__}: {exc}", (key,)))
-        status = response.status_code
+        response, error = self._get(self.endpoint + request_target(item.path, item.query, key),
+                                    key)
+        if response is None:
+            return Outcome(TRANSIENT, None, error)
+        status = response.status
         kind = classify(status)
         if kind == DELIVERED:
             return Outcome(kind, status)
@@ -135,13 +144,10 @@ class Sender:
     def probe(self) -> Outcome:
         """One harmless request (``GET /`` on the endpoint, no event, no key): can the
         host be reached, TLS and proxy included? Any HTTP answer counts as reachable."""
-        try:
-            response = self._session.get(self.endpoint + "/", timeout=self._timeout,
-                                         allow_redirects=False)
-        except requests.RequestException as exc:
-            return Outcome(TRANSIENT, None, redact(f"{type(exc).__name__}: {exc}",
-                                                   (self.api_key or "",)))
-        return Outcome(DELIVERED, response.status_code)
+        response, error = self._get(self.endpoint + "/", self.api_key)
+        if response is None:
+            return Outcome(TRANSIENT, None, error)
+        return Outcome(DELIVERED, response.status)
 
     def close(self) -> None:
-        self._session.close()
+        self._pool.clear()

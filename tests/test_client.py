@@ -227,14 +227,14 @@ def test_client_is_fork_safe_while_another_thread_records(client, spool_path):
     assert children == sorted(str(n) for n in range(40))
 
 
-def test_recording_does_not_import_requests_watchdog_or_click(tmp_path):
+def test_recording_does_not_import_the_http_stack_watchdog_or_click(tmp_path):
     code = (
         "import kmagent, sys\n"
         f"km = kmagent.Client('k', spool={str(tmp_path / 's.db')!r})\n"
         "km.record('bob', 'Did', {'a': 1}); km.set('bob', {'a': 2}); km.alias('bob', 'b')\n"
         f"kmagent.KM.init(spool={str(tmp_path / 's.db')!r})\n"
         "kmagent.KM.identify('bob'); kmagent.KM.record('Did')\n"
-        "print(sorted(m for m in ('requests','watchdog','click') if m in sys.modules))\n")
+        "print(sorted(m for m in ('urllib3','requests','watchdog','click','prometheus_client') if m in sys.modules))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=PROJECT, timeout=60)
     assert result.returncode == 0, result.stderr
