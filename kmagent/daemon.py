@@ -159,6 +159,7 @@ class Daemon:
             return None
         from .prometheus import Exporter
         spool = figures.shipper.spool
+        listen = config.metrics_listen
         cached: dict[str, Any] = {}
 
         def current() -> dict[str, Any]:
@@ -167,7 +168,12 @@ class Daemon:
                 cached.update(spool.stats(time.time()), dropped_total=spool.dropped_total(),
                               at=time.monotonic())
             return {**cached, **figures.current()}
-        return Exporter(config.metrics_listen, config.metrics_textfile, current)
+        try:
+            return Exporter(listen, config.metrics_textfile, current)
+        except OSError as exc:  # e.g. the port is taken: shipping matters more than metrics
+            log.error("cannot serve metrics on %s: %s; shipping without them", listen,
+                      exc.strerror or exc)
+            return None
 
     def _loop(self, figures: RunFigures, exporter=None) -> None:
         """Ship until stopped (a reload replaces ``figures.shipper``)."""

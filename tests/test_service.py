@@ -237,3 +237,19 @@ def test_a_stuck_loop_stops_the_watchdog_pings(systemd, host, write_config, monk
     gaps = [b - a for a, b in zip(pings, pings[1:])]
     assert max(gaps) >= 1.4  # no ping while the loop was stuck
     assert sorted(gaps)[len(gaps) // 2] < 0.4  # and regular pings otherwise
+
+
+def test_a_taken_metrics_port_does_not_stop_shipping(host, write_config):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(host, extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+        Client(config=config).record("bob", "Still Shipped")
+        daemon = start_kmagent("run", "--config", str(config))
+        try:
+            wait_for(lambda: len(host.delivered()) == 1)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            _, log = daemon.communicate(timeout=20)
+    assert daemon.returncode == 0 and "cannot serve metrics" in log
