@@ -17,7 +17,15 @@ run: $(BIN)/kmagent  ## the agent, in the foreground, on the default SQLite spoo
 test: $(BIN)/kmagent  ## the whole test suite
 	$(BIN)/pytest -q
 
-bench: $(BIN)/kmagent  ## the benchmark tables
+PEERS := bench/.venv-peers/bin/python
+
+# The peers live in their own venv: py-KISSmetrics needs urllib3 < 2, kmagent 2.x.
+$(PEERS):
+	$(PYTHON) -m venv bench/.venv-peers
+	bench/.venv-peers/bin/pip install --quiet segment-analytics-python persist-queue py-kissmetrics
+
+bench: $(BIN)/kmagent $(PEERS)  ## the benchmark tables
+	$(BIN)/python bench/producers.py
 	$(BIN)/python bench/core.py
 	$(BIN)/python bench/resends.py
 	$(BIN)/python bench/outage.py
