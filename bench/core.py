@@ -7,6 +7,7 @@ against a baseline measured in the same run (the machine is shared and noisy).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 ROUNDS = 5
 EVENTS = 2000
@@ -64,15 +66,26 @@ def client_record(path: Path, durability: str, n: int, backend: str = "sqlite") 
     return elapsed / n * 1e6
 
 
-def free_port() -> int:
+@contextlib.contextmanager
+def standin_host(delay: float = 0.0) -> Iterator[str]:
+    """`kmagent testhost` in its own process (in this one, its threads would compete
+    with the agent's for the GIL); yields its URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        port = probe.getsockname()[1]
+    host = subprocess.Popen([sys.executable, "-m", "kmagent", "testhost", "--port", str(port),
+                             "--delay", str(delay)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        host.stderr.readline()  # "stand-in tracking host on ...": it listens
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        host.terminate()
+        host.wait()
 
 
 def shipping(tmp: Path, n: int, concurrency: int, delay: float) -> float:
-    """Events/s for a flush of ``n`` events to a stand-in host in its own process (in
-    this one, its threads would compete with the agent's for the GIL)."""
+    """Events/s for a flush of ``n`` events to a stand-in host in its own process."""
     from kmagent.client import Client
     from kmagent.config import Config
     from kmagent.flush import flush
@@ -81,20 +94,12 @@ def shipping(tmp: Path, n: int, concurrency: int, delay: float) -> float:
     for i in range(n):
         client.record(f"p{i}", "Shipped")
     client.close()
-    port = free_port()
-    host = subprocess.Popen([sys.executable, "-m", "kmagent", "testhost", "--port", str(port),
-                             "--delay", str(delay)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        host.stderr.readline()  # "stand-in tracking host on ...": it listens
-        config = Config(api_key="bench", endpoint=f"http://127.0.0.1:{port}",
-                        spool_path=spool, concurrency=concurrency)
+    with standin_host(delay) as url:
+        config = Config(api_key="bench", endpoint=url, spool_path=spool,
+                        concurrency=concurrency)
         start = time.perf_counter()
         result = flush(config, timeout=30)
         elapsed = time.perf_counter() - start
-    finally:
-        host.terminate()
-        host.wait()
     assert result.remaining == 0, result
     return n / elapsed
 

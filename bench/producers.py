@@ -9,7 +9,6 @@ process on 127.0.0.1.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,33 +34,23 @@ def peers(host_url: str) -> dict[str, float]:
 
 
 def main() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    host = subprocess.Popen([sys.executable, "-m", "kmagent", "testhost", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    host.stderr.readline()
-    try:
-        with tempfile.TemporaryDirectory() as tmpdir:
-            tmp = Path(tmpdir)
-            rows = [
-                ("bare sqlite3 INSERT, WAL, NORMAL (baseline)",
-                 core.median_of(core.bare_insert, tmp / "bare.db", "NORMAL", EVENTS)),
-                ("kmagent Client.record, SQLite normal",
-                 core.median_of(core.client_record, tmp / "km.db", "normal", EVENTS)),
-                ("bare os.write of a JSON line",
-                 core.median_of(core.bare_write, tmp / "bare.jsonl", False, EVENTS)),
-                ("kmagent Client.record, jsonl normal",
-                 core.median_of(core.client_record, tmp / "km.d", "normal", EVENTS, "jsonl")),
-            ]
-            names = {"segment_track_enqueue": "Segment track() into its in-memory queue",
-                     "persist_queue_put": "persist-queue SQLiteAckQueue.put",
-                     "py_kissmetrics_record": "py-KISSmetrics Client.record (sends; loopback host)"}
-            for key, value in peers(f"http://127.0.0.1:{port}").items():
-                rows.append((names[key], value))
-    finally:
-        host.terminate()
-        host.wait()
+    with core.standin_host() as url, tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        rows = [
+            ("bare sqlite3 INSERT, WAL, NORMAL (baseline)",
+             core.median_of(core.bare_insert, tmp / "bare.db", "NORMAL", EVENTS)),
+            ("kmagent Client.record, SQLite normal",
+             core.median_of(core.client_record, tmp / "km.db", "normal", EVENTS)),
+            ("bare os.write of a JSON line",
+             core.median_of(core.bare_write, tmp / "bare.jsonl", False, EVENTS)),
+            ("kmagent Client.record, jsonl normal",
+             core.median_of(core.client_record, tmp / "km.d", "normal", EVENTS, "jsonl")),
+        ]
+        names = {"segment_track_enqueue": "Segment track() into its in-memory queue",
+                 "persist_queue_put": "persist-queue SQLiteAckQueue.put",
+                 "py_kissmetrics_record": "py-KISSmetrics Client.record (sends; loopback host)"}
+        for key, value in peers(url).items():
+            rows.append((names[key], value))
     baseline = rows[0][1]
     print(f"producer cost, 1 thread, {EVENTS} events x {ROUNDS} rounds, medians\n")
     print("| producer | µs/event | × bare sqlite3 |")

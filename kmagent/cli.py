@@ -214,7 +214,7 @@ def check() -> int:
       kmagent check --config /etc/kmagent/config.toml
     """
     from .config import shipping_config
-    from .sender import Sender
+    from .daemon import make_sender
     config = shipping_config(_config())
     click.echo(f"configuration: {config.source}: ok")
     click.echo(f"spool:         {config.spool_backend} at {config.spool_path}")
@@ -222,9 +222,7 @@ def check() -> int:
         click.echo("api key:       none configured: events without a key of their own will wait")
     else:
         click.echo("api key:       configured")
-    sender = Sender(config.endpoint, concurrency=1, connect_timeout=config.connect_timeout,
-                    read_timeout=config.read_timeout, proxy=config.proxy,
-                    ca_file=config.ca_file, api_key=config.api_key)
+    sender = make_sender(config)
     started = time.monotonic()
     outcome = sender.probe()
     sender.close()

@@ -41,12 +41,16 @@ MAINTAIN_EVERY_S = 30.0
 STATUS_EVERY_S = 5.0  # how often systemd's STATUS= line is refreshed
 
 
+def make_sender(config: Config) -> Sender:
+    """A Sender configured from ``config`` (completed by ``shipping_config``)."""
+    return Sender(config.endpoint, concurrency=config.concurrency,
+                  connect_timeout=config.connect_timeout, read_timeout=config.read_timeout,
+                  proxy=config.proxy, ca_file=config.ca_file, api_key=config.api_key)
+
+
 def make_shipper(config: Config, spool: Spool, wake: threading.Event | None = None) -> Shipper:
     """A Shipper for ``spool`` with a Sender configured from ``config``."""
-    sender = Sender(config.endpoint, concurrency=config.concurrency,
-                    connect_timeout=config.connect_timeout, read_timeout=config.read_timeout,
-                    proxy=config.proxy, ca_file=config.ca_file, api_key=config.api_key)
-    return Shipper(spool, sender, concurrency=config.concurrency,
+    return Shipper(spool, make_sender(config), concurrency=config.concurrency,
                    max_backoff=config.max_backoff, max_age=config.max_age, wake=wake)
 
 
@@ -249,11 +253,7 @@ class Daemon:
         shipper.sender.close()
         self.config = fresh
         replacement = make_shipper(fresh, shipper.spool, self._wake)
-        for name in ("delivered_total", "retried_total", "dead_total", "last_error",
-                     "last_error_at", "last_success_at"):
-            setattr(replacement, name, getattr(shipper, name))
-        # A host's "wait" (Retry-After, an outage hold) outlives a reload.
-        replacement.gate.hold_until = shipper.gate.hold_until
+        replacement.carry_on_from(shipper)
         log.info("configuration reloaded from %s", fresh.source)
         self.notifier.notify("READY=1")
         return replacement

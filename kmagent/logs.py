@@ -6,12 +6,23 @@ import logging
 import os
 import re
 import sys
+from typing import Iterable
 
 from .protocol import quote_param
 
 
 # Any key in a request target, including keys that events carry of their own.
 _KEY_IN_URL = re.compile(r"([?&]_k=)[^&\s\"']*")
+
+
+def redact(text: str, secrets: "Iterable[str]") -> str:
+    """Hide API keys in text bound for a log, an error or status: every ``_k=`` value in
+    a URL, and each secret, raw and percent-encoded."""
+    text = _KEY_IN_URL.sub(r"\1***", text)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***").replace(quote_param(secret), "***")
+    return text
 
 
 class _Redact(logging.Filter):
@@ -23,10 +34,7 @@ class _Redact(logging.Filter):
         self.secrets: set[str] = set()
 
     def redact(self, text: str) -> str:
-        text = _KEY_IN_URL.sub(r"\1***", text)
-        for secret in self.secrets:
-            text = text.replace(secret, "***").replace(quote_param(secret), "***")
-        return text
+        return redact(text, self.secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

@@ -19,7 +19,8 @@ import certifi
 import urllib3
 
 from . import __version__
-from .protocol import quote_param, request_target
+from .logs import redact
+from .protocol import request_target
 from .spool import Claimed
 
 log = logging.getLogger("kmagent.sender")
@@ -80,14 +81,6 @@ def backoff_ceiling(attempts: int, cap: float) -> float:
 def backoff_delay(attempts: int, cap: float, rng: random.Random = random._inst) -> float:
     """Capped exponential backoff with full jitter: uniform in [0, ceiling]."""
     return rng.uniform(0, backoff_ceiling(attempts, cap))
-
-
-def redact(text: str, secrets: tuple[str, ...]) -> str:
-    """Hide API keys (raw and percent-encoded) in text bound for logs or errors."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***").replace(quote_param(secret), "***")
-    return text
 
 
 class Sender:

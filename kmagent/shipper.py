@@ -68,6 +68,14 @@ class Shipper:
         # Without a key of its own, the agent can send only events that carry one.
         self._with_key_only = sender.api_key is None
 
+    def carry_on_from(self, previous: "Shipper") -> None:
+        """Take over from a shipper this one replaces (a reload): its counts, and any
+        wait the host asked for (Retry-After, an outage hold), which outlives a reload."""
+        for name in ("delivered_total", "retried_total", "dead_total", "last_error",
+                     "last_error_at", "last_success_at"):
+            setattr(self, name, getattr(previous, name))
+        self.gate.hold_until = previous.gate.hold_until
+
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)

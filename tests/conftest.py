@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -138,3 +139,10 @@ def stop(process: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 30) -> 
     process.send_signal(sig)
     _, process.log = process.communicate(timeout=timeout)
     return process.returncode
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

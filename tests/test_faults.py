@@ -295,12 +295,18 @@ def test_a_full_disk_refuses_quickly_and_the_daemon_resumes(
             assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def test_shutdown_timeout_bounds_a_sigterm(host, write_config, spool_path):
+def start_hung_daemon(host, write_config, extra: str = ""):
+    """A daemon with one request in flight to a host that takes 20 s to answer."""
     host.delay = 20
-    config = write_config(host, extra="[ship]\nshutdown_timeout = 1\nread_timeout = 60\n")
+    config = write_config(host, extra="[ship]\nread_timeout = 60\n" + extra)
     Client(config=config).record("bob", "Hung")
     daemon = start_daemon(config)
     wait_for(lambda: host.started > 0)
+    return daemon, config
+
+
+def test_shutdown_timeout_bounds_a_sigterm(host, write_config, spool_path):
+    daemon, config = start_hung_daemon(host, write_config, "shutdown_timeout = 1\n")
     started = time.monotonic()
     assert stop(daemon) == 0
     assert time.monotonic() - started < 5
@@ -308,11 +314,7 @@ def test_shutdown_timeout_bounds_a_sigterm(host, write_config, spool_path):
 
 
 def test_a_second_sigterm_exits_at_once(host, write_config, spool_path):
-    host.delay = 20
-    config = write_config(host, extra="[ship]\nread_timeout = 60\n")
-    Client(config=config).record("bob", "Hung")
-    daemon = start_daemon(config)
-    wait_for(lambda: host.started > 0)
+    daemon, config = start_hung_daemon(host, write_config)
     daemon.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     started = time.monotonic()

@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import trustme
+from conftest import free_port
 
 from kmagent import __version__
 from kmagent.sender import Sender, backoff_delay, redact
@@ -80,10 +81,7 @@ def test_a_host_that_never_answers_times_out_without_leaking_the_key():
 
 
 def test_refused_connection_is_a_failure_not_an_exception():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    outcome = sender_for(f"http://127.0.0.1:{port}").send(ITEM)
+    outcome = sender_for(f"http://127.0.0.1:{free_port()}").send(ITEM)
     assert not outcome.delivered and "secret-key" not in outcome.error
 
 

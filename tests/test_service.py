@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from conftest import run_kmagent, start_kmagent, wait_for
+from conftest import free_port, run_kmagent, start_kmagent, wait_for
 
 from kmagent import Client
 from kmagent.notify import Notifier
@@ -148,12 +148,6 @@ def test_status_reports_the_daemons_figures(host, write_config, spool_path):
     after = json.loads(run_kmagent("status", "--json", "--config", str(config)).stdout)
     assert after["delivered_total"] == 20 and after["daemon_pid"] is None
     assert after["rate_1m"] == 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_prometheus_metrics_on_loopback_and_in_a_textfile(host, write_config, tmp_path):

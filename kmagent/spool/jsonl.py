@@ -385,7 +385,7 @@ class JsonlSpool(Spool):
         def read() -> list[dict[str, Any]]:
             letters = []
             for record in self._read_dead():
-                event, _ = from_line(json.dumps(record["line"]).encode())
+                event = _dead_event(record)
                 letters.append({"id": record["id"], **describe(*encode(event)),
                                 "status": record["status"], "reason": record["reason"],
                                 "failed_at": record["failed_at"]})
@@ -398,7 +398,7 @@ class JsonlSpool(Spool):
             unknown_ids(ids, (r["id"] for r in records))
             chosen = [r for r in records if ids is None or r["id"] in ids]
             for record in chosen if requeue else ():
-                event, _ = from_line(json.dumps(record["line"]).encode())
+                event = _dead_event(record)
                 self._append_locked(event)  # a fresh line: due now, aged from now
             kept = b"".join(_dump_line(r) for r in records if r not in chosen)
             write_atomically(self.path / DEAD, kept)
@@ -427,6 +427,11 @@ class JsonlSpool(Spool):
             self._fd = None
 
 
+def _dead_event(record: dict[str, Any]) -> Event:
+    """The event a dead-letter record holds (its original line, as an object)."""
+    return from_line(json.dumps(record["line"]).encode())[0]
+
+
 def _dump_line(record: dict[str, Any]) -> bytes:
     return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
@@ -448,11 +453,13 @@ class _DiskView:
         except FileNotFoundError:
             st = None
         if st is not None:
-            fd = os.open(path / ACTIVE, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                head = file_head(fd)
-            finally:
-                os.close(fd)
+            head = None
+            if st.st_ino == self.checkpoint.ino:  # only then does the fingerprint matter
+                fd = os.open(path / ACTIVE, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    head = file_head(fd)
+                finally:
+                    os.close(fd)
             seq = active_seq(self.checkpoint, [f[0] for f in self.files], st.st_ino, head)
             self.files.append((seq, path / ACTIVE, st))
         self.files.sort(key=lambda f: f[0])
