@@ -37,7 +37,7 @@ class Client:
     def record(self, person: str, event: str | Mapping[str, Any], props: Mapping[str, Any] | None = None,
                *, timestamp: Any = None) -> None:
         """``person`` did ``event`` (with ``props``); ``record(person, props)`` is a set."""
-        if isinstance(event, Mapping) and props is None:
+        if type(event) is not str and isinstance(event, Mapping) and props is None:
             return self.set(person, event, timestamp=timestamp)
         self._spool.append(make_event(person, event, props, timestamp=timestamp,
                                       api_key=self.api_key, now=time.time()))

@@ -30,6 +30,21 @@ def quote_param(text: str) -> str:
     return quote(text, safe="")
 
 
+# Event and property names repeat; their encodings are kept (bounded, like the names
+# events.py remembers) rather than computed for every event.
+_quoted_names: dict[str, str] = {}
+_QUOTED_NAMES_MAX = 4096
+
+
+def _quote_name(name: str) -> str:
+    quoted = _quoted_names.get(name)
+    if quoted is None:
+        quoted = quote_param(name)
+        if len(_quoted_names) < _QUOTED_NAMES_MAX:
+            _quoted_names[name] = quoted
+    return quoted
+
+
 def format_value(value: Value) -> str:
     """true/false for booleans, decimal ints, floats as Python's shortest round-trip repr."""
     if value is True:
@@ -45,14 +60,16 @@ def format_value(value: Value) -> str:
 
 def encode(event: Event) -> tuple[str, str]:
     """The request path (``e``/``s``/``a``) and its query string, ``_k`` left out."""
-    parts = ["_p=" + quote_param(event.person)]
+    query = "_p=" + quote_param(event.person)
+    if event.kind == ALIAS:
+        return event.kind, query + "&_n=" + quote_param(event.name)
     if event.name is not None:
-        parts.append("_n=" + quote_param(event.name))
-    if event.kind != ALIAS:
-        parts.append(f"_t={event.time}&_d=1")
+        query += "&_n=" + _quote_name(event.name)
+    query += f"&_t={event.time}&_d=1"
     for name, value in event.props:
-        parts.append(quote_param(name) + "=" + format_value(value))
-    return event.kind, "&".join(parts)
+        query += "&" + _quote_name(name) + "=" + (
+            quote_param(value) if type(value) is str else format_value(value))
+    return event.kind, query
 
 
 def request_target(path: str, query: str, api_key: str) -> str:

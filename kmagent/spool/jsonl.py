@@ -189,7 +189,9 @@ class JsonlSpool(Spool):
         self.rotate_bytes = rotate_bytes
         self.rotate_seconds = rotate_seconds
         self._active_path = self.path / ACTIVE
+        self._active_name = str(self._active_path)  # a str: os.stat skips __fspath__
         self._fd: int | None = None
+        self._held = (0, 0)  # (inode, device) of the file self._fd holds
         self._end = -1  # where our last complete line ended in the file we hold
         self._pid = -1
         self._shipping: _Shipping | None = None
@@ -216,18 +218,20 @@ class JsonlSpool(Spool):
             self._fd, self._pid, self._end = None, os.getpid(), -1
         if self._fd is None:
             self._fd = open_file(self._active_path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+            held = os.fstat(self._fd)
+            self._held = (held.st_ino, held.st_dev)
         return self._fd
 
     def _held_size(self, fd: int) -> int | None:
-        """The size of the file ``fd`` holds, or None if it is no longer events.jsonl."""
+        """The size of the file ``fd`` holds, or None if it is no longer events.jsonl.
+        One stat of the name: if it is still our inode, its size is our file's."""
         try:
-            current = os.stat(self._active_path)
+            current = os.stat(self._active_name)
         except FileNotFoundError:
             return None
-        held = os.fstat(fd)
-        if (held.st_ino, held.st_dev) != (current.st_ino, current.st_dev):
+        if (current.st_ino, current.st_dev) != self._held:
             return None
-        return held.st_size
+        return current.st_size
 
     @property
     def drops_path(self) -> Path:
@@ -379,7 +383,9 @@ class JsonlSpool(Spool):
             # A crash between writing a dead letter and settling its line writes it
             # twice on the next run: one id, one letter.
             records.setdefault(record["id"], record)
-        return list(records.values())
+        # In the order the events were recorded (the spool's), as on SQLite, not in the
+        # order concurrent sends happened to fail.
+        return sorted(records.values(), key=lambda r: tuple(map(int, r["id"].split(":"))))
 
     def dead_letters(self) -> list[dict[str, Any]]:
         def read() -> list[dict[str, Any]]:

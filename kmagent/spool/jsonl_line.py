@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from json.encoder import encode_basestring
 from typing import Any
 
 from ..errors import InvalidEvent
@@ -25,28 +26,43 @@ from ..events import ALIAS, EVENT, Event, check_name, make_alias, make_event, ma
 FORMAT_VERSION = 1
 FIELDS = frozenset({"_p", "_n", "_p2", "_t", "_c", "_k", "_v", "_d"})
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-
-
 class BadLine(ValueError):
     """A line that is not a valid event; the reason says why."""
 
 
 def to_line(event: Event, created: float) -> bytes:
     """The line for ``event`` (UTF-8, ending in a newline)."""
-    obj: dict[str, Any] = {"_p": event.person}
+    # Built as text rather than through a dict and json's encoder: the values are
+    # already validated plain str/int/float/bool, and this runs on every record().
+    text = '{"_p":' + _string(event.person)
     if event.kind == EVENT:
-        obj["_n"] = event.name
+        text += ',"_n":' + _string(event.name)
     elif event.kind == ALIAS:
-        obj["_p2"] = event.name
-    obj["_t"] = int(created) if event.time is None else event.time
+        text += ',"_p2":' + _string(event.name)
+    text += ',"_t":' + str(int(created) if event.time is None else event.time)
     for name, value in event.props:
-        obj["_" + name if name[0] == "_" else name] = value
-    obj["_c"] = created
+        text += "," + _key(name) + ":" + (
+            _string(value) if type(value) is str else _JSON_SCALARS[type(value)](value))
+    text += ',"_c":' + float.__repr__(created)
     if event.api_key is not None:
-        obj["_k"] = event.api_key
-    obj["_v"] = FORMAT_VERSION
-    return (_dumps(obj) + "\n").encode("utf-8")
+        text += ',"_k":' + _string(event.api_key)
+    return (text + _TAIL).encode("utf-8")
+
+
+_string = encode_basestring  # a JSON string, non-ASCII kept as it is (valid UTF-8)
+_TAIL = f',"_v":{FORMAT_VERSION}}}\n'
+_JSON_SCALARS = {bool: lambda v: "true" if v else "false", int: int.__repr__,
+                 float: float.__repr__}
+_keys: dict[str, str] = {}  # property name -> its JSON key; names repeat
+
+
+def _key(name: str) -> str:
+    key = _keys.get(name)
+    if key is None:
+        key = _string("_" + name if name[0] == "_" else name)
+        if len(_keys) < 4096:
+            _keys[name] = key
+    return key
 
 
 def from_line(line: bytes) -> tuple[Event, float]:

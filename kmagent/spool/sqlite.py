@@ -237,7 +237,7 @@ class SqliteSpool(Spool):
         import sqlite_utils  # inspection only: the daemon side may import it
 
         def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            rows = sqlite_utils.Database(conn)["dead"].rows_where(order_by="id")
+            rows = sqlite_utils.Database(conn)["dead"].rows_where(order_by="created, id")
             return [{"id": str(row["id"]), **describe(row["path"], row["query"]),
                      "status": row["status"], "reason": row["reason"],
                      "failed_at": row["failed_at"]} for row in rows]
