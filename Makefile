@@ -24,11 +24,8 @@ $(PEERS):
 	$(PYTHON) -m venv bench/.venv-peers
 	bench/.venv-peers/bin/pip install --quiet segment-analytics-python persist-queue py-kissmetrics
 
-bench: $(BIN)/kmagent $(PEERS)  ## the benchmark tables
-	$(BIN)/python bench/producers.py
-	$(BIN)/python bench/core.py
-	$(BIN)/python bench/resends.py
-	$(BIN)/python bench/outage.py
+bench: $(BIN)/kmagent $(PEERS)  ## every benchmark; rewrites bench/RESULTS.md
+	$(BIN)/python bench/run.py
 
 # A system install: kmagent in its own venv (Debian's Python refuses system-wide pip
 # installs), the command linked into $(PREFIX)/bin, the unit and snippets in place.

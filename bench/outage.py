@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import kmagent.gate
+from common import table
 from kmagent import Client
 from kmagent.config import Config
 from kmagent.daemon import Daemon
@@ -64,20 +65,22 @@ def retry_after_gap(tmp: Path) -> float:
     return later[0]
 
 
-def main() -> None:
+def run() -> str:
     logging.disable(logging.CRITICAL)  # the figures, not the agent's log
+    rows = []
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        print(f"{EVENTS} events pending, concurrency 16, max_backoff 4 s, "
-              f"host down for the first {OUTAGE_S} s\n")
-        print("| agent | requests during the outage | drained after it (s) |")
-        print("|---|---:|---:|")
         for gate in (True, False):
             during, drained = outage_run(tmp, gate)
             label = "kmagent (gate: probe one at a time)" if gate else "every worker on its own"
-            print(f"| {label} | {during} | {drained:.1f} |")
-        print(f"\n429 with Retry-After: 2 → next new request {retry_after_gap(tmp):.2f} s later")
+            rows.append((label, during, f"{drained:.1f}"))
+        gap = retry_after_gap(tmp)
+    logging.disable(logging.NOTSET)
+    return (f"{EVENTS} events pending, concurrency 16, max_backoff 4 s, host down for the "
+            f"first {OUTAGE_S} s\n\n"
+            + table(("agent", "requests during the outage", "drained after it (s)"), rows)
+            + f"\n\n429 with Retry-After: 2 → the next new request {gap:.2f} s later")
 
 
 if __name__ == "__main__":
-    main()
+    print(run())

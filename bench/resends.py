@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import table
 from kmagent import Client, status
 from kmagent.testhost import StandInHost
 
@@ -46,16 +47,17 @@ def drain_with_kills(tmp: Path, backend: str) -> tuple[int, int, int]:
     return kills, sum(n - 1 for n in counts.values()), max(counts.values())
 
 
-def main() -> None:
-    print(f"{EVENTS} events, concurrency {CONCURRENCY} (claim window {2 * CONCURRENCY}), "
-          "host latency 5 ms, daemon SIGKILLed every 0.7 s\n")
-    print("| backend | SIGKILLs | events resent | per SIGKILL | most sends of one event |")
-    print("|---|---:|---:|---:|---:|")
+def run() -> str:
+    rows = []
     with tempfile.TemporaryDirectory() as tmpdir:
         for backend in ("sqlite", "jsonl"):
             kills, resent, most = drain_with_kills(Path(tmpdir), backend)
-            print(f"| {backend} | {kills} | {resent} | {resent / kills:.1f} | {most} |")
+            rows.append((backend, kills, resent, f"{resent / kills:.1f}", most))
+    return (f"{EVENTS} events, concurrency {CONCURRENCY} (claim window {2 * CONCURRENCY}), "
+            "host latency 5 ms, daemon SIGKILLed every 0.7 s\n\n"
+            + table(("backend", "SIGKILLs", "events resent", "per SIGKILL",
+                     "most sends of one event"), rows))
 
 
 if __name__ == "__main__":
-    main()
+    print(run())

@@ -2,6 +2,8 @@
 in-process (kmagent.status) and as a command, beside `kmagent --version`.
 
     .venv/bin/python bench/status.py [EVENTS]
+
+Medians of 7.
 """
 
 from __future__ import annotations
@@ -16,29 +18,30 @@ import time
 from pathlib import Path
 
 import kmagent
+from common import table
 from kmagent.spool import open_spool
 
-EVENTS = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+EVENTS = 1_000_000
 QUERY = "_p=person{n}&_n=Signed%20Up&_t=1795875344&_d=1&Plan=Pro"
 
 
-def fill_sqlite(path: Path) -> None:
+def fill_sqlite(path: Path, events: int = EVENTS) -> None:
     open_spool(path).close()
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("BEGIN")
     now = time.time()
     conn.executemany("INSERT INTO events (path, query, api_key, created, due) "
                      "VALUES ('e', ?, NULL, ?, 0)",
-                     ((QUERY.format(n=n), now) for n in range(EVENTS)))
+                     ((QUERY.format(n=n), now) for n in range(events)))
     conn.execute("COMMIT")
     conn.close()
 
 
-def fill_jsonl(path: Path) -> None:
+def fill_jsonl(path: Path, events: int = EVENTS) -> None:
     open_spool(path, backend="jsonl").close()
     now = time.time()
     with open(path / "events.jsonl", "w") as fh:
-        for n in range(EVENTS):
+        for n in range(events):
             fh.write(json.dumps({"_p": f"person{n}", "_n": "Signed Up", "_t": 1795875344,
                                  "Plan": "Pro", "_c": now, "_v": 1}) + "\n")
 
@@ -52,16 +55,14 @@ def median_ms(fn, rounds: int = 7) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def run(events: int = EVENTS) -> str:
     command = [str(Path(sys.executable).parent / "kmagent")]
-    print(f"{EVENTS:,} pending events; medians of 7\n")
-    print("| backend | kmagent.status() ms | `kmagent status --json` ms | `kmagent --version` ms |")
-    print("|---|---:|---:|---:|")
+    rows = []
     with tempfile.TemporaryDirectory() as tmpdir:
         for backend, fill in (("sqlite", fill_sqlite), ("jsonl", fill_jsonl)):
             path = Path(tmpdir) / ("spool.db" if backend == "sqlite" else "spool.d")
-            fill(path)
-            assert kmagent.status(spool=path)["pending"] == EVENTS
+            fill(path, events)
+            assert kmagent.status(spool=path)["pending"] == events
             config = Path(tmpdir) / f"{backend}.toml"
             config.write_text(f'[spool]\nbackend = "{backend}"\npath = "{path}"\n')
             inproc = median_ms(lambda: kmagent.status(config))
@@ -70,8 +71,10 @@ def main() -> None:
                                                    capture_output=True))
             version = median_ms(lambda: subprocess.run(command + ["--version"], check=True,
                                                        capture_output=True))
-            print(f"| {backend} | {inproc:.1f} | {cmd:.0f} | {version:.0f} |")
+            rows.append((backend, f"{events:,}", f"{inproc:.1f}", f"{cmd:.0f}", f"{version:.0f}"))
+    return table(("backend", "pending", "kmagent.status() ms", "`kmagent status --json` ms",
+                  "`kmagent --version` ms"), rows)
 
 
 if __name__ == "__main__":
-    main()
+    print(run(int(sys.argv[1]) if len(sys.argv) > 1 else EVENTS))

@@ -369,6 +369,44 @@ def alias(person: str, identity: str) -> int:
     return 0
 
 
+@cli.group(name="import")
+def import_() -> None:
+    """Bring events logged by other tools into the spool."""
+
+
+@import_.command(name="km-log")
+@click.argument("directories", nargs=-1, required=True, metavar="DIR...",
+                type=click.Path(exists=True, file_okay=False))
+@common_options
+def import_km_log(directories: tuple[str, ...]) -> int:
+    """Move the events in km/kmts/PHP cron logs into the spool: the query logs
+    (kissmetrics_<env>_query.log, kissmetrics_query.log) and the sending logs km_send
+    left behind (<timestamp>kissmetrics_<env>_sending.log). Each event keeps its _k,
+    person, name, properties and _t, and is sent with _d=1. Query logs are emptied
+    and sending logs deleted once their events are in the spool; importing again sends
+    nothing twice. Malformed lines are counted and set aside (exit 0).
+
+    \b
+    Example:
+      kmagent import km-log /var/log/myapp/km
+    """
+    from pathlib import Path
+
+    from .kmlog import KmLogImporter
+    from .spool import open_configured
+    config = _config()
+    spool = open_configured(config)
+    try:
+        result = KmLogImporter(spool).import_dirs([Path(d) for d in directories])
+    finally:
+        spool.close()
+    click.echo(f"imported {result.imported} events from {len(result.files)} files")
+    if result.malformed:
+        click.echo(f"{result.malformed} malformed lines set aside in {result.bad_path}",
+                   err=True)
+    return 0
+
+
 @cli.command()
 @click.option("--port", type=click.IntRange(0, 65535), default=8089, show_default=True)
 @click.option("--status", "answer", type=click.IntRange(100, 599), default=200,

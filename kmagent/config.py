@@ -72,6 +72,7 @@ class Config:
     log_level: str = DEFAULT_LOG_LEVEL
     metrics_listen: str | None = None
     metrics_textfile: Path | None = None
+    km_log_dirs: tuple[Path, ...] = ()
     source: str = "built-in defaults"
 
 
@@ -151,9 +152,17 @@ def _listen(value: Any, base: Path) -> str:
 
 def _proxy(value: Any, base: Path) -> str:
     url = _string(value, base)
-    if urlsplit(url).scheme not in ("http", "https", "socks5", "socks5h") or not urlsplit(url).hostname:
-        raise ValueError("must be a proxy URL such as http://proxy.example:3128")
+    # The tunnel is opened with CONNECT in the clear, then TLS runs inside it.
+    if urlsplit(url).scheme != "http" or not urlsplit(url).hostname:
+        raise ValueError("must be an http:// proxy URL (HTTPS goes through it with CONNECT), "
+                         "such as http://proxy.example:3128")
     return url
+
+
+def _directories(value: Any, base: Path) -> tuple[Path, ...]:
+    if not isinstance(value, list):
+        raise ValueError('must be a list of directories, e.g. ["/var/log/myapp/km"]')
+    return tuple(_path(item, base) for item in value)
 
 
 # (section, key) -> (Config field, validator). Section "" is the top level.
@@ -179,6 +188,7 @@ KEYS: dict[tuple[str, str], tuple[str, Callable[[Any, Path], Any]]] = {
     ("log", "level"): ("log_level", _choice(*LOG_LEVELS)),
     ("metrics", "listen"): ("metrics_listen", _listen),
     ("metrics", "textfile"): ("metrics_textfile", _path),
+    ("km_log", "dirs"): ("km_log_dirs", _directories),
 }
 SECTIONS = {section for section, _ in KEYS if section}
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from .config import Config, shipping_config
 from .errors import KmagentError, SpoolError
+from .kmlog import KmLogFollower
 from .metrics import RunFigures
 from .lock import ShipperLock
 from .sender import Sender
@@ -117,8 +118,11 @@ class Daemon:
             if recovered:
                 log.info("recovered %d events a previous shipper had in flight", recovered)
             shipper = make_shipper(config, spool, self._wake)
-            watcher = SpoolWatcher(*spool.watch_target, self._wake)
-            watcher.start()
+            watchers = [SpoolWatcher(*spool.watch_target, self._wake)]
+            # km/kmts/PHP cron log directories: their writes wake the loop too.
+            watchers += [SpoolWatcher(d, "", self._wake) for d in config.km_log_dirs]
+            for watcher in watchers:
+                watcher.start()
             self._announce(config, spool)
             self.notifier.notify("READY=1", f"MAINPID={os.getpid()}")
             if on_ready:
@@ -129,7 +133,8 @@ class Daemon:
                 self._loop(figures, exporter)
             finally:
                 self.notifier.notify("STOPPING=1")
-                watcher.stop()
+                for watcher in watchers:
+                    watcher.stop()
                 shipper = figures.shipper
                 try:
                     shipper.shutdown(self.config.shutdown_timeout)
@@ -183,6 +188,7 @@ class Daemon:
         """Ship until stopped (a reload replaces ``figures.shipper``)."""
         shipper = figures.shipper
         spool = shipper.spool
+        km_logs = KmLogFollower(spool)
         pause = SPOOL_RETRY_S[0]
         maintained = pinged = status_at = time.monotonic()
         watchdog = self.notifier.watchdog_interval
@@ -190,6 +196,7 @@ class Daemon:
             try:
                 if self._reload.is_set():
                     shipper = figures.shipper = self._reloaded(shipper)
+                km_logs.follow(self.config.km_log_dirs)
                 shipper.step()
                 if time.monotonic() - maintained >= MAINTAIN_EVERY_S:
                     spool.maintain()

@@ -27,7 +27,7 @@ def redact(text: str, secrets: "Iterable[str]") -> str:
 
 class _Redact(logging.Filter):
     """Replaces secrets (raw and percent-encoded) and every ``_k=`` value in every record
-    before it is written, whoever logged it (urllib3 logs request URLs at debug level)."""
+    before it is written, whoever logged it (the sender logs request targets at debug level)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -234,7 +234,7 @@ def test_recording_does_not_import_the_http_stack_watchdog_or_click(tmp_path):
         "km.record('bob', 'Did', {'a': 1}); km.set('bob', {'a': 2}); km.alias('bob', 'b')\n"
         f"kmagent.KM.init(spool={str(tmp_path / 's.db')!r})\n"
         "kmagent.KM.identify('bob'); kmagent.KM.record('Did')\n"
-        "print(sorted(m for m in ('urllib3','requests','watchdog','click','prometheus_client') if m in sys.modules))\n")
+        "print(sorted(m for m in ('http.client','kmagent.sender','watchdog','click','prometheus_client') if m in sys.modules))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=PROJECT, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -80,6 +80,35 @@ def test_a_host_that_never_answers_times_out_without_leaking_the_key():
     assert "Timeout" in outcome.error and "secret-key" not in outcome.error
 
 
+def test_a_kept_alive_connection_the_host_closed_is_replaced_not_failed():
+    """A host that closes each connection after one answer, without saying so: the
+    next request on the stale connection is sent again on a fresh one."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    connections = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(conn)
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    sender = sender_for(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    try:
+        assert [sender.send(ITEM).delivered for _ in range(3)] == [True, True, True]
+        assert len(connections) == 3
+    finally:
+        sender.close()
+        listener.close()
+
+
 def test_refused_connection_is_a_failure_not_an_exception():
     outcome = sender_for(f"http://127.0.0.1:{free_port()}").send(ITEM)
     assert not outcome.delivered and "secret-key" not in outcome.error

@@ -68,6 +68,27 @@ def append_to(path: Path, data: bytes, *, sync: bool = False) -> None:
         os.close(fd)
 
 
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def make_dirs(path: Path) -> None:
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
 
@@ -140,6 +161,14 @@ class Spool(abc.ABC):
                             "bytes): is the daemon running and the host reachable?")
         self._size += self._store(event)
 
+    def append_many(self, events: list[Event]) -> None:
+        """Store ``events`` together and durably (synced to disk, whatever
+        ``durability`` says) before returning: for imports, whose source is removed next."""
+        if events and self.max_bytes is not None and self._full_now():
+            raise SpoolFull(f"spool {self.path} is at its max_bytes ({self.max_bytes} bytes)")
+        if events:
+            self._size += self._store_many(events)
+
     def _full_now(self) -> bool:
         now = time.monotonic()
         if now - self._size_at >= SIZE_CHECK_S:
@@ -168,6 +197,10 @@ class Spool(abc.ABC):
     @abc.abstractmethod
     def _store(self, event: Event) -> int:
         """Write one event; returns about how many bytes it added."""
+
+    @abc.abstractmethod
+    def _store_many(self, events: list[Event]) -> int:
+        """Write ``events`` at once and sync them; returns about how many bytes."""
 
     @abc.abstractmethod
     def size_on_disk(self) -> int:

@@ -41,7 +41,8 @@ from typing import Any, Callable, Iterable, Iterator
 from ..errors import SpoolError
 from ..events import Event
 from ..protocol import describe, encode
-from .base import Claimed, Spool, append_to, make_dirs, open_file, unknown_ids
+from .base import (Claimed, Spool, append_to, fsync_dir, make_dirs, open_file, unknown_ids,
+                   write_atomically)
 from .jsonl_line import BadLine, from_line, to_line
 
 ACTIVE = "events.jsonl"
@@ -65,27 +66,6 @@ Position = tuple[int, int]  # (file sequence number, byte offset)
 
 def sealed_name(seq: int) -> str:
     return f"events.{seq:010d}.jsonl"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def count_lines(fd: int, start: int, end: int) -> int:
@@ -240,6 +220,16 @@ class JsonlSpool(Spool):
     def _store(self, event: Event) -> int:
         with self._lock:
             return self._append_locked(event)
+
+    def _store_many(self, events: list[Event]) -> int:
+        now = time.time()
+        data = b"".join(to_line(event, now) for event in events)
+        with self._lock:
+            try:
+                os.fdatasync(self._write(data))
+            except OSError as exc:
+                raise SpoolError(f"spool {self.path}: cannot append: {exc.strerror}") from None
+        return len(data)
 
     def size_on_disk(self) -> int:
         """The event files, less the delivered prefix of the first one."""
@@ -620,7 +610,7 @@ class _Shipping:
             fcntl.flock(fd, fcntl.LOCK_EX)  # producers hold it for microseconds
             if os.fstat(fd).st_ino == active.ino:
                 os.rename(self.dir / ACTIVE, self.dir / sealed_name(active.seq))
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
         finally:
             os.close(fd)  # drops the flock
         active.sealed = True

@@ -1,0 +1,93 @@
+"""Shipping: delivered events/s to a loopback host with 0, 20 and 100 ms of added
+latency. kmagent (`flush` of a SQLite spool) beside a bare hand-written client of the
+same concurrency (threads, each with one keep-alive http.client connection), a
+sequential loop (one connection, one request at a time, as km_send sends its log) and
+the bound, concurrency ÷ latency. Medians of rounds; the host runs in its own process.
+
+    .venv/bin/python bench/shipping.py
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from common import loop_host, median_of, table
+
+ROUNDS = 3
+CONCURRENCY = (16, 32)  # 16 is kmagent's default
+DELAYS = (0.0, 0.02, 0.1)
+TARGET = "/e?_k=bench&_p=person{n}&_n=Shipped&_t=1795875344&_d=1"
+
+
+def events_for(delay: float, concurrency: int) -> int:
+    """Enough for ~2 s at the bound (at least 2,000 with no added latency)."""
+    return 3000 if delay == 0 else max(200, int(2 * concurrency / delay))
+
+
+def kmagent_rate(url: str, n: int, concurrency: int) -> float:
+    from kmagent.client import Client
+    from kmagent.config import Config
+    from kmagent.flush import flush
+    with tempfile.TemporaryDirectory() as tmp:
+        spool = Path(tmp) / "spool.db"
+        client = Client(spool=spool)
+        for i in range(n):
+            client.record(f"person{i}", "Shipped")
+        client.close()
+        config = Config(api_key="bench", endpoint=url, spool_path=spool, concurrency=concurrency)
+        start = time.perf_counter()
+        result = flush(config, timeout=30)
+        elapsed = time.perf_counter() - start
+    assert result.remaining == 0, result
+    return n / elapsed
+
+
+def bare_rate(url: str, n: int, concurrency: int) -> float:
+    """``concurrency`` threads, each with its own keep-alive connection, sharing the work."""
+    address = urlsplit(url)
+    numbers = itertools.count()  # next() on a count is atomic under the GIL
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
+        while (i := next(numbers)) < n:
+            conn.request("GET", TARGET.format(n=i))
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+        conn.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return n / (time.perf_counter() - start)
+
+
+def run() -> str:
+    rows = []
+    for delay in DELAYS:
+        with loop_host(delay) as url:
+            n_seq = 2000 if delay == 0 else max(50, int(2 / delay))
+            sequential = median_of(bare_rate, url, n_seq, 1, rounds=ROUNDS)
+            for concurrency in CONCURRENCY:
+                n = events_for(delay, concurrency)
+                bare = median_of(bare_rate, url, n, concurrency, rounds=ROUNDS)
+                ours = median_of(kmagent_rate, url, n, concurrency, rounds=ROUNDS)
+                bound = f"{concurrency / delay:,.0f}" if delay else "–"
+                rows.append((f"{delay * 1000:.0f} ms", concurrency, f"{ours:,.0f}",
+                             f"{bare:,.0f}", f"{sequential:,.0f}", bound,
+                             f"{ours / bare:.2f}", f"{ours / sequential:.1f}"))
+    return table(("host latency", "concurrency", "kmagent events/s", "bare http.client threads",
+                  "sequential loop", "bound", "kmagent ÷ bare", "kmagent ÷ sequential"), rows)
+
+
+if __name__ == "__main__":
+    print(run())
