@@ -135,7 +135,7 @@ def draining(tmp: Path, drain_all: bool) -> list[tuple[str, str]]:
 def run(drain_all: bool = False) -> str:
     with tempfile.TemporaryDirectory() as tmpdir:
         rows = at_rest(Path(tmpdir)) + draining(Path(tmpdir), drain_all)
-    return table(("daemon (SQLite spool, concurrency 16)", "measured"), rows)
+    return table(("daemon (SQLite spool, default settings)", "measured"), rows)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def drain_with_kills(tmp: Path, backend: str) -> tuple[int, int, int]:
         config.write_text(f'api_key = "bench"\nendpoint = "{host.url}"\n[spool]\n'
                           f'backend = "{backend}"\npath = "{spool}"\n'
                           f"[ship]\nconcurrency = {CONCURRENCY}\n")
+        config.chmod(0o600)  # it holds the key
         client = Client(config=config)
         for n in range(EVENTS):
             client.record(f"p{n}", "Resent?")

@@ -2,7 +2,9 @@
 latency. kmagent (`flush` of a SQLite spool) beside a bare hand-written client of the
 same concurrency (threads, each with one keep-alive http.client connection), a
 sequential loop (one connection, one request at a time, as km_send sends its log) and
-the bound, concurrency ÷ latency. Medians of rounds; the host runs in its own process.
+the bound, concurrency ÷ latency. kmagent runs with a fixed concurrency (16, 32) and
+with its default, adaptive from 16 up to 64 (beside 64 bare threads). Medians of
+rounds; the host runs in its own process.
 
     .venv/bin/python bench/shipping.py
 """
@@ -20,7 +22,8 @@ from urllib.parse import urlsplit
 from common import loop_host, median_of, table
 
 ROUNDS = 3
-CONCURRENCY = (16, 32)  # 16 is kmagent's default
+CONCURRENCY = (16, 32, None)  # None: kmagent's default, adaptive from 16 up to 64
+AUTO_CEILING = 64
 DELAYS = (0.0, 0.02, 0.1)
 TARGET = "/e?_k=bench&_p=person{n}&_n=Shipped&_t=1795875344&_d=1"
 
@@ -30,7 +33,8 @@ def events_for(delay: float, concurrency: int) -> int:
     return 3000 if delay == 0 else max(200, int(2 * concurrency / delay))
 
 
-def kmagent_rate(url: str, n: int, concurrency: int) -> float:
+def kmagent_rate(url: str, n: int, concurrency: int | None) -> float:
+    """``concurrency`` fixed, or None: the default (adaptive, starting at 16)."""
     from kmagent.client import Client
     from kmagent.config import Config
     from kmagent.flush import flush
@@ -40,7 +44,8 @@ def kmagent_rate(url: str, n: int, concurrency: int) -> float:
         for i in range(n):
             client.record(f"person{i}", "Shipped")
         client.close()
-        config = Config(api_key="bench", endpoint=url, spool_path=spool, concurrency=concurrency)
+        fixed = {"concurrency": concurrency, "max_concurrency": None} if concurrency else {}
+        config = Config(api_key="bench", endpoint=url, spool_path=spool, **fixed)
         start = time.perf_counter()
         result = flush(config, timeout=30)
         elapsed = time.perf_counter() - start
@@ -78,11 +83,13 @@ def run() -> str:
             n_seq = 2000 if delay == 0 else max(50, int(2 / delay))
             sequential = median_of(bare_rate, url, n_seq, 1, rounds=ROUNDS)
             for concurrency in CONCURRENCY:
-                n = events_for(delay, concurrency)
-                bare = median_of(bare_rate, url, n, concurrency, rounds=ROUNDS)
+                threads = concurrency or AUTO_CEILING  # the bare client at the ceiling
+                n = events_for(delay, threads)
+                bare = median_of(bare_rate, url, n, threads, rounds=ROUNDS)
                 ours = median_of(kmagent_rate, url, n, concurrency, rounds=ROUNDS)
-                bound = f"{concurrency / delay:,.0f}" if delay else "–"
-                rows.append((f"{delay * 1000:.0f} ms", concurrency, f"{ours:,.0f}",
+                bound = f"{threads / delay:,.0f}" if delay else "–"
+                label = concurrency or f"auto (16 → ≤ {AUTO_CEILING}; bare: {AUTO_CEILING})"
+                rows.append((f"{delay * 1000:.0f} ms", label, f"{ours:,.0f}",
                              f"{bare:,.0f}", f"{sequential:,.0f}", bound,
                              f"{ours / bare:.2f}", f"{ours / sequential:.1f}"))
     return table(("host latency", "concurrency", "kmagent events/s", "bare http.client threads",

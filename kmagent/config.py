@@ -24,7 +24,8 @@ ENV_CONFIG = "KMAGENT_CONFIG"
 DEFAULT_ENDPOINT = "https://trk.kissmetrics.io"
 DEFAULT_BACKEND = "sqlite"
 DEFAULT_DURABILITY = "normal"
-DEFAULT_CONCURRENCY = 16
+DEFAULT_CONCURRENCY = 16  # where the adaptive limit starts, or the fixed number
+DEFAULT_MAX_CONCURRENCY = 64  # the adaptive limit's ceiling
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 10.0
 DEFAULT_MAX_BACKOFF = 60.0
@@ -62,6 +63,8 @@ class Config:
     rotate_bytes: int = DEFAULT_ROTATE_BYTES
     rotate_seconds: float = DEFAULT_ROTATE_SECONDS
     concurrency: int = DEFAULT_CONCURRENCY
+    # None: exactly ``concurrency`` requests at once; a number: adapt between 1 and it.
+    max_concurrency: int | None = DEFAULT_MAX_CONCURRENCY
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
     max_backoff: float = DEFAULT_MAX_BACKOFF
@@ -159,6 +162,15 @@ def _proxy(value: Any, base: Path) -> str:
     return url
 
 
+def _concurrency(value: Any, base: Path) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return _number(1, 1024, integer=True)(value, base)
+    except ValueError:
+        raise ValueError('must be "auto" or an integer from 1 to 1024') from None
+
+
 def _directories(value: Any, base: Path) -> tuple[Path, ...]:
     if not isinstance(value, list):
         raise ValueError('must be a list of directories, e.g. ["/var/log/myapp/km"]')
@@ -177,7 +189,8 @@ KEYS: dict[tuple[str, str], tuple[str, Callable[[Any, Path], Any]]] = {
     ("spool", "when_full"): ("when_full", _choice("error", "drop")),
     ("spool", "rotate_bytes"): ("rotate_bytes", _number(4096, 2**40, integer=True)),
     ("spool", "rotate_seconds"): ("rotate_seconds", _number(1, 30 * 86400)),
-    ("ship", "concurrency"): ("concurrency", _number(1, 1024, integer=True)),
+    ("ship", "concurrency"): ("concurrency", _concurrency),
+    ("ship", "max_concurrency"): ("max_concurrency", _number(1, 1024, integer=True)),
     ("ship", "connect_timeout"): ("connect_timeout", _number(0.1, 600)),
     ("ship", "read_timeout"): ("read_timeout", _number(0.1, 600)),
     ("ship", "max_backoff"): ("max_backoff", _number(1, 86400)),
@@ -231,6 +244,17 @@ def config_from_mapping(data: Mapping[str, Any], *, source: str, base: Path,
                 raise ConfigError(source, _key_name(section, key), str(exc)) from None
     if "api_key" in data and "api_key_file" in data:
         raise ConfigError(source, "api_key_file", "give either api_key or api_key_file, not both")
+    if values.get("concurrency") == "auto":
+        del values["concurrency"]
+    elif "concurrency" in values and "max_concurrency" not in values:
+        values["max_concurrency"] = None  # a number given alone is a fixed number
+    ceiling = values.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
+    if ceiling is not None:
+        if "concurrency" not in values:
+            values["concurrency"] = min(DEFAULT_CONCURRENCY, ceiling)  # start within it
+        elif values["concurrency"] > ceiling:
+            raise ConfigError(source, "[ship] concurrency",
+                              f"must not be above [ship] max_concurrency ({ceiling})")
     if "spool_path" not in values:
         values["spool_path"] = default_spool_path(values.get("spool_backend", DEFAULT_BACKEND))
     if "proxy" not in values:

@@ -44,15 +44,16 @@ STATUS_EVERY_S = 5.0  # how often systemd's STATUS= line is refreshed
 
 def make_sender(config: Config) -> Sender:
     """A Sender configured from ``config`` (completed by ``shipping_config``)."""
-    return Sender(config.endpoint, concurrency=config.concurrency,
-                  connect_timeout=config.connect_timeout, read_timeout=config.read_timeout,
+    return Sender(config.endpoint, connect_timeout=config.connect_timeout,
+                  read_timeout=config.read_timeout,
                   proxy=config.proxy, ca_file=config.ca_file, api_key=config.api_key)
 
 
 def make_shipper(config: Config, spool: Spool, wake: threading.Event | None = None) -> Shipper:
     """A Shipper for ``spool`` with a Sender configured from ``config``."""
     return Shipper(spool, make_sender(config), concurrency=config.concurrency,
-                   max_backoff=config.max_backoff, max_age=config.max_age, wake=wake)
+                   max_concurrency=config.max_concurrency, max_backoff=config.max_backoff,
+                   max_age=config.max_age, wake=wake)
 
 
 def acquire(lock: ShipperLock, stop: threading.Event, what: str) -> bool:
@@ -155,8 +156,9 @@ class Daemon:
 
     @staticmethod
     def _announce(config: Config, spool: Spool) -> None:
-        log.info("shipping %s to %s (concurrency %d)", spool.path, config.endpoint,
-                 config.concurrency)
+        log.info("shipping %s to %s (concurrency %s)", spool.path, config.endpoint,
+                 config.concurrency if config.max_concurrency is None else
+                 f"adaptive from {config.concurrency}, at most {config.max_concurrency}")
         if config.api_key is None:
             log.warning("no api_key configured: events recorded without a key of their "
                         "own wait in the spool until api_key or api_key_file is set")

@@ -6,7 +6,8 @@ instead of every worker hammering the host.
        ▲                                                     │ probe fails: hold longer
        └──── probe succeeds: limit doubles per success up to the concurrency ◀┘
 
-Workers call ``enter()`` before a request and ``leave(outcome)`` after it.
+Workers call ``enter()`` before a request and ``leave(outcome)`` after it. With an
+AdaptiveLimit, healthy traffic is further held to the limit it finds (adaptive.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import threading
 import time
 from typing import Callable
 
+from .adaptive import AdaptiveLimit
 from .sender import DELIVERED, TRANSIENT, Outcome, backoff_ceiling
 
 log = logging.getLogger("kmagent.gate")
@@ -31,8 +33,10 @@ class Gate:
 
     def __init__(self, concurrency: int, max_backoff: float,
                  clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None) -> None:
-        self.concurrency = concurrency
+                 rng: random.Random | None = None,
+                 adaptive: AdaptiveLimit | None = None) -> None:
+        self.adaptive = adaptive
+        self.concurrency = adaptive.maximum if adaptive else concurrency  # the ceiling
         self.max_backoff = max_backoff
         self.clock = clock
         self.rng = rng or random.Random()
@@ -50,20 +54,31 @@ class Gate:
     def in_outage(self) -> bool:
         return self.outage_level > 0
 
+    @property
+    def allowed(self) -> int:
+        """Requests that may run at once now."""
+        if self.adaptive is None:
+            return self.limit
+        return min(self.limit, self.adaptive.limit)
+
     def enter(self) -> int | None:
         """Wait until a request may start; returns a ticket, or None once closed."""
         with self._cond:
             while not self._closed:
                 wait = self.hold_until - self.clock()
-                if wait <= 0 and self.active < self.limit:
+                if wait <= 0 and self.active < self.allowed:
                     self.active += 1
                     return self._generation
                 self._cond.wait(None if wait <= 0 else wait)
             return None
 
-    def leave(self, ticket: int, outcome: Outcome) -> None:
-        """Account for a finished request started with ``ticket``."""
+    def leave(self, ticket: int, outcome: Outcome, rtt: float | None = None) -> None:
+        """Account for a finished request started with ``ticket``, ``rtt`` s long."""
         with self._cond:
+            if self.adaptive is not None and not self.outage_level:
+                # (During an outage the probes say nothing about how many at once.)
+                self.adaptive.observe(rtt, pushed_back=outcome.kind == TRANSIENT,
+                                      in_flight=self.active)
             self.active -= 1
             now = self.clock()
             if outcome.retry_after is not None:

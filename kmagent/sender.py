@@ -101,7 +101,7 @@ class Sender:
     reached with CONNECT, for an https endpoint.
     """
 
-    def __init__(self, endpoint: str, *, concurrency: int, connect_timeout: float,
+    def __init__(self, endpoint: str, *, connect_timeout: float,
                  read_timeout: float, proxy: str | None = None, ca_file: str | None = None,
                  api_key: str | None = None) -> None:
         self.endpoint = endpoint.rstrip("/")

@@ -24,6 +24,7 @@ import time
 from collections import deque
 from typing import Any, Callable
 
+from .adaptive import AdaptiveLimit
 from .gate import Gate
 from .sender import DELIVERED, PERMANENT, Outcome, Sender, backoff_delay
 from .spool import Claimed, Spool
@@ -40,25 +41,24 @@ class Shipper:
 
     def __init__(self, spool: Spool, sender: Sender, *, concurrency: int, max_backoff: float,
                  max_age: float = 0.0, wake: threading.Event | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 max_concurrency: int | None = None) -> None:
+        """``max_concurrency``: adapt the requests at once between 1 and it, starting
+        at ``concurrency`` (adaptive.py); None keeps ``concurrency`` fixed."""
         self.spool = spool
         self.sender = sender
         self.max_backoff = max_backoff
         self.max_age = max_age
-        self.window = concurrency * WINDOW_PER_WORKER
         self.clock = clock
-        self.gate = Gate(concurrency, max_backoff)
+        adaptive = AdaptiveLimit(concurrency, max_concurrency) if max_concurrency else None
+        self.gate = Gate(concurrency, max_backoff, adaptive=adaptive)
         # Set by workers when a request finishes (and by the daemon's watcher and signals).
         self.wake = wake or threading.Event()
         self._in_flight: dict[Any, Claimed] = {}
         self._todo: queue.SimpleQueue[Claimed | None] = queue.SimpleQueue()
         self._done: deque[tuple[Claimed, Outcome | None]] = deque()
-        # Daemon threads, not an executor: a request hung past the shutdown deadline
-        # must not keep the process alive (its event is back in the spool by then).
-        self._workers = [threading.Thread(target=self._work, name=f"kmagent-send-{n}",
-                                          daemon=True) for n in range(concurrency)]
-        for worker in self._workers:
-            worker.start()
+        self._workers: list[threading.Thread] = []
+        self._add_workers()
         self.delivered_total = 0
         self.retried_total = 0
         self.dead_total = 0
@@ -80,6 +80,26 @@ class Shipper:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def concurrency(self) -> int:
+        """Requests that may run at once now (it moves when adaptive)."""
+        return self.gate.allowed
+
+    @property
+    def window(self) -> int:
+        """How many events may be claimed at once: a little ahead of the workers."""
+        return self.gate.allowed * WINDOW_PER_WORKER
+
+    def _add_workers(self) -> None:
+        """As many workers as requests may run at once (an adaptive limit grows)."""
+        # Daemon threads, not an executor: a request hung past the shutdown deadline
+        # must not keep the process alive (its event is back in the spool by then).
+        while len(self._workers) < self.gate.allowed:
+            worker = threading.Thread(target=self._work, daemon=True,
+                                      name=f"kmagent-send-{len(self._workers)}")
+            worker.start()
+            self._workers.append(worker)
+
     def step(self) -> int:
         """Settle finished requests, then claim and start more; returns deliveries."""
         delivered = self.settle()
@@ -94,6 +114,7 @@ class Shipper:
 
     def fill(self) -> int:
         """Claim ready events up to the window and hand them to the workers."""
+        self._add_workers()
         room = self.window - len(self._in_flight)
         if room <= 0:
             return 0
@@ -109,6 +130,7 @@ class Shipper:
             if ticket is None:  # shutting down: not started, give it back
                 outcome = None
             else:
+                started = time.monotonic()
                 try:
                     outcome = self.sender.send(item)
                 except Exception as exc:
@@ -116,7 +138,7 @@ class Shipper:
                     # the event nor retry it forever: it goes to the dead letters.
                     log.exception("sending event %s failed unexpectedly", item.id)
                     outcome = Outcome(PERMANENT, None, f"could not be sent: {type(exc).__name__}")
-                self.gate.leave(ticket, outcome)
+                self.gate.leave(ticket, outcome, time.monotonic() - started)
             self._done.append((item, outcome))
             self.wake.set()
 

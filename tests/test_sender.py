@@ -21,7 +21,7 @@ ITEM = Claimed(1, "e", "_p=bob&_n=Signed%20Up&_t=1700000000&_d=1", None, 0.0, 1)
 
 
 def sender_for(url: str, **options) -> Sender:
-    settings = dict(concurrency=2, connect_timeout=2, read_timeout=2, api_key="secret-key")
+    settings = dict(connect_timeout=2, read_timeout=2, api_key="secret-key")
     settings.update(options)
     return Sender(url, **settings)
 

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -129,8 +130,16 @@ def _after_fork() -> None:
         _held_at_fork.pop().release()
 
 
+def _after_fork_in_child() -> None:
+    # Appends that other threads of the parent had queued are the parent's to write;
+    # written here too, they would be stored twice.
+    for spool in list(_live):
+        spool._waiting.clear()
+    _after_fork()
+
+
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork,
-                    after_in_child=_after_fork)
+                    after_in_child=_after_fork_in_child)
 
 
 class Spool(abc.ABC):
@@ -138,6 +147,12 @@ class Spool(abc.ABC):
 
     Producer handles are per process: a backend checks ``os.getpid()`` and reopens in a
     forked child; ``_lock`` serialises threads and is held across fork().
+
+    Group commit: an appending thread queues its record, then takes ``_lock`` and
+    writes every record queued by then in one transaction (SQLite) or one write()
+    (jsonl), synced once with ``durability = "full"``. Threads that queued meanwhile find
+    their record written when they get the lock and return at once. Alone, a thread
+    writes just its own record; under contention, one commit serves many.
     """
 
     path: Path
@@ -148,6 +163,9 @@ class Spool(abc.ABC):
         self.when_full = when_full
         self._size = 0
         self._size_at = -SIZE_CHECK_S  # monotonic time of the last measurement
+        # Records waiting to be written: [record, error, written]. Appends and pops of a
+        # deque are atomic, so queueing takes no lock; only the lock holder pops.
+        self._waiting: deque[list[Any]] = deque()
         _live.add(self)
 
     def append(self, event: Event) -> None:
@@ -159,7 +177,22 @@ class Spool(abc.ABC):
                 return
             raise SpoolFull(f"spool {self.path} is at its max_bytes ({self.max_bytes} "
                             "bytes): is the daemon running and the host reachable?")
-        self._size += self._store(event)
+        slot = [self._record(event), None, False]
+        self._waiting.append(slot)
+        with self._lock:
+            if not slot[2]:  # not written by an earlier lock holder: write the queue
+                batch = []
+                while self._waiting:
+                    batch.append(self._waiting.popleft())
+                try:
+                    self._size += self._write([entry[0] for entry in batch], sync=False)
+                except BaseException as exc:
+                    for entry in batch:
+                        entry[1] = exc
+                for entry in batch:
+                    entry[2] = True
+        if slot[1] is not None:
+            raise slot[1]
 
     def append_many(self, events: list[Event]) -> None:
         """Store ``events`` together and durably (synced to disk, whatever
@@ -167,7 +200,9 @@ class Spool(abc.ABC):
         if events and self.max_bytes is not None and self._full_now():
             raise SpoolFull(f"spool {self.path} is at its max_bytes ({self.max_bytes} bytes)")
         if events:
-            self._size += self._store_many(events)
+            records = [self._record(event) for event in events]
+            with self._lock:
+                self._size += self._write(records, sync=True)
 
     def _full_now(self) -> bool:
         now = time.monotonic()
@@ -195,12 +230,13 @@ class Spool(abc.ABC):
             return 0
 
     @abc.abstractmethod
-    def _store(self, event: Event) -> int:
-        """Write one event; returns about how many bytes it added."""
+    def _record(self, event: Event) -> Any:
+        """What the backend stores for ``event`` (built before the lock is taken)."""
 
     @abc.abstractmethod
-    def _store_many(self, events: list[Event]) -> int:
-        """Write ``events`` at once and sync them; returns about how many bytes."""
+    def _write(self, records: list[Any], *, sync: bool) -> int:
+        """Store ``records`` at once, under ``_lock``, durably per ``durability`` (and
+        synced to disk if ``sync``); returns about how many bytes they added."""
 
     @abc.abstractmethod
     def size_on_disk(self) -> int:

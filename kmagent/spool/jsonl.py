@@ -217,18 +217,17 @@ class JsonlSpool(Spool):
     def drops_path(self) -> Path:
         return self.path / "dropped"
 
-    def _store(self, event: Event) -> int:
-        with self._lock:
-            return self._append_locked(event)
+    def _record(self, event: Event) -> bytes:
+        return to_line(event, time.time())
 
-    def _store_many(self, events: list[Event]) -> int:
-        now = time.time()
-        data = b"".join(to_line(event, now) for event in events)
-        with self._lock:
-            try:
-                os.fdatasync(self._write(data))
-            except OSError as exc:
-                raise SpoolError(f"spool {self.path}: cannot append: {exc.strerror}") from None
+    def _write(self, records: list[bytes], *, sync: bool) -> int:
+        data = b"".join(records)
+        try:
+            fd = self._append_bytes(data)
+            if self._full or sync:
+                os.fdatasync(fd)  # once for every line queued meanwhile
+        except OSError as exc:
+            raise SpoolError(f"spool {self.path}: cannot append: {exc.strerror}") from None
         return len(data)
 
     def size_on_disk(self) -> int:
@@ -239,23 +238,13 @@ class JsonlSpool(Spool):
             total -= view.checkpoint.offset
         return total
 
-    def _append_locked(self, event: Event) -> int:
-        line = to_line(event, time.time())
-        try:
-            fd = self._write(line)
-            if self._full:
-                os.fdatasync(fd)  # after the unlock: concurrent writers share it
-        except OSError as exc:
-            raise SpoolError(f"spool {self.path}: cannot append: {exc.strerror}") from None
-        return len(line)
-
     def _requeue(self, raw: bytes) -> None:
         """Append a line the shipper read before, as it was, and sync it (the caller
         then settles the old copy, so the new one must be on disk first)."""
-        fd = self._write(raw if raw.endswith(b"\n") else raw + b"\n")
+        fd = self._append_bytes(raw if raw.endswith(b"\n") else raw + b"\n")
         os.fdatasync(fd)
 
-    def _write(self, line: bytes) -> int:
+    def _append_bytes(self, line: bytes) -> int:
         while True:
             fd = self._active_fd()
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -395,7 +384,7 @@ class JsonlSpool(Spool):
             chosen = [r for r in records if ids is None or r["id"] in ids]
             for record in chosen if requeue else ():
                 event = _dead_event(record)
-                self._append_locked(event)  # a fresh line: due now, aged from now
+                self._write([self._record(event)], sync=False)  # due now, aged from now
             kept = b"".join(_dump_line(r) for r in records if r not in chosen)
             write_atomically(self.path / DEAD, kept)
         return len(chosen)

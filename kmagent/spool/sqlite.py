@@ -161,34 +161,31 @@ class SqliteSpool(Spool):
 
     # --- producer -----------------------------------------------------------------------
 
-    def _store(self, event: Event) -> int:
-        path, query = encode(event)
-        now = time.time()
-        with self._lock:
-            conn = self._connection()
-            try:
-                conn.execute(INSERT, (path, query, event.api_key, now))
-            except sqlite3.Error as exc:
-                raise SpoolError(f"spool {self.path}: cannot append: {exc}") from None
-        return len(query) + 40  # the row and its index entry, roughly
+    def _record(self, event: Event) -> tuple[str, str, str | None, float]:
+        return (*encode(event), event.api_key, time.time())
 
-    def _store_many(self, events: list[Event]) -> int:
-        rows = [(*encode(event), event.api_key, time.time()) for event in events]
-
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute("PRAGMA synchronous = FULL")  # this commit is synced
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(INSERT, rows)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            finally:
-                conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        self._run("append", run)
-        return sum(len(row[1]) + 40 for row in rows)
+    def _write(self, records: list[tuple[str, str, str | None, float]], *, sync: bool) -> int:
+        conn = self._connection()
+        try:
+            if len(records) == 1 and not sync:
+                conn.execute(INSERT, records[0])  # alone: one autocommitted statement
+            else:
+                if sync:
+                    conn.execute("PRAGMA synchronous = FULL")  # this commit is synced
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.executemany(INSERT, records)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                finally:
+                    if sync:
+                        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool {self.path}: cannot append: {exc}") from None
+        return sum(len(record[1]) + 40 for record in records)  # rows and index entries
 
     def size_on_disk(self) -> int:
         # Live pages only: pages freed by delivered rows are reused (and given back to

@@ -1,0 +1,128 @@
+"""py-KISSmetrics 1.1.0's public names and signatures, spooling through kmagent.
+
+Migrating is one line::
+
+    from KISSmetrics import Client, KM           # before: a blocking request per call
+    from kmagent.compat.kissmetrics import Client, KM   # after: appended to the spool
+
+Every call validates at once (``kmagent.InvalidEvent`` names the field and the rule) and
+appends to the spool found as kmagent's configuration says; ``kmagent run`` sends it.
+The key given to the constructor travels with each event. What differs from
+py-KISSmetrics: calls return None instead of an HTTP response (there is none yet); the
+tracking host is the agent's ``endpoint``, so ``trk_host``/``trk_scheme`` and ``host`` are
+checked as before but not used for sending; ``path`` must be the method's own path
+(e/s/a); and every event carries its time with ``_d=1``, so a resend is never counted
+twice. As in py-KISSmetrics, ``KM``'s identity belongs to the instance.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ..client import Client as _SpoolClient
+from ..config import Config
+from ..errors import InvalidEvent
+
+TRACKING_HOSTNAME = "trk.kissmetrics.io"
+TRACKING_SCHEME = "http"
+RECORD_PATH, SET_PATH, ALIAS_PATH = "e", "s", "a"
+_PORT_SCHEMES = {"80": "http", "443": "https"}
+
+__all__ = ["Client", "ClientCompat", "KM", "TRACKING_HOSTNAME", "TRACKING_SCHEME",
+           "RECORD_PATH", "SET_PATH", "ALIAS_PATH"]
+
+
+def _only(path: str, expected: str) -> None:
+    if path != expected:
+        raise InvalidEvent("path", f"must be {expected!r} here: kmagent sends this call "
+                                   f"to /{expected} (got {path!r})")
+
+
+class Client:
+    """py-KISSmetrics' ``Client``: ``record``, ``set`` and ``alias`` for any person.
+
+    ``config`` and ``spool`` (keyword-only, not in py-KISSmetrics) choose the spool as
+    ``kmagent.Client`` does; by default the configuration is found as usual.
+    """
+
+    def __init__(self, key: str, trk_host: str = TRACKING_HOSTNAME,
+                 trk_scheme: str = TRACKING_SCHEME, *,
+                 config: str | os.PathLike | Config | None = None,
+                 spool: str | os.PathLike | None = None) -> None:
+        if trk_scheme not in ("http", "https"):
+            raise ValueError("trk_scheme must be one of (http, https)")
+        self.key, self.trk_host, self.trk_scheme = key, trk_host, trk_scheme
+        self._spool_client = _SpoolClient(key, config=config, spool=spool)
+
+    def record(self, person: str, event: str, properties: Mapping[str, Any] | None = None,
+               timestamp: Any = None, path: str = RECORD_PATH) -> None:
+        _only(path, RECORD_PATH)
+        self._spool_client.record(person, event, properties or {}, timestamp=timestamp or None)
+
+    def set(self, person: str, properties: Mapping[str, Any] | None = None,
+            timestamp: Any = None, path: str = SET_PATH) -> None:
+        _only(path, SET_PATH)
+        self._spool_client.set(person, properties or {}, timestamp=timestamp or None)
+
+    def alias(self, person: str, identity: str, path: str = ALIAS_PATH) -> None:
+        _only(path, ALIAS_PATH)
+        self._spool_client.alias(person, identity)
+
+    def close(self) -> None:
+        self._spool_client.close()
+
+
+class ClientCompat:
+    """py-KISSmetrics' ``ClientCompat`` (also ``KM``): identify once, then record."""
+
+    def __init__(self, key: str, host: str | None = None, http_timeout: Any = None,
+                 logging: bool = True, *, config: str | os.PathLike | Config | None = None,
+                 spool: str | os.PathLike | None = None) -> None:
+        self.key = key
+        if host:
+            trk_host, _, port = host.partition(":")
+            if port not in _PORT_SCHEMES:
+                raise ValueError("port in supplied host is not 80 or 443")
+            scheme = _PORT_SCHEMES[port]
+        else:
+            trk_host, scheme = TRACKING_HOSTNAME, TRACKING_SCHEME
+        self.client = Client(key, trk_host, scheme, config=config, spool=spool)
+        self.identity: str | None = None
+
+    def identify(self, identity: str) -> None:
+        self.identity = identity
+
+    def record(self, action: str, props: Mapping[str, Any] | None = None,
+               path: str = RECORD_PATH, resp: bool = False) -> None:
+        self.check_id_key()
+        self.client.record(self.identity, action, props or {}, path=path)
+
+    def set(self, data: Mapping[str, Any], path: str = SET_PATH, resp: bool = False) -> None:
+        self.check_id_key()
+        self.client.set(self.identity, data, path=path)
+
+    def alias(self, name: str, alias_to: str, path: str = ALIAS_PATH, resp: bool = False) -> None:
+        self.check_init()
+        self.client.alias(name, alias_to, path=path)
+
+    def reset(self) -> None:
+        """Forget the identity and the key: calls raise until both are given again."""
+        self.identity = None
+        self.key = None
+
+    def check_identify(self) -> None:
+        if self.identity is None:
+            raise InvalidEvent("person", "call identify(person) first")
+
+    def check_init(self) -> None:
+        if self.key is None:
+            raise InvalidEvent("key", "no API key: set .key after reset()")
+
+    def check_id_key(self) -> None:
+        self.check_init()
+        self.check_identify()
+
+
+KM = ClientCompat

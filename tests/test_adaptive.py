@@ -1,0 +1,120 @@
+"""Adaptive request concurrency: the controller on its own, then a real shipper against
+a real loopback host with latency (it grows) and one that pushes back (it shrinks)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import wait_for
+
+from kmagent.adaptive import AdaptiveLimit
+from kmagent.client import Client
+from kmagent.config import load_config
+from kmagent.daemon import make_shipper
+from kmagent.spool import open_spool
+from kmagent.testhost import StandInHost
+
+
+def period(limit: AdaptiveLimit, rtt: float | None = 0.02, *, pushed_back: bool = False,
+           busy: bool = True) -> int:
+    """One round trip's worth of answers; returns the limit after it."""
+    for _ in range(limit.limit):
+        limit.observe(rtt, pushed_back=pushed_back,
+                      in_flight=limit.limit if busy else 1)
+    return limit.limit
+
+
+def test_grows_by_one_per_round_trip_while_the_round_trip_holds_and_slots_are_full():
+    limit = AdaptiveLimit(4, 10)
+    assert [period(limit) for _ in range(8)] == [5, 6, 7, 8, 9, 10, 10, 10]
+
+
+def test_does_not_grow_when_fewer_requests_are_waiting_than_allowed():
+    limit = AdaptiveLimit(4, 10)
+    assert [period(limit, busy=False) for _ in range(3)] == [4, 4, 4]
+
+
+def test_backs_off_when_the_host_pushes_back_but_never_below_one():
+    limit = AdaptiveLimit(20, 64)
+    assert period(limit, pushed_back=True) == 18
+    for _ in range(40):
+        period(limit, pushed_back=True)
+    assert limit.limit == 1
+
+
+def test_backs_off_when_the_round_trip_rises():
+    limit = AdaptiveLimit(10, 64)
+    for _ in range(5):
+        period(limit, rtt=0.020)
+    grown = limit.limit
+    assert period(limit, rtt=0.080) == int(grown * 0.9)  # requests queue: fewer at once
+
+
+def test_a_slowly_drifting_round_trip_is_not_mistaken_for_queueing():
+    limit = AdaptiveLimit(4, 64)
+    for n in range(20):
+        period(limit, rtt=0.020 + n * 0.0005)
+    assert limit.limit == 24
+
+
+def test_configuration_auto_by_default_fixed_when_a_number_is_given(tmp_path):
+    def load(text: str):
+        path = tmp_path / "c.toml"
+        path.write_text(text)
+        return load_config(path)
+    assert (load("").concurrency, load("").max_concurrency) == (16, 64)
+    auto = load('[ship]\nconcurrency = "auto"\nmax_concurrency = 8\n')
+    assert (auto.concurrency, auto.max_concurrency) == (8, 8)
+    fixed = load("[ship]\nconcurrency = 4\n")
+    assert (fixed.concurrency, fixed.max_concurrency) == (4, None)
+    both = load("[ship]\nconcurrency = 4\nmax_concurrency = 200\n")
+    assert (both.concurrency, both.max_concurrency) == (4, 200)
+
+
+@pytest.mark.parametrize("text, words", [
+    ('[ship]\nconcurrency = "many"\n', ["concurrency", "auto"]),
+    ("[ship]\nconcurrency = 32\nmax_concurrency = 8\n", ["concurrency", "max_concurrency"]),
+    ("[ship]\nmax_concurrency = 0\n", ["max_concurrency", "1"]),
+])
+def test_bad_concurrency_settings_are_refused_with_the_rule(tmp_path, text, words):
+    from kmagent.errors import ConfigError
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert all(word in str(refused.value) for word in words)
+
+
+def drain(tmp_path, host: StandInHost, events: int, extra: str = ""):
+    config_path = tmp_path / "c.toml"
+    config_path.write_text(f'api_key = "k"\nendpoint = "{host.url}"\n{extra}'
+                           f'[spool]\npath = "{tmp_path / "s.db"}"\n')
+    config = load_config(config_path)
+    client = Client(config=config)
+    for n in range(events):
+        client.record(f"p{n}", "Adapted")
+    client.close()
+    spool = open_spool(tmp_path / "s.db")
+    shipper = make_shipper(config, spool)
+    try:
+        def drained() -> bool:
+            shipper.step()
+            return spool.stats(0)["pending"] == 0 and not shipper.in_flight
+        wait_for(drained, timeout=60, interval=0.005)
+        return shipper
+    finally:
+        shipper.shutdown(5)
+        spool.close()
+
+
+def test_a_shipper_facing_a_slow_host_opens_more_requests_at_once(tmp_path):
+    with StandInHost(delay=0.02) as host:
+        shipper = drain(tmp_path, host, 1500)
+    assert shipper.concurrency > 16  # it started at 16 and the round trip held
+    assert len(shipper._workers) >= shipper.concurrency
+
+
+def test_a_shipper_facing_pushback_opens_fewer(tmp_path):
+    # Every fourth request fails: not an outage (never 5 in a row), but pushback.
+    with StandInHost(delay=0.005, fail_rate=0.25, seed=7) as host:
+        shipper = drain(tmp_path, host, 400, extra="[ship]\nmax_backoff = 1\n")
+    assert shipper.concurrency < 16

@@ -1,0 +1,89 @@
+"""kmagent.compat.kissmetrics: py-KISSmetrics' names and signatures, spooling instead
+of sending; the key given travels with each event to a real loopback host."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+from conftest import run_kmagent, stored_rows
+
+from kmagent import InvalidEvent
+from kmagent.compat import kissmetrics
+from kmagent.compat.kissmetrics import KM, Client, ClientCompat
+
+
+def test_client_calls_spool_with_their_key_and_arrive_with_it(host, write_config, spool_path):
+    config = write_config(host, api_key=None)  # no agent-wide key: the app's own travels
+    km = Client("app-key", trk_host="trk.kissmetrics.io", trk_scheme="https", config=config)
+    assert km.record("bob", "Signed Up", {"Plan": "Pro"}, timestamp=1700000000) is None
+    km.record("bob", "Visited")
+    km.set("bob", {"Age": 30})
+    km.alias("bob", "bob@example.com")
+    km.close()
+    assert [(p, k) for p, _, k in stored_rows(spool_path)] == [
+        ("e", "app-key"), ("e", "app-key"), ("s", "app-key"), ("a", "app-key")]
+    assert host.received == []  # nothing is sent by the app
+
+    assert run_kmagent("flush", "--timeout", "20", "--config", str(config)).returncode == 0
+    sent = [dict(r.params) for r in host.delivered()]
+    assert {s["_k"] for s in sent} == {"app-key"}
+    first = next(s for s in sent if s.get("_n") == "Signed Up")
+    assert (first["_t"], first["_d"], first["Plan"]) == ("1700000000", "1", "Pro")
+
+
+def test_km_identifies_per_instance_and_reset_forgets(tmp_path, spool_path):
+    km = KM("app-key", spool=spool_path)
+    other = ClientCompat("app-key", host="trk.kissmetrics.io:443", spool=spool_path)
+    with pytest.raises(InvalidEvent, match="identify"):
+        km.record("Viewed")
+    km.identify("ann")
+    other.identify("bob")
+    km.record("Viewed", {"Page": "/"})
+    km.set({"Plan": "Pro"})
+    other.record("Viewed")
+    km.alias("ann", "ann@example.com")
+    assert [q.split("&")[0] for _, q, _ in stored_rows(spool_path)] == [
+        "_p=ann", "_p=ann", "_p=bob", "_p=ann"]
+    km.reset()
+    with pytest.raises(InvalidEvent):
+        km.record("Viewed")
+
+
+def test_the_checks_py_kissmetrics_made_are_still_made(spool_path):
+    with pytest.raises(ValueError, match="trk_scheme"):
+        Client("k", trk_scheme="ftp", spool=spool_path)
+    with pytest.raises(ValueError, match="80 or 443"):
+        ClientCompat("k", host="trk.kissmetrics.io:8080", spool=spool_path)
+
+
+def test_bad_input_is_refused_at_the_call(spool_path):
+    km = Client("k", spool=spool_path)
+    with pytest.raises(InvalidEvent, match="path"):
+        km.record("bob", "Did", path="x")
+    with pytest.raises(InvalidEvent, match="_k"):
+        km.record("bob", "Did", {"_k": "other"})  # py-KISSmetrics let this override the key
+    with pytest.raises(InvalidEvent, match="structured"):
+        km.record("bob", "Did", {"Tags": ["a", "b"]})  # it sent the list's repr
+    assert stored_rows(spool_path) == []
+
+
+def test_the_public_signatures_are_py_kissmetrics_ones():
+    expected = {
+        Client.__init__: ["self", "key", "trk_host", "trk_scheme"],
+        Client.record: ["self", "person", "event", "properties", "timestamp", "path"],
+        Client.set: ["self", "person", "properties", "timestamp", "path"],
+        Client.alias: ["self", "person", "identity", "path"],
+        ClientCompat.__init__: ["self", "key", "host", "http_timeout", "logging"],
+        ClientCompat.record: ["self", "action", "props", "path", "resp"],
+        ClientCompat.set: ["self", "data", "path", "resp"],
+        ClientCompat.alias: ["self", "name", "alias_to", "path", "resp"],
+        ClientCompat.identify: ["self", "identity"],
+        ClientCompat.reset: ["self"],
+    }
+    for function, names in expected.items():
+        positional = [p.name for p in inspect.signature(function).parameters.values()
+                      if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert positional == names, function
+    assert (kissmetrics.RECORD_PATH, kissmetrics.SET_PATH, kissmetrics.ALIAS_PATH) == ("e", "s", "a")
+    assert KM is ClientCompat

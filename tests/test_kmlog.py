@@ -1,0 +1,229 @@
+"""Importing the cron logs of Kissmetrics' own libraries (km, kmts, PHP): real log
+files, real flock, real `kmagent` commands and a real loopback host."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_kmagent, start_daemon, stop, stored_rows, wait_for
+
+from kmagent.kmlog import BadLine, KmLogImporter, parse_line
+from kmagent.spool import open_spool
+
+KEY = "km-app-key"
+
+
+@pytest.fixture(params=["sqlite", "jsonl"])
+def backend(request) -> str:
+    return request.param
+
+
+def logged(path: str, **params: str) -> str:
+    """A line as km/kmts write it: CGI-escaped, _k first."""
+    from urllib.parse import urlencode
+    return f"/{path}?" + urlencode({"_k": KEY, **params}) + "\n"
+
+
+def append_as_km_does(path: Path, text: str) -> None:
+    """km's writer: open for append, exclusive flock, one write."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write(text)
+
+
+def km_dir(tmp_path: Path) -> Path:
+    logs = tmp_path / "km"
+    logs.mkdir()
+    append_as_km_does(logs / "kissmetrics_production_query.log",
+                      logged("e", _p="bob@example.com", _n="Signed Up", _t="1700000000",
+                             _d="1", Plan="Pro Plus")
+                      + "this line is not a request\n"
+                      + logged("s", _p="bob@example.com", _t="1700000100", Age="30"))
+    # km_send renamed the log and died mid-file: nobody would ever send these.
+    append_as_km_does(logs / "1700000500kissmetrics_production_sending.log",
+                      logged("e", _p="ann", _n="Viewed", _t="1700000200")  # no _d
+                      + logged("a", _p="ann", _n="ann@example.com", _t="1700000300"))
+    append_as_km_does(logs / "kissmetrics_query.log",  # the older, env-less name
+                      logged("e", _p="cat", _n="Paid", _t="1700000400", Amount="9.95"))
+    return logs
+
+
+# --- one line ------------------------------------------------------------------------
+
+def test_a_logged_event_keeps_key_person_name_properties_and_time():
+    event = parse_line("/e?_n=Signed+Up&_p=bob%40example.com&_k=K1&_t=1700000000&Plan=Pro%2B",
+                       now=0)
+    assert (event.kind, event.person, event.name, event.time, event.props, event.api_key) \
+        == ("e", "bob@example.com", "Signed Up", 1700000000, (("Plan", "Pro+"),), "K1")
+
+
+def test_sets_aliases_and_full_urls_are_read():
+    assert parse_line("/s?_p=bob&_k=K&_t=1700000000&Age=30", now=0).props == (("Age", "30"),)
+    alias = parse_line("/a?_p=bob&_n=robert&_k=K&_t=1700000000", now=0)
+    assert (alias.kind, alias.person, alias.name) == ("a", "bob", "robert")
+    assert parse_line("https://trk.kissmetrics.io/e?_p=b&_n=x&_k=K&_t=1700000000",
+                      now=0).name == "x"
+
+
+def test_a_line_without_t_is_dated_when_imported():
+    assert parse_line("/e?_p=bob&_n=Did&_k=K", now=1800000000.5).time == 1800000000
+
+
+@pytest.mark.parametrize("line, rule", [
+    ("GET /e?_p=bob", "/e?"),
+    ("/x?_p=bob&_n=y", "/e?"),
+    ("/e?_n=Did&_k=K&_t=1700000000", "person"),
+    ("/e?_p=bob&_k=K&_t=1700000000", "event"),
+    ("/e?_p=bob&_n=Did&_t=yesterday", "_t"),
+    ("/e?_p=bob&_n=Did&_t=1700000000&_d=0", "_d"),
+    ("/s?_p=bob&_t=1700000000", "at least one property"),
+    ("/e?_p=%FF&_n=Did", "decode"),
+])
+def test_malformed_lines_say_why(line, rule):
+    with pytest.raises(BadLine, match=rule):
+        parse_line(line, now=0)
+
+
+# --- the command -------------------------------------------------------------------------
+
+def test_import_moves_every_logged_event_and_a_second_import_sends_nothing(
+        tmp_path, host, write_config, spool_path):
+    logs = km_dir(tmp_path)
+    config = write_config(host, api_key=None)
+    result = run_kmagent("import", "km-log", str(logs), "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "imported 5 events from 3 files" in result.stdout
+    assert "1 malformed lines set aside" in result.stderr
+    # Query logs emptied (their writers keep appending to them), the orphan deleted.
+    assert sorted(p.name for p in logs.iterdir()) == ["kissmetrics_production_query.log",
+                                                      "kissmetrics_query.log"]
+    assert all(p.stat().st_size == 0 for p in logs.iterdir())
+
+    assert run_kmagent("flush", "--timeout", "20", "--config", str(config)).returncode == 0
+    sent = {(r.path, dict(r.params).get("_p")): dict(r.params) for r in host.delivered()}
+    assert len(sent) == 5
+    signed_up = sent[("e", "bob@example.com")]
+    assert (signed_up["_k"], signed_up["_n"], signed_up["_t"], signed_up["_d"],
+            signed_up["Plan"]) == (KEY, "Signed Up", "1700000000", "1", "Pro Plus")
+    viewed = sent[("e", "ann")]  # logged without _d: sent with its own _t and _d=1
+    assert (viewed["_t"], viewed["_d"]) == ("1700000200", "1")
+    assert sent[("s", "bob@example.com")]["Age"] == "30"
+    assert sent[("a", "ann")]["_n"] == "ann@example.com"
+    assert sent[("e", "cat")]["Amount"] == "9.95"
+
+    again = run_kmagent("import", "km-log", str(logs), "--config", str(config))
+    assert again.returncode == 0 and "imported 0 events" in again.stdout
+    assert run_kmagent("flush", "--timeout", "5", "--config", str(config)).returncode == 0
+    assert len(host.received) == 5
+    bad = (spool_path.parent / (spool_path.name + ".km-log-bad.jsonl")
+           if backend_is_sqlite(spool_path) else spool_path / "km-log-bad.jsonl")
+    assert "this line is not a request" in bad.read_text()
+
+
+def backend_is_sqlite(spool_path: Path) -> bool:
+    return spool_path.suffix == ".db"
+
+
+def test_a_missing_directory_is_a_usage_error(tmp_path, write_config):
+    result = run_kmagent("import", "km-log", str(tmp_path / "nope"),
+                         "--config", str(write_config()))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_writer_appending_during_imports_loses_nothing_and_nothing_is_doubled(
+        tmp_path, spool_path, backend):
+    logs = tmp_path / "km"
+    logs.mkdir()
+    log = logs / "kissmetrics_production_query.log"
+    log.touch()
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, time
+        for n in range(600):
+            with open({str(log)!r}, "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                fh.write(f"/e?_k=K&_p=p{{n}}&_n=Wrote&_t=1700000000\\n")
+            if n % 50 == 0:
+                time.sleep(0.01)
+    """)])
+    spool = open_spool(spool_path, backend=backend)
+    importer = KmLogImporter(spool)
+    imported = 0
+    while writer.poll() is None:
+        imported += importer.import_dirs([logs]).imported
+    assert writer.wait() == 0
+    imported += importer.import_dirs([logs]).imported
+    spool.close()
+    persons = sorted(int(q.split("_p=p")[1].split("&")[0]) for _, q, _ in stored_rows(spool_path))
+    assert imported == 600 and persons == list(range(600))
+
+
+def test_a_crash_before_the_log_is_emptied_resumes_where_it_read(
+        tmp_path, spool_path, backend, monkeypatch):
+    logs = tmp_path / "km"
+    logs.mkdir()
+    log = logs / "kissmetrics_production_query.log"
+    append_as_km_does(log, logged("e", _p="first", _n="A", _t="1700000000"))
+    spool = open_spool(spool_path, backend=backend)
+
+    def crash(fd, size):
+        raise OSError(5, "crashed before emptying the log")
+    monkeypatch.setattr("kmagent.kmlog.os.ftruncate", crash)
+    with pytest.raises(OSError):
+        KmLogImporter(spool).import_dirs([logs])
+    monkeypatch.undo()
+    append_as_km_does(log, logged("e", _p="second", _n="B", _t="1700000001"))
+    assert KmLogImporter(spool).import_dirs([logs]).imported == 1  # only the new line
+    spool.close()
+    assert [q.split("&")[0] for _, q, _ in stored_rows(spool_path)] == ["_p=first", "_p=second"]
+
+
+def test_a_log_emptied_and_written_again_is_read_from_its_start(tmp_path, spool_path, backend):
+    logs = tmp_path / "km"
+    logs.mkdir()
+    log = logs / "kissmetrics_production_query.log"
+    append_as_km_does(log, logged("e", _p="first", _n="A", _t="1700000000"))
+    spool = open_spool(spool_path, backend=backend)
+    importer = KmLogImporter(spool)
+    state = importer.state_path
+    importer.import_dirs([logs])
+    # As if the import had died after emptying the log but before recording that it had:
+    # the record still says "read up to here" of a file that now holds other lines.
+    import json
+    record = json.loads(state.read_text())
+    record[str(log)]["offset"] = 40
+    record[str(log)]["head"] = "0" * 64
+    state.write_text(json.dumps(record))
+    append_as_km_does(log, logged("e", _p="second", _n="B", _t="1700000001") * 2)
+    assert importer.import_dirs([logs]).imported == 2
+    spool.close()
+
+
+def test_the_daemon_follows_km_log_dirs(tmp_path, host, write_config):
+    logs = tmp_path / "km"
+    logs.mkdir()
+    config = write_config(host, extra=f'[km_log]\ndirs = ["{logs}"]\n')
+    daemon = start_daemon(config)
+    try:
+        log = logs / "kissmetrics_staging_query.log"
+        for n in range(5):
+            append_as_km_does(log, logged("e", _p=f"p{n}", _n="Followed", _t="1700000000"))
+            time.sleep(0.05)
+        wait_for(lambda: len(host.delivered()) == 5)
+        assert {dict(r.params)["_k"] for r in host.delivered()} == {KEY}
+        wait_for(lambda: log.stat().st_size == 0)
+    finally:
+        assert stop(daemon) == 0
+
+
+def test_km_log_dirs_must_be_a_list(tmp_path, write_config):
+    config = write_config(extra='[km_log]\ndirs = "/var/log/km"\n')
+    result = run_kmagent("status", "--config", str(config))
+    assert result.returncode == 78 and "[km_log] dirs" in result.stderr
