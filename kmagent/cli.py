@@ -408,6 +408,34 @@ def import_km_log(directories: tuple[str, ...]) -> int:
 
 
 @cli.command()
+@click.option("--dead", is_flag=True, help="The dead letters instead of the pending events.")
+@click.option("--output", "-o", type=click.File("w", encoding="utf-8"), default="-",
+              help="Write here instead of standard output.")
+@common_options
+def export(dead: bool, output) -> int:
+    """Write the pending events (or, with --dead, the dead letters) as Kissmetrics
+    newline-JSON import lines, oldest first, for a bulk backfill. Read only: the spool
+    is unchanged (after importing dead letters elsewhere, `kmagent dead purge --all`).
+
+    \b
+    Example:
+      kmagent export --dead -o backfill.jsonl
+    """
+    from .export import export_lines
+    from .spool import open_configured
+    spool = open_configured(_config())
+    count = 0
+    try:
+        for line in export_lines(spool, dead=dead):
+            output.write(line + "\n")
+            count += 1
+    finally:
+        spool.close()
+    click.echo(f"exported {count} {'dead letters' if dead else 'pending events'}", err=True)
+    return 0
+
+
+@cli.command()
 @click.option("--port", type=click.IntRange(0, 65535), default=8089, show_default=True)
 @click.option("--status", "answer", type=click.IntRange(100, 599), default=200,
               show_default=True, help="HTTP status to answer with.")

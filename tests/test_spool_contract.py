@@ -200,3 +200,74 @@ def test_unwritable_location_is_a_spool_error(tmp_path):
     with pytest.raises(SpoolError):
         open_spool(blocker / "spool.db")
 
+
+
+def test_requests_lists_what_is_unsettled_in_order_and_the_dead_apart(store):
+    for n in range(8):
+        store.append(event(n))
+    items = store.claim(4, now=time.time())
+    store.ack([items[1].id, items[2].id])  # out of order: 0 and 3 still in flight
+    store.dead_letter([items[3].id], status=400, reason="refused", now=time.time())
+    assert [q.split("&")[0] for _, q, _ in store.requests()] == [
+        "_p=person0", "_p=person4", "_p=person5", "_p=person6", "_p=person7"]
+    assert [(p, q.split("&")[0]) for p, q, _ in store.requests(dead=True)] == [("e", "_p=person3")]
+    assert all(created > 0 for _, _, created in store.requests())
+
+
+@pytest.mark.parametrize("durability", ["normal", "full"])
+def test_concurrent_appends_are_each_stored_once(location, backend, durability):
+    import threading
+    spool = open_spool(location, backend=backend, durability=durability)
+    per_thread = 30 if durability == "full" else 200
+
+    def produce(t: int) -> None:
+        for n in range(per_thread):
+            spool.append(event(t * 1000 + n))
+    threads = [threading.Thread(target=produce, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stored = [q.split("&")[0] for _, q, _ in spool.requests()]
+    spool.close()
+    assert sorted(stored) == sorted(f"_p=person{t * 1000 + n}"
+                                    for t in range(8) for n in range(per_thread))
+
+
+def test_a_failed_group_write_fails_every_append_in_the_group(store, monkeypatch):
+    import threading
+    failures = []
+
+    def append() -> None:
+        try:
+            store.append(event(1))
+        except SpoolError as exc:
+            failures.append(exc)
+
+    def refuse(records, *, sync):
+        raise SpoolError(f"disk full ({len(records)} records)")
+    monkeypatch.setattr(store, "_write", refuse)
+    with store._lock:  # a writer is busy: the three appends queue behind it
+        threads = [threading.Thread(target=append) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while len(store._waiting) < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    for thread in threads:
+        thread.join()
+    assert [str(exc) for exc in failures] == ["disk full (3 records)"] * 3
+
+
+def test_a_forked_child_does_not_write_its_parent_s_queued_appends(store):
+    slot = [("queued", "by another thread of the parent"), None, False]
+    store._waiting.append(slot)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if not store._waiting else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert list(store._waiting) == [slot]  # still the parent's to write
+    finally:
+        store._waiting.clear()

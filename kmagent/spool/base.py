@@ -270,6 +270,11 @@ class Spool(abc.ABC):
         """These can never be delivered: move them to the dead letters."""
 
     @abc.abstractmethod
+    def requests(self, *, dead: bool = False) -> list[tuple[str, str, float]]:
+        """``(path, query, created)`` of every pending event (in flight included), or of
+        every dead letter, oldest first; read only (for ``kmagent export``)."""
+
+    @abc.abstractmethod
     def dead_letters(self) -> list[dict[str, Any]]:
         """Every dead letter: ``id`` (an opaque string), ``path``, ``person``, ``event``,
         ``properties``, ``status``, ``reason``, ``failed_at``; oldest first."""

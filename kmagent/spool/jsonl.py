@@ -366,6 +366,18 @@ class JsonlSpool(Spool):
         # order concurrent sends happened to fail.
         return sorted(records.values(), key=lambda r: tuple(map(int, r["id"].split(":"))))
 
+    def requests(self, *, dead: bool = False) -> list[tuple[str, str, float]]:
+        def pending(view: _DiskView) -> list[tuple[str, str, float]]:
+            return [(*encode(event), created) for event, created in view.unsettled()]
+
+        def letters() -> list[tuple[str, str, float]]:
+            found = []
+            for record in self._read_dead():
+                event, created = from_line(json.dumps(record["line"]).encode())
+                found.append((*encode(event), created))
+            return found
+        return self._guard("read", letters if dead else lambda: self._viewed(pending))
+
     def dead_letters(self) -> list[dict[str, Any]]:
         def read() -> list[dict[str, Any]]:
             letters = []
@@ -478,6 +490,31 @@ class _DiskView:
                 continue
         return (0, 0)  # that file is gone: everything in it was settled
 
+    def _unsettled_lines(self) -> Iterator[bytes]:
+        """Every complete line from the checkpoint on that is not settled yet, in order."""
+        ckpt = self.checkpoint
+        ahead = set(ckpt.ahead)
+        for seq, path, st in self.files:
+            if seq < ckpt.seq:
+                continue
+            offset = ckpt.offset if seq == ckpt.seq else 0
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                for line in fh:
+                    if (seq, offset) not in ahead and line.endswith(b"\n"):
+                        yield line
+                    offset += len(line)
+
+    def unsettled(self) -> list[tuple[Event, float]]:
+        """Every valid unsettled line's event, in order, with when it was written."""
+        found = []
+        for line in self._unsettled_lines():
+            try:
+                found.append(from_line(line))
+            except BadLine:
+                continue  # the shipper sets it aside
+        return found
+
     def pending(self, mark: tuple[int, int] | None = None) -> int:
         """Unsettled complete lines from the checkpoint up to ``mark`` (default: all)."""
         ckpt = self.checkpoint
@@ -506,22 +543,12 @@ class _DiskView:
 
     def oldest_created(self) -> float | None:
         """When the first unsettled line was written (its ``_c``), or None."""
-        ckpt = self.checkpoint
-        ahead = set(ckpt.ahead)
-        for seq, path, st in self.files:
-            if seq < ckpt.seq:
-                continue
-            offset = ckpt.offset if seq == ckpt.seq else 0
-            with open(path, "rb") as fh:
-                fh.seek(offset)
-                for line in fh:
-                    if (seq, offset) not in ahead and line.endswith(b"\n"):
-                        try:
-                            obj = json.loads(line)
-                            return float(obj.get("_c", obj.get("_t", 0)))
-                        except Exception:  # any bad line (even [[[[... nested deep)
-                            return 0.0  # waits too: its age is unknown, so the oldest
-                    offset += len(line)
+        for line in self._unsettled_lines():
+            try:
+                obj = json.loads(line)
+                return float(obj.get("_c", obj.get("_t", 0)))
+            except Exception:  # any bad line (even [[[[... nested deep)
+                return 0.0  # waits too: its age is unknown, so the oldest
         return None
 
 

@@ -1,0 +1,36 @@
+"""``kmagent export``: events in the spool as lines of Kissmetrics' newline-JSON import
+format, for bulk backfills: one JSON object a line with ``_p`` and ``_t``, ``_n`` for an
+event, ``_p2`` for an alias, every other key a property (values as they would be sent).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator
+from urllib.parse import parse_qsl
+
+from .events import ALIAS, EVENT
+from .spool import Spool
+
+
+def import_line(path: str, query: str, created: float) -> str:
+    """One stored request as an import line. An alias carries no time of its own: it is
+    given the time it was recorded (the import format requires ``_t``)."""
+    params = parse_qsl(query, keep_blank_values=True)
+    fields = dict(params)
+    line: dict[str, object] = {"_p": fields["_p"]}
+    if path == EVENT:
+        line["_n"] = fields["_n"]
+    elif path == ALIAS:
+        line["_p2"] = fields["_n"]
+    line["_t"] = int(fields["_t"]) if "_t" in fields else int(created)
+    for name, value in params:
+        if name not in ("_p", "_n", "_t", "_d"):
+            line[name] = value
+    return json.dumps(line, ensure_ascii=False, separators=(",", ":"))
+
+
+def export_lines(spool: Spool, *, dead: bool = False) -> Iterator[str]:
+    """Import lines for every pending event (or every dead letter), oldest first."""
+    for path, query, created in spool.requests(dead=dead):
+        yield import_line(path, query, created)
