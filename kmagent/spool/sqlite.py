@@ -170,22 +170,28 @@ class SqliteSpool(Spool):
             if len(records) == 1 and not sync:
                 conn.execute(INSERT, records[0])  # alone: one autocommitted statement
             else:
-                if sync:
-                    conn.execute("PRAGMA synchronous = FULL")  # this commit is synced
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    conn.executemany(INSERT, records)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                finally:
-                    if sync:
-                        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+                self._insert_together(conn, records, sync)
         except sqlite3.Error as exc:
             raise SpoolError(f"spool {self.path}: cannot append: {exc}") from None
-        return sum(len(record[1]) + 40 for record in records)  # rows and index entries
+        # The rows and their index entries, roughly.
+        return len(records[0][1]) + 40 if len(records) == 1 else \
+            sum(len(record[1]) + 40 for record in records)
+
+    def _insert_together(self, conn: sqlite3.Connection, records: list[tuple], sync: bool) -> None:
+        """One transaction; with ``sync``, its commit is synced whatever the durability."""
+        if sync:
+            conn.execute("PRAGMA synchronous = FULL")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(INSERT, records)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            if sync:
+                conn.execute(f"PRAGMA synchronous = {self._synchronous}")
 
     def size_on_disk(self) -> int:
         # Live pages only: pages freed by delivered rows are reused (and given back to
