@@ -384,7 +384,8 @@ def import_km_log(directories: tuple[str, ...]) -> int:
     left behind (<timestamp>kissmetrics_<env>_sending.log). Each event keeps its _k,
     person, name, properties and _t, and is sent with _d=1. Query logs are emptied
     and sending logs deleted once their events are in the spool; importing again sends
-    nothing twice. Malformed lines are counted and set aside (exit 0).
+    nothing twice. Malformed lines are counted and set aside (exit 0); a log that
+    cannot be read is named and the others imported (exit 1).
 
     \b
     Example:
@@ -404,7 +405,9 @@ def import_km_log(directories: tuple[str, ...]) -> int:
     if result.malformed:
         click.echo(f"{result.malformed} malformed lines set aside in {result.bad_path}",
                    err=True)
-    return 0
+    for problem in result.errors:
+        click.echo(f"kmagent: cannot import {problem}", err=True)
+    return 1 if result.errors else 0
 
 
 @cli.command()

@@ -258,13 +258,12 @@ def config_from_mapping(data: Mapping[str, Any], *, source: str, base: Path,
     if "spool_path" not in values:
         values["spool_path"] = default_spool_path(values.get("spool_backend", DEFAULT_BACKEND))
     if "proxy" not in values:
-        # Read once at start (the sender ignores the environment per request).
-        env_proxy = environ.get("HTTPS_PROXY") or environ.get("https_proxy")
+        # Read once at start (the sender ignores the environment per request), and
+        # checked only by shipping_config: a proxy meant for other programs must not
+        # stop an app from recording.
+        env_proxy = (environ.get("HTTPS_PROXY") or environ.get("https_proxy") or "").strip()
         if env_proxy:
-            try:
-                values["proxy"] = _proxy(env_proxy, base)
-            except ValueError as exc:
-                raise ConfigError("HTTPS_PROXY", None, str(exc)) from None
+            values["proxy"] = env_proxy
     return Config(source=source, **values)
 
 
@@ -323,8 +322,8 @@ def _warn_if_world_readable(path: Path) -> None:
 
 
 def shipping_config(config: Config) -> Config:
-    """The configuration completed for shipping: the key read from ``api_key_file``
-    and ``ca_file`` checked. Only the daemon and flush need (and may read) these."""
+    """The configuration completed for shipping: the key read from ``api_key_file``,
+    ``ca_file`` and the proxy checked. Only the daemon and flush need (and may read) these."""
     from . import logs
     changes: dict[str, Any] = {}
     if config.api_key_file is not None:
@@ -337,6 +336,11 @@ def shipping_config(config: Config) -> Config:
             _existing_file(str(config.ca_file), Path("/"))
         except ValueError as exc:
             raise ConfigError(config.source, "[ship] ca_file", str(exc)) from None
+    if config.proxy is not None:
+        try:
+            _proxy(config.proxy, Path("/"))
+        except ValueError as exc:
+            raise ConfigError(config.source, "[ship] proxy (or $HTTPS_PROXY)", str(exc)) from None
     complete = replace(config, **changes) if changes else config
     logs.hide(complete.api_key)  # whoever logs what, the key is never written
     return complete

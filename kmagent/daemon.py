@@ -198,12 +198,12 @@ class Daemon:
             try:
                 if self._reload.is_set():
                     shipper = figures.shipper = self._reloaded(shipper)
-                km_logs.follow(self.config.km_log_dirs)
+                more_logs = km_logs.follow(self.config.km_log_dirs)  # never raises
                 shipper.step()
                 if time.monotonic() - maintained >= MAINTAIN_EVERY_S:
                     spool.maintain()
                     maintained = time.monotonic()
-                timeout = RESCAN_INTERVAL_S
+                timeout = KmLogFollower.FOLLOW_EVERY_S if more_logs else RESCAN_INTERVAL_S
                 due = shipper.idle_until()
                 if due is not None:
                     timeout = min(timeout, max(0.0, due - time.time()))

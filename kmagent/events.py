@@ -132,7 +132,7 @@ def unix_seconds(field: str, value: Any) -> int:
     elif isinstance(value, bool):
         raise InvalidEvent(field, "must be Unix seconds or an aware datetime, not bool")
     elif isinstance(value, int):
-        seconds = value
+        seconds = int.__int__(value)  # a subclass's own __str__ must not reach the wire
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidEvent(field, "must be a finite number")

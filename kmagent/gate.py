@@ -28,6 +28,15 @@ log = logging.getLogger("kmagent.gate")
 OUTAGE_AFTER = 5
 
 
+def pushed_back(outcome: Outcome) -> bool:
+    """The host said "too much" (429, 503, Retry-After) or did not answer in time. Other
+    failures (a reset, a 500) say nothing about load: a steady trickle of them must not
+    hold the adaptive limit down."""
+    return outcome.kind == TRANSIENT and (
+        outcome.status in (429, 503) or outcome.retry_after is not None
+        or (outcome.status is None and "timeout" in (outcome.error or "").lower()))
+
+
 class Gate:
     """Decides when a worker may start a request; thread-safe."""
 
@@ -77,7 +86,7 @@ class Gate:
         with self._cond:
             if self.adaptive is not None and not self.outage_level:
                 # (During an outage the probes say nothing about how many at once.)
-                self.adaptive.observe(rtt, pushed_back=outcome.kind == TRANSIENT,
+                self.adaptive.observe(rtt, pushed_back=pushed_back(outcome),
                                       in_flight=self.active)
             self.active -= 1
             now = self.clock()

@@ -32,13 +32,14 @@ from urllib.parse import parse_qsl, urlsplit
 from .errors import InvalidEvent
 from .events import Event, make_alias, make_event, make_set
 from .spool import Spool
-from .spool.base import append_to, write_atomically
+from .spool.base import append_to, open_file, write_atomically
 
 log = logging.getLogger("kmagent.kmlog")
 
 QUERY_LOG = re.compile(r"^kissmetrics(_.+)?_query\.log$")
 SENDING_LOG = re.compile(r"^\d+kissmetrics(_.+)?_sending\.log$")
 HEAD_BYTES = 256  # how much of a file's beginning identifies it
+CHUNK_BYTES = 4 * 1024 * 1024  # read, stored and recorded at a time
 STATE_NAME, BAD_NAME = "km-log.json", "km-log-bad.jsonl"
 
 
@@ -47,6 +48,8 @@ class ImportResult:
     imported: int = 0  # events put into the spool
     malformed: int = 0  # lines set aside
     files: list[str] = field(default_factory=list)  # files that held something new
+    errors: list[str] = field(default_factory=list)  # files or directories not readable
+    more: bool = False  # stopped at the budget: more is waiting
     bad_path: Path | None = None  # where malformed lines went
 
 
@@ -57,6 +60,15 @@ class BadLine(ValueError):
 def parse_line(line: str, now: float) -> Event:
     """One logged request as an Event: its ``_k``, person, name, properties and ``_t``
     kept; ``_d`` is implied (every event kmagent sends carries its time and ``_d=1``)."""
+    try:
+        return _parse_line(line, now)
+    except BadLine:
+        raise
+    except Exception as exc:  # whatever a garbled line makes the parsers raise
+        raise BadLine(f"unreadable: {type(exc).__name__}: {exc}") from None
+
+
+def _parse_line(line: str, now: float) -> Event:
     text = line.strip()
     if text.startswith(("http://", "https://")):
         parts = urlsplit(text)
@@ -95,7 +107,12 @@ def log_files(directory: Path) -> list[Path]:
 
 
 class KmLogImporter:
-    """Imports km log directories into ``spool``; keeps its state beside the spool."""
+    """Imports km log directories into ``spool``; keeps its state beside the spool.
+
+    Files are read in chunks that end at a line's end; after each chunk its events are
+    in the spool (synced) and the offset is recorded, so a crash costs at most one
+    chunk stored again, and a huge file never sits in memory at once.
+    """
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
@@ -104,47 +121,75 @@ class KmLogImporter:
         self.state_path = base / (prefix + STATE_NAME)
         self.bad_path = base / (prefix + BAD_NAME)
 
-    def import_dirs(self, directories: list[Path]) -> ImportResult:
+    def import_dirs(self, directories: list[Path], *, budget: int | None = None) -> ImportResult:
+        """Import every log in ``directories``; with ``budget``, stop after reading
+        about that many bytes (the rest waits for the next call)."""
         result = ImportResult(bad_path=self.bad_path)
-        for directory in directories:
-            for path in log_files(Path(directory).resolve()):
+        left = [budget]
+        # One importer at a time (the daemon and `kmagent import`): the state is read
+        # and written whole, and a file one has deleted must not be read by the other.
+        with _locked(self.state_path.with_name(self.state_path.name + ".lock"),
+                     create=True):
+            state = self._load()
+            for directory in directories:
                 try:
-                    self._import_file(path, result)
-                except FileNotFoundError:
-                    continue  # deleted or renamed by its writer or km_send meanwhile
+                    files = log_files(Path(directory).resolve())
+                except OSError as exc:
+                    result.errors.append(f"{directory}: {exc.strerror or exc}")
+                    continue
+                for path in files:
+                    try:
+                        self._import_file(path, state, result, left)
+                    except FileNotFoundError:
+                        continue  # deleted or renamed by its writer or km_send meanwhile
+                    except IsADirectoryError:
+                        result.errors.append(f"{path}: a directory, not a log")
+                    except OSError as exc:
+                        result.errors.append(f"{path}: {exc.strerror or exc}")
+                    if result.more:
+                        return result
         return result
 
-    def _import_file(self, path: Path, result: ImportResult) -> None:
+    def _import_file(self, path: Path, state: dict, result: ImportResult,
+                     left: list[int | None]) -> None:
         sending = bool(SENDING_LOG.match(path.name))
         with _locked(path) as fd:
             st = os.fstat(fd)
-            state = self._load()
-            start = self._resume_at(fd, st, state.get(str(path)))
-            if st.st_size <= start:
-                if sending:
-                    self._finish_sending(path, state)
-                return
-            data = os.pread(fd, st.st_size - start, start)
-            events, bad = self._parse(data)
-            self.spool.append_many(events)  # synced before the file is touched
-            if bad:
-                append_to(self.bad_path, b"".join(
-                    (json.dumps({"file": str(path), "line": line, "reason": reason},
-                                ensure_ascii=False) + "\n").encode() for line, reason in bad),
-                    sync=True)
-            state[str(path)] = {"inode": st.st_ino, "offset": st.st_size,
-                                "head": _head(fd, st.st_size)}
-            self._save(state)
+            if st.st_nlink == 0 or os.stat(path).st_ino != st.st_ino:
+                return  # deleted or replaced while we waited for the lock
+            head = _head(fd, st.st_size)
+            offset = self._resume_at(fd, st, state.get(str(path)))
+            while offset < st.st_size:
+                if left[0] is not None and left[0] <= 0:
+                    result.more = True
+                    return  # the rest next time: the offset is recorded
+                data = os.pread(fd, min(CHUNK_BYTES, st.st_size - offset), offset)
+                end = data.rfind(b"\n") + 1
+                if end and offset + len(data) < st.st_size:
+                    data = data[:end]  # whole lines only, unless this is the file's end
+                events, bad = self._parse(data)
+                self.spool.append_many(events)  # synced before the offset moves
+                self._set_aside(path, bad)
+                offset += len(data)
+                if left[0] is not None:
+                    left[0] -= len(data)
+                state[str(path)] = {"inode": st.st_ino, "offset": offset,
+                                    "head": _head(fd, offset) if offset < HEAD_BYTES else head}
+                self._save(state)
+                result.imported += len(events)
+                result.malformed += len(bad)
+                if str(path) not in result.files:
+                    result.files.append(str(path))
             if sending:
-                self._finish_sending(path, state)
-            else:
+                path.unlink(missing_ok=True)
+                state.pop(str(path), None)
+            elif st.st_size:
                 os.ftruncate(fd, 0)  # the writers append from the new end: 0
                 os.fsync(fd)
                 state[str(path)] = {"inode": st.st_ino, "offset": 0, "head": ""}
-                self._save(state)
-        result.imported += len(events)
-        result.malformed += len(bad)
-        result.files.append(str(path))
+            else:
+                return
+            self._save(state)
 
     @staticmethod
     def _resume_at(fd: int, st: os.stat_result, remembered: dict | None) -> int:
@@ -175,10 +220,12 @@ class KmLogImporter:
                 bad.append((line, str(exc)))
         return events, bad
 
-    def _finish_sending(self, path: Path, state: dict) -> None:
-        path.unlink(missing_ok=True)
-        state.pop(str(path), None)
-        self._save(state)
+    def _set_aside(self, path: Path, bad: list[tuple[str, str]]) -> None:
+        if bad:
+            append_to(self.bad_path, b"".join(
+                (json.dumps({"file": str(path), "line": line, "reason": reason},
+                            ensure_ascii=False) + "\n").encode() for line, reason in bad),
+                sync=True)
 
     def _load(self) -> dict:
         try:
@@ -199,9 +246,10 @@ def _head(fd: int, size: int) -> str:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[int]:
-    """The file, open and held under the exclusive flock its writers take."""
-    fd = os.open(path, os.O_RDWR)
+def _locked(path: Path, *, create: bool = False) -> Iterator[int]:
+    """The file, open and held under an exclusive flock (for a log: the one its
+    writers take)."""
+    fd = open_file(path, os.O_RDWR | os.O_CREAT) if create else os.open(path, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield fd
@@ -211,31 +259,39 @@ def _locked(path: Path) -> Iterator[int]:
 
 class KmLogFollower:
     """``[km_log] dirs`` for the daemon: import what the apps logged, at most every
-    ``FOLLOW_EVERY_S`` (the loop turns on every finished request)."""
+    ``FOLLOW_EVERY_S`` (the loop turns on every finished request) and a chunk at a
+    time (the loop must keep shipping and pinging systemd's watchdog). Never raises:
+    a log it cannot read, or a full spool, is said once and shipping goes on."""
 
     FOLLOW_EVERY_S = 0.25
 
     def __init__(self, spool: Spool) -> None:
         self._importer = KmLogImporter(spool)
         self._last = -self.FOLLOW_EVERY_S
-        self._failing: set[str] = set()
+        self._said: set[str] = set()  # problems already logged, until they clear
 
-    def follow(self, directories: tuple[Path, ...]) -> None:
+    def follow(self, directories: tuple[Path, ...]) -> bool:
+        """Import what is new; True if more is waiting (call again soon)."""
         if not directories or time.monotonic() - self._last < self.FOLLOW_EVERY_S:
-            return
+            return False
         self._last = time.monotonic()
-        for directory in directories:
-            try:
-                result = self._importer.import_dirs([directory])
-            except OSError as exc:  # e.g. permissions: say so once, keep shipping
-                if str(directory) not in self._failing:
-                    self._failing.add(str(directory))
-                    log.error("cannot import km logs from %s: %s", directory,
-                              exc.strerror or exc)
-                continue
-            self._failing.discard(str(directory))
-            if result.imported:
-                log.info("imported %d events from km logs in %s", result.imported, directory)
-            if result.malformed:
-                log.warning("%d malformed lines in km logs in %s set aside in %s",
-                            result.malformed, directory, result.bad_path)
+        try:
+            result = self._importer.import_dirs(list(directories), budget=CHUNK_BYTES)
+        except Exception as exc:  # e.g. the spool is full: the shipper must go on
+            self._say(f"cannot import km logs: {exc}")
+            return False
+        problems = set(result.errors)
+        for problem in problems - self._said:
+            log.error("cannot import km logs: %s", problem)
+        self._said = problems
+        if result.imported:
+            log.info("imported %d events from km logs", result.imported)
+        if result.malformed:
+            log.warning("%d malformed lines in km logs set aside in %s",
+                        result.malformed, result.bad_path)
+        return result.more
+
+    def _say(self, problem: str) -> None:
+        if problem not in self._said:
+            log.error("%s", problem)
+            self._said = {problem}

@@ -9,6 +9,7 @@ every other 4xx permanent (dead letter).
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import http.client
 import logging
@@ -17,7 +18,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import certifi
 
@@ -90,6 +91,14 @@ def backoff_delay(attempts: int, cap: float, rng: random.Random = random._inst) 
     return rng.uniform(0, backoff_ceiling(attempts, cap))
 
 
+def _proxy_authorization(proxy: SplitResult | None) -> dict[str, str] | None:
+    """Basic credentials for a proxy URL that carries ``user:password@``."""
+    if proxy is None or proxy.username is None:
+        return None
+    secret = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}"
+    return {"Proxy-Authorization": "Basic " + base64.b64encode(secret.encode()).decode()}
+
+
 class Sender:
     """GETs stored events from the tracking host, each worker thread on its own
     keep-alive connection.
@@ -114,6 +123,7 @@ class Sender:
         self._context = ssl.create_default_context(
             cafile=str(ca_file) if ca_file else certifi.where()) if self._https else None
         self._proxy = urlsplit(proxy) if proxy and self._https else None
+        self._proxy_headers = _proxy_authorization(self._proxy)
         self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
         self._local = threading.local()
         self._open: set[http.client.HTTPConnection] = set()
@@ -122,9 +132,9 @@ class Sender:
     def _new_connection(self) -> http.client.HTTPConnection:
         if self._proxy is not None:
             conn = http.client.HTTPSConnection(
-                self._proxy.hostname or "", self._proxy.port or 8080,
+                self._proxy.hostname or "", self._proxy.port or 80,
                 timeout=self._connect_timeout, context=self._context)
-            conn.set_tunnel(self._host, self._port)
+            conn.set_tunnel(self._host, self._port, headers=self._proxy_headers)
         elif self._https:
             conn = http.client.HTTPSConnection(self._host, self._port,
                                                timeout=self._connect_timeout,

@@ -87,3 +87,14 @@ def test_the_public_signatures_are_py_kissmetrics_ones():
         assert positional == names, function
     assert (kissmetrics.RECORD_PATH, kissmetrics.SET_PATH, kissmetrics.ALIAS_PATH) == ("e", "s", "a")
     assert KM is ClientCompat
+
+
+def test_what_py_kissmetrics_accepted_is_accepted(spool_path):
+    km = Client("first-key", spool=spool_path)
+    km.record("bob", "Did", [("Plan", "Pro")])  # it merged properties with dict.update
+    km.key = "second-key"  # and read the key on every call
+    km.set("bob", {"Age": 30})
+    assert [(q.split("&")[-1], k) for _, q, k in stored_rows(spool_path)] == [
+        ("Plan=Pro", "first-key"), ("Age=30", "second-key")]
+    compat = KM("k", spool=spool_path)
+    assert compat.log_file() == "/tmp/kissmetrics_error.log" and compat.now().tzinfo is None

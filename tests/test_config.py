@@ -325,6 +325,17 @@ def test_ship_proxy_wins_over_https_proxy(tmp_path, monkeypatch):
     assert load_config(path).proxy == "http://fileproxy.example:8080"
 
 
+def test_an_unusable_https_proxy_stops_shipping_not_recording(tmp_path, monkeypatch):
+    from kmagent import Client
+    from kmagent.config import shipping_config
+    from kmagent.errors import ConfigError
+    monkeypatch.setenv("HTTPS_PROXY", "socks5h://proxy.example:1080")  # meant for others
+    path = toml(tmp_path / "config.toml", f'[spool]\npath = "{tmp_path / "s.db"}"\n')
+    Client(config=path).record("bob", "Still Recorded")
+    with pytest.raises(ConfigError, match="HTTPS_PROXY.*http://"):
+        shipping_config(load_config(path))
+
+
 def test_no_proxy_without_https_proxy(tmp_path):
     path = toml(tmp_path / "config.toml", "[ship]\nconcurrency = 2\n")
     assert load_config(path).proxy is None

@@ -295,3 +295,29 @@ def test_an_active_file_deleted_by_hand_does_not_stop_shipping(spool_path):
     assert len(claimed) == 5
     producer.close()
     shipper.close()
+
+
+def test_a_short_write_leaves_no_part_of_the_lines_behind(tmp_path):
+    """A full disk cuts a write short (RLIMIT_FSIZE stands in for it here): what was
+    written of it is taken back, so no append that raised is stored, even in part."""
+    spool = tmp_path / "spool"
+    script = f"""
+import resource, signal
+from kmagent.errors import SpoolError
+from kmagent.events import make_event
+from kmagent.spool import open_spool
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a short write, not a killed process
+store = open_spool({str(spool)!r}, backend="jsonl")
+store.append(make_event("first", "Fits", now=1700000000))
+size = (store.path / "events.jsonl").stat().st_size
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 40, size + 40))
+try:
+    store.append(make_event("second", "Does not fit", {{"pad": "x" * 200}}, now=1700000000))
+except SpoolError as exc:
+    print("refused:", exc)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert "refused:" in result.stdout, result.stderr
+    lines = (spool / "events.jsonl").read_bytes().splitlines(keepends=True)
+    assert len(lines) == 1 and b'"first"' in lines[0] and lines[0].endswith(b"\n")

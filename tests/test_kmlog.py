@@ -85,6 +85,7 @@ def test_a_line_without_t_is_dated_when_imported():
     ("/e?_p=bob&_n=Did&_t=1700000000&_d=0", "_d"),
     ("/s?_p=bob&_t=1700000000", "at least one property"),
     ("/e?_p=%FF&_n=Did", "decode"),
+    ("http://[x/e?_p=a&_n=b", "unreadable"),  # urlsplit raises ValueError
 ])
 def test_malformed_lines_say_why(line, rule):
     with pytest.raises(BadLine, match=rule):
@@ -176,8 +177,8 @@ def test_a_crash_before_the_log_is_emptied_resumes_where_it_read(
     def crash(fd, size):
         raise OSError(5, "crashed before emptying the log")
     monkeypatch.setattr("kmagent.kmlog.os.ftruncate", crash)
-    with pytest.raises(OSError):
-        KmLogImporter(spool).import_dirs([logs])
+    assert KmLogImporter(spool).import_dirs([logs]).errors == [
+        f"{log}: crashed before emptying the log"]
     monkeypatch.undo()
     append_as_km_does(log, logged("e", _p="second", _n="B", _t="1700000001"))
     assert KmLogImporter(spool).import_dirs([logs]).imported == 1  # only the new line
@@ -227,3 +228,67 @@ def test_km_log_dirs_must_be_a_list(tmp_path, write_config):
     config = write_config(extra='[km_log]\ndirs = "/var/log/km"\n')
     result = run_kmagent("status", "--config", str(config))
     assert result.returncode == 78 and "[km_log] dirs" in result.stderr
+
+
+def test_two_imports_at_once_store_each_line_once(tmp_path, spool_path, backend, write_config):
+    logs = tmp_path / "km"
+    logs.mkdir()
+    for n in range(3):
+        append_as_km_does(logs / f"17000000{n}0kissmetrics_production_sending.log", "".join(
+            logged("e", _p=f"p{n}-{i}", _n="Raced", _t="1700000000") for i in range(200)))
+    append_as_km_does(logs / "kissmetrics_production_query.log", "".join(
+        logged("e", _p=f"q-{i}", _n="Raced", _t="1700000000") for i in range(200)))
+    config = write_config()
+    importers = [subprocess.Popen([sys.executable, "-m", "kmagent", "import", "km-log",
+                                   str(logs), "--config", str(config)],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    counts = [int(p.communicate(timeout=60)[0].split()[1]) for p in importers]
+    assert sum(counts) == 800
+    assert len(stored_rows(spool_path)) == 800
+
+
+def test_a_large_log_is_read_a_chunk_at_a_time_and_the_daemon_takes_one_per_turn(
+        tmp_path, spool_path, backend, monkeypatch):
+    monkeypatch.setattr("kmagent.kmlog.CHUNK_BYTES", 1000)
+    logs = tmp_path / "km"
+    logs.mkdir()
+    log = logs / "kissmetrics_production_query.log"
+    append_as_km_does(log, "".join(logged("e", _p=f"p{n}", _n="Big", _t="1700000000")
+                                   for n in range(100)))
+    spool = open_spool(spool_path, backend=backend)
+    importer = KmLogImporter(spool)
+    first = importer.import_dirs([logs], budget=1000)
+    assert first.more and 0 < first.imported < 100 and log.stat().st_size > 0
+    rest = importer.import_dirs([logs])
+    assert first.imported + rest.imported == 100 and not rest.more
+    assert log.stat().st_size == 0
+    spool.close()
+    assert len(stored_rows(spool_path)) == 100
+
+
+def test_the_follower_survives_a_full_spool_and_says_so(tmp_path, spool_path, backend, caplog):
+    from kmagent.errors import SpoolFull
+    from kmagent.kmlog import KmLogFollower
+    logs = km_dir(tmp_path)
+    spool = open_spool(spool_path, backend=backend)
+
+    def full(events):
+        raise SpoolFull("spool is at its max_bytes")
+    spool.append_many = full
+    follower = KmLogFollower(spool)
+    assert follower.follow((logs,)) is False  # no exception: shipping goes on
+    assert "max_bytes" in caplog.text
+    spool.close()
+
+
+def test_a_log_that_cannot_be_read_is_named_and_the_others_imported(tmp_path, write_config):
+    logs = tmp_path / "km"
+    logs.mkdir()
+    (logs / "kissmetrics_query.log").mkdir()  # not a file
+    append_as_km_does(logs / "kissmetrics_production_query.log",
+                      logged("e", _p="bob", _n="Fine", _t="1700000000"))
+    result = run_kmagent("import", "km-log", str(logs), "--config", str(write_config()))
+    assert result.returncode == 1
+    assert "imported 1 events" in result.stdout
+    assert "kissmetrics_query.log: a directory" in result.stderr
+    assert "Traceback" not in result.stderr

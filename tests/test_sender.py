@@ -131,6 +131,7 @@ class ConnectProxy:
 
     def __init__(self) -> None:
         self.tunnels: list[str] = []
+        self.heads: list[bytes] = []  # each CONNECT request, headers included
         self._listener = socket.create_server(("127.0.0.1", 0))
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -151,6 +152,7 @@ class ConnectProxy:
         while b"\r\n\r\n" not in head:
             head += client.recv(4096)
         target = head.split()[1].decode()
+        self.heads.append(head)
         self.tunnels.append(target)
         host, port = target.rsplit(":", 1)
         upstream = socket.create_connection((host, int(port)))
@@ -181,5 +183,18 @@ def test_https_goes_through_the_configured_proxy(tls):
             assert sender.send(ITEM).delivered
             assert proxy.tunnels == [secure.url.removeprefix("https://")]
             assert secure.received[0].target.startswith("/e?_k=secret-key&_p=bob")
+    finally:
+        proxy.close()
+
+
+def test_proxy_credentials_in_the_url_are_sent_to_the_proxy(tls):
+    context, ca_file = tls
+    proxy = ConnectProxy()
+    try:
+        with StandInHost(ssl_context=context) as secure:
+            url = proxy.url.replace("http://", "http://ann:s%40cret@")
+            assert sender_for(secure.url, ca_file=ca_file, proxy=url).send(ITEM).delivered
+        # base64("ann:s@cret")
+        assert b"Proxy-Authorization: Basic YW5uOnNAY3JldA==" in proxy.heads[0]
     finally:
         proxy.close()

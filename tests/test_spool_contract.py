@@ -271,3 +271,36 @@ def test_a_forked_child_does_not_write_its_parent_s_queued_appends(store):
         assert list(store._waiting) == [slot]  # still the parent's to write
     finally:
         store._waiting.clear()
+
+
+def test_appends_popped_by_an_interrupted_writer_are_written_by_their_own_threads(store,
+                                                                                   monkeypatch):
+    import threading
+    real_write, interrupted, outcomes = store._write, [], {}
+
+    def interrupt_once(records, *, sync):
+        if not interrupted:
+            interrupted.append(len(records))
+            raise KeyboardInterrupt  # as a signal handler's exception would, mid-write
+        return real_write(records, sync=sync)
+
+    def append(n: int) -> None:
+        try:
+            store.append(event(n))
+            outcomes[n] = "returned"
+        except KeyboardInterrupt:
+            outcomes[n] = "interrupted"
+
+    monkeypatch.setattr(store, "_write", interrupt_once)
+    with store._lock:
+        threads = [threading.Thread(target=append, args=(n,)) for n in (1, 2)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while len(store._waiting) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    for thread in threads:
+        thread.join()
+    assert interrupted == [2] and sorted(outcomes.values()) == ["interrupted", "returned"]
+    [returned] = [n for n, outcome in outcomes.items() if outcome == "returned"]
+    assert [q.split("&")[0] for _, q, _ in store.requests()] == [f"_p=person{returned}"]

@@ -11,12 +11,14 @@ The key given to the constructor travels with each event. What differs from
 py-KISSmetrics: calls return None instead of an HTTP response (there is none yet); the
 tracking host is the agent's ``endpoint``, so ``trk_host``/``trk_scheme`` and ``host`` are
 checked as before but not used for sending; ``path`` must be the method's own path
-(e/s/a); and every event carries its time with ``_d=1``, so a resend is never counted
-twice. As in py-KISSmetrics, ``KM``'s identity belongs to the instance.
+(e/s/a); every event carries its time with ``_d=1``, so a resend is never counted
+twice; and what py-KISSmetrics sent wrongly is refused (README: "Coming from").
+As in py-KISSmetrics, ``KM``'s identity belongs to the instance.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 from ..client import Client as _SpoolClient
 from ..config import Config
 from ..errors import InvalidEvent
+from ..events import check_name
 
 TRACKING_HOSTNAME = "trk.kissmetrics.io"
 TRACKING_SCHEME = "http"
@@ -32,6 +35,19 @@ _PORT_SCHEMES = {"80": "http", "443": "https"}
 
 __all__ = ["Client", "ClientCompat", "KM", "TRACKING_HOSTNAME", "TRACKING_SCHEME",
            "RECORD_PATH", "SET_PATH", "ALIAS_PATH"]
+
+
+def _properties(properties: Any) -> Mapping[str, Any]:
+    """py-KISSmetrics merged properties with dict.update: a mapping or (name, value) pairs."""
+    if not properties:
+        return {}
+    if isinstance(properties, Mapping):
+        return properties
+    try:
+        return dict(properties)
+    except (TypeError, ValueError):
+        raise InvalidEvent("properties", "must be a mapping or (name, value) pairs, not "
+                                         f"{type(properties).__name__}") from None
 
 
 def _only(path: str, expected: str) -> None:
@@ -56,19 +72,26 @@ class Client:
         self.key, self.trk_host, self.trk_scheme = key, trk_host, trk_scheme
         self._spool_client = _SpoolClient(key, config=config, spool=spool)
 
+    def _client(self) -> _SpoolClient:
+        # py-KISSmetrics reads self.key on every call: a key changed later is used.
+        if self.key != self._spool_client.api_key:
+            self._spool_client.api_key = check_name("key", self.key)
+        return self._spool_client
+
     def record(self, person: str, event: str, properties: Mapping[str, Any] | None = None,
                timestamp: Any = None, path: str = RECORD_PATH) -> None:
         _only(path, RECORD_PATH)
-        self._spool_client.record(person, event, properties or {}, timestamp=timestamp or None)
+        self._client().record(person, event, _properties(properties),
+                              timestamp=timestamp or None)
 
     def set(self, person: str, properties: Mapping[str, Any] | None = None,
             timestamp: Any = None, path: str = SET_PATH) -> None:
         _only(path, SET_PATH)
-        self._spool_client.set(person, properties or {}, timestamp=timestamp or None)
+        self._client().set(person, _properties(properties), timestamp=timestamp or None)
 
     def alias(self, person: str, identity: str, path: str = ALIAS_PATH) -> None:
         _only(path, ALIAS_PATH)
-        self._spool_client.alias(person, identity)
+        self._client().alias(person, identity)
 
     def close(self) -> None:
         self._spool_client.close()
@@ -106,6 +129,14 @@ class ClientCompat:
     def alias(self, name: str, alias_to: str, path: str = ALIAS_PATH, resp: bool = False) -> None:
         self.check_init()
         self.client.alias(name, alias_to, path=path)
+
+    def log_file(self) -> str:
+        """Where py-KISSmetrics said it logged (it never wrote there either); kmagent
+        logs through the ``logging`` module, and the daemon to its journal."""
+        return "/tmp/kissmetrics_error.log"
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
     def reset(self) -> None:
         """Forget the identity and the key: calls raise until both are given again."""

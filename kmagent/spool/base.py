@@ -181,18 +181,27 @@ class Spool(abc.ABC):
         self._waiting.append(slot)
         with self._lock:
             if not slot[2]:  # not written by an earlier lock holder: write the queue
-                batch = []
-                while self._waiting:
-                    batch.append(self._waiting.popleft())
-                try:
-                    self._size += self._write([entry[0] for entry in batch], sync=False)
-                except BaseException as exc:
-                    for entry in batch:
-                        entry[1] = exc
-                for entry in batch:
-                    entry[2] = True
+                self._write_waiting(slot)
         if slot[1] is not None:
             raise slot[1]
+
+    def _write_waiting(self, own: list[Any]) -> None:
+        batch: list[list[Any]] = []
+        try:
+            while self._waiting:
+                batch.append(self._waiting.popleft())
+            if not any(entry is own for entry in batch):
+                # Popped by a holder that was interrupted before writing it (a signal
+                # handler raising): ours to write now.
+                batch.append(own)
+            self._size += self._write([entry[0] for entry in batch], sync=False)
+        except Exception as exc:
+            for entry in batch:
+                entry[1] = exc
+        # Not reached if a signal handler's exception is on its way out: then nothing is
+        # marked, and each of the others writes its own record when it gets the lock.
+        for entry in batch:
+            entry[2] = True
 
     def append_many(self, events: list[Event]) -> None:
         """Store ``events`` together and durably (synced to disk, whatever

@@ -245,6 +245,7 @@ class JsonlSpool(Spool):
         os.fdatasync(fd)
 
     def _append_bytes(self, line: bytes) -> int:
+        """Append ``line`` (one or more whole lines) to events.jsonl in one write()."""
         while True:
             fd = self._active_fd()
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -257,6 +258,9 @@ class JsonlSpool(Spool):
                         line = b"\n" + line
                     written = os.write(fd, line)
                     if written != len(line):
+                        # Undone whole: the lines of every append in this group must be
+                        # stored together or not at all (each of them raises).
+                        os.ftruncate(fd, size)
                         self._end = -1
                         raise OSError(errno.ENOSPC, "short write (disk full?)")
                     self._end = size + written
