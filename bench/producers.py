@@ -26,7 +26,7 @@ from common import BENCH, loop_host, table
 from workload import micros_per_event
 
 ROUNDS = 5
-EVENTS = 2000  # per round, split between the workers; a tenth of it for fsync'd rows
+EVENTS = 10000  # per round, split between the workers; a tenth of it for fsync'd rows
 SHAPES = {"1 thread": {"threads": 1}, "8 threads": {"threads": 8},
           "4 processes": {"processes": 4}}
 PEERS_PYTHON = BENCH / ".venv-peers" / "bin" / "python"

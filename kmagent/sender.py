@@ -35,6 +35,7 @@ MAX_RETRY_AFTER_S = 3600.0  # a host's Retry-After is honoured up to an hour
 TRANSIENT_STATUSES = frozenset({408, 429})
 
 DELIVERED, TRANSIENT, PERMANENT = "delivered", "transient", "permanent"
+MAX_BODY = 64 * 1024
 HEADERS = {"User-Agent": USER_AGENT, "Accept": "*/*", "Accept-Encoding": "identity"}
 # What a request on a connection the host already closed fails with, before any answer.
 STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
@@ -165,8 +166,10 @@ class Sender:
                     conn = self._local.conn = self._new_connection()
                 conn.request("GET", self._prefix + path, headers=HEADERS)
                 response = conn.getresponse()
-                response.read()  # the connection is reusable once the body is read
-                if response.will_close:
+                # The connection is reusable once the body is read; the host sends a
+                # 43-byte GIF, so anything past MAX_BODY is not read: the connection goes.
+                response.read(MAX_BODY)
+                if response.will_close or not response.isclosed():
                     self._drop(conn)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("GET %s -> %s", path, response.status)

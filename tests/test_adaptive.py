@@ -23,9 +23,12 @@ def period(limit: AdaptiveLimit, rtt: float | None = 0.02, *, pushed_back: bool 
     return limit.limit
 
 
-def test_grows_by_one_per_round_trip_while_the_round_trip_holds_and_slots_are_full():
-    limit = AdaptiveLimit(4, 10)
-    assert [period(limit) for _ in range(8)] == [5, 6, 7, 8, 9, 10, 10, 10]
+def test_doubles_per_round_trip_until_the_first_back_off_then_adds_one():
+    limit = AdaptiveLimit(4, 100)
+    assert [period(limit) for _ in range(3)] == [8, 16, 32]
+    assert period(limit, pushed_back=True) == 28
+    assert [period(limit) for _ in range(3)] == [29, 30, 31]
+    assert [period(AdaptiveLimit(40, 64)) for _ in range(1)] == [64]  # never past the ceiling
 
 
 def test_does_not_grow_when_fewer_requests_are_waiting_than_allowed():
@@ -43,6 +46,7 @@ def test_backs_off_when_the_host_pushes_back_but_never_below_one():
 
 def test_backs_off_when_the_round_trip_rises():
     limit = AdaptiveLimit(10, 64)
+    limit.slow_start = False
     for _ in range(5):
         period(limit, rtt=0.020)
     grown = limit.limit
@@ -51,6 +55,7 @@ def test_backs_off_when_the_round_trip_rises():
 
 def test_a_slowly_drifting_round_trip_is_not_mistaken_for_queueing():
     limit = AdaptiveLimit(4, 64)
+    limit.slow_start = False
     for n in range(20):
         period(limit, rtt=0.020 + n * 0.0005)
     assert limit.limit == 24

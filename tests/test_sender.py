@@ -198,3 +198,14 @@ def test_proxy_credentials_in_the_url_are_sent_to_the_proxy(tls):
         assert b"Proxy-Authorization: Basic YW5uOnNAY3JldA==" in proxy.heads[0]
     finally:
         proxy.close()
+
+
+def test_one_connection_is_kept_alive_across_requests(host):
+    sender = sender_for(host.url)
+    try:
+        assert sender.send(ITEM).delivered
+        first = sender._local.conn
+        assert sender.send(ITEM).delivered and sender.send(ITEM).delivered
+        assert first is not None and sender._local.conn is first
+    finally:
+        sender.close()
