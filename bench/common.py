@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 BENCH = Path(__file__).resolve().parent
+# Figures the sections measured, by name, for the headline table (bench/run.py).
+FIGURES: dict[str, float] = {}
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import kmagent
-from common import loop_host, percentile, table
+from common import FIGURES, loop_host, percentile, table
 from status import fill_sqlite
 
 LATENCY_EVENTS = 200
@@ -97,6 +97,8 @@ def at_rest(tmp: Path) -> list[tuple[str, str]]:
             idle_rss = rss_mb(daemon.pid)
         finally:
             stop(daemon)
+    FIGURES.update(latency_p50_ms=percentile(latencies, 0.5), idle_cpu_percent=cpu,
+                   idle_rss_mb=idle_rss)
     return [("produce-to-arrival latency, daemon idle: p50",
              f"{percentile(latencies, 0.5):.1f} ms"),
             ("produce-to-arrival latency, daemon idle: p99",
@@ -125,6 +127,9 @@ def draining(tmp: Path, drain_all: bool) -> list[tuple[str, str]]:
             stop(daemon)
     delivered = BACKLOG - pending
     tenth = max(1, len(samples) // 10)
+    FIGURES.update(drain_rss_first_mb=sorted(samples[:tenth])[tenth // 2],
+                   drain_rss_last_mb=sorted(samples[-tenth:])[tenth // 2],
+                   drain_rss_peak_mb=max(samples), drained=delivered)
     return [(f"RSS draining {BACKLOG:,} (every 1 s for {elapsed:.0f} s, {delivered:,} delivered, "
              f"{delivered / elapsed:,.0f}/s): first 10 % of samples, median", 
              f"{sorted(samples[:tenth])[tenth // 2]:.1f} MB"),

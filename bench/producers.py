@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import BENCH, loop_host, table
+from common import BENCH, FIGURES, loop_host, table
 from workload import micros_per_event
 
 ROUNDS = 5
@@ -140,6 +140,14 @@ def run() -> str:
         rows.append([base_name] + [cell(base[s], None) for s in SHAPES])
         rows.append([ours_name] + [cell(ours[s], base[s]) for s in SHAPES])
     sqlite_normal = groups[0][1][1]
+    for key, (_, figures) in zip(("bare_sqlite", "bare_write", "bare_sqlite_full", "bare_fdatasync"),
+                                 (group[0] for group in groups)):
+        FIGURES[key] = figures["1 thread"]
+    for key, (_, figures) in zip(("sqlite", "jsonl", "sqlite_full", "jsonl_full"),
+                                 (group[1] for group in groups)):
+        FIGURES[key] = figures["1 thread"]
+        FIGURES[key + "_8_threads"] = figures["8 threads"]
+    FIGURES["segment"] = others.get("segment_track_enqueue", {}).get("1 thread", float("nan"))
     for key, figures in others.items():
         rows.append([names[key] + " (× kmagent SQLite normal)"]
                     + [cell(figures.get(s), sqlite_normal[s]) for s in SHAPES])

@@ -17,7 +17,7 @@ import producers
 import resends
 import shipping
 import status
-from common import BENCH, machine
+from common import BENCH, FIGURES, machine, table
 
 SECTIONS = [
     ("Producer cost", "bench/producers.py", producers.run,
@@ -37,6 +37,54 @@ SECTIONS = [
 QUICK_SKIP = {"bench/idle.py", "bench/status.py"}
 
 
+def headline() -> str:
+    """Every target of the speed work, with what this run measured."""
+    f = FIGURES.get
+    nan = float("nan")
+
+    def ratio(a: str, b: str) -> float:
+        return f(a, nan) / f(b, nan)
+
+    rows = [
+        ("record(), SQLite normal, 1 thread ÷ bare sqlite3 INSERT", "≤ 1.3×",
+         ratio("sqlite", "bare_sqlite"), lambda v: v <= 1.3, "{:.2f}×"),
+        ("record(), SQLite normal ÷ Segment track() enqueue, 1 thread", "≤ 1×",
+         ratio("sqlite", "segment"), lambda v: v <= 1.0, "{:.2f}×"),
+        ("record(), jsonl normal, 1 thread ÷ bare os.write", "≤ 3×",
+         ratio("jsonl", "bare_write"), lambda v: v <= 3.0, "{:.2f}×"),
+        # One fsync per event, as the baselines: two would cost about 2×.
+        ("record(), SQLite full, 1 thread ÷ bare FULL insert", "≤ 1 fsync per event (< 1.5×)",
+         ratio("sqlite_full", "bare_sqlite_full"), lambda v: v < 1.5, "{:.2f}×"),
+        ("record(), jsonl full, 1 thread ÷ bare os.write + fdatasync",
+         "≤ 1 fsync per event (< 1.5×)",
+         ratio("jsonl_full", "bare_fdatasync"), lambda v: v < 1.5, "{:.2f}×"),
+        ("record(), SQLite full: 8 threads ÷ 1 thread, µs per event (group commit)", "< 1×",
+         ratio("sqlite_full_8_threads", "sqlite_full"), lambda v: v < 1.0, "{:.2f}×"),
+        ("shipping, 20 ms, concurrency 16 ÷ bare http.client, 16 threads", "≥ 0.8×",
+         ratio("ship_20ms_16", "ship_20ms_16_bare"), lambda v: v >= 0.8, "{:.2f}×"),
+        ("shipping, 0 ms, concurrency 16 ÷ bare http.client, 16 threads", "≥ 0.5×",
+         ratio("ship_0ms_16", "ship_0ms_16_bare"), lambda v: v >= 0.5, "{:.2f}×"),
+        ("shipping, 20 ms, default (adaptive) ÷ sequential loop", "≥ 20×",
+         ratio("ship_20ms_auto", "ship_20ms_sequential"), lambda v: v >= 20, "{:.1f}×"),
+        ("produce-to-arrival p50, daemon idle", "≤ 20 ms", f("latency_p50_ms", nan),
+         lambda v: v <= 20, "{:.1f} ms"),
+        ("daemon CPU, 60 s idle", "≤ 0.2 %", f("idle_cpu_percent", nan),
+         lambda v: v <= 0.2, "{:.3f} %"),
+        ("daemon peak RSS draining 1,000,000 (first → last tenth)", "≤ 60 MB, flat",
+         f("drain_rss_peak_mb", nan), lambda v: v <= 60 and
+         f("drain_rss_last_mb", nan) <= 1.2 * f("drain_rss_first_mb", nan),
+         "{:.1f} MB" + f" ({f('drain_rss_first_mb', nan):.1f} → {f('drain_rss_last_mb', nan):.1f})"),
+        ("kmagent.status() at 1,000,000 pending, SQLite", "≤ 100 ms",
+         f("status_sqlite_ms", nan), lambda v: v <= 100, "{:.1f} ms"),
+    ]
+    lines = []
+    for name, target, value, met, style in rows:
+        if value != value:  # NaN: that section did not run
+            continue
+        lines.append((name, target, style.format(value), "met" if met(value) else "**not met**"))
+    return table(("target", "goal", "this run", ""), lines)
+
+
 def main() -> None:
     quick = "--quick" in sys.argv
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -53,6 +101,10 @@ def main() -> None:
         print(body, flush=True)
         parts.append(f"## {title}\n\nCommand: `.venv/bin/python {command}` "
                      f"({time.monotonic() - start:.0f} s). {about}\n\n{body}")
+    summary = headline()
+    print(f"\n## Headline\n\n{summary}")
+    parts.insert(1, "## Headline\n\nThe targets, and what this run measured (details below).\n\n"
+                 + summary)
     (BENCH / "RESULTS.md").write_text("\n\n".join(parts) + "\n")
     print(f"\nwritten: {BENCH / 'RESULTS.md'}")
 

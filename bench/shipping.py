@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from common import loop_host, median_of, table
+from common import FIGURES, loop_host, median_of, table
 
 ROUNDS = 3
 CONCURRENCY = (16, 32, None)  # None: kmagent's default, adaptive from 16 up to 64
@@ -89,6 +89,9 @@ def run() -> str:
                 ours = median_of(kmagent_rate, url, n, concurrency, rounds=ROUNDS)
                 bound = f"{threads / delay:,.0f}" if delay else "–"
                 label = concurrency or f"auto (16 → ≤ {AUTO_CEILING}; bare: {AUTO_CEILING})"
+                name = f"ship_{delay * 1000:.0f}ms_{concurrency or 'auto'}"
+                FIGURES[name], FIGURES[name + "_bare"] = ours, bare
+                FIGURES[f"ship_{delay * 1000:.0f}ms_sequential"] = sequential
                 rows.append((f"{delay * 1000:.0f} ms", label, f"{ours:,.0f}",
                              f"{bare:,.0f}", f"{sequential:,.0f}", bound,
                              f"{ours / bare:.2f}", f"{ours / sequential:.1f}"))

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import kmagent
-from common import table
+from common import FIGURES, table
 from kmagent.spool import open_spool
 
 EVENTS = 1_000_000
@@ -72,6 +72,7 @@ def run(events: int = EVENTS) -> str:
             version = median_ms(lambda: subprocess.run(command + ["--version"], check=True,
                                                        capture_output=True))
             rows.append((backend, f"{events:,}", f"{inproc:.1f}", f"{cmd:.0f}", f"{version:.0f}"))
+            FIGURES[f"status_{backend}_ms"] = inproc
     return table(("backend", "pending", "kmagent.status() ms", "`kmagent status --json` ms",
                   "`kmagent --version` ms"), rows)
 
