@@ -30,7 +30,7 @@ def read_figures(path: Path) -> dict[str, Any]:
 
 
 class RunFigures:
-    """``in_flight``, ``delivered_total``, ``retried_total``, ``dead_total``,
+    """``in_flight``, ``concurrency``, ``delivered_total``, ``retried_total``, ``dead_total``,
     ``last_success_at``, ``last_error_at``, ``last_error``, ``rate_1m``."""
 
     def __init__(self, path: Path, shipper: "Shipper") -> None:
@@ -53,6 +53,7 @@ class RunFigures:
         return {
             "pid": os.getpid(),
             "in_flight": shipper.in_flight,
+            "concurrency": shipper.concurrency,
             "delivered_total": delivered,
             "retried_total": self._base["retried_total"] + shipper.retried_total,
             "dead_total": self._base["dead_total"] + shipper.dead_total,

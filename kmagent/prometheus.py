@@ -36,6 +36,7 @@ class _Collector:
         for name, key, help_text in (
                 ("kmagent_events_pending", "pending", "Events not yet delivered nor dead."),
                 ("kmagent_events_in_flight", "in_flight", "Requests being sent."),
+                ("kmagent_concurrency", "concurrency", "Requests allowed at once now."),
                 ("kmagent_dead_letters", "dead", "Dead letters in the spool."),
                 ("kmagent_oldest_pending_age_seconds", "oldest_pending_age_s",
                  "Age of the oldest pending event."),

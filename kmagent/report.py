@@ -20,7 +20,8 @@ def read_status(config: str | os.PathLike | Config | None = None, *,
     cfg = config if isinstance(config, Config) else load_config(config)
     location = Path(spool if spool is not None else cfg.spool_path)
     figures: dict[str, Any] = {
-        "pending": 0, "in_flight": 0, "dead": 0, "oldest_pending_age_s": None,
+        "pending": 0, "in_flight": 0, "concurrency": None, "dead": 0,
+        "oldest_pending_age_s": None,
         "dropped_total": 0, "delivered_total": 0, "retried_total": 0,
         "last_success_at": None, "last_error_at": None, "last_error": None,
         "rate_1m": 0.0, "daemon_pid": None, "spool": str(location), "exists": False}
@@ -41,6 +42,7 @@ def read_status(config: str | os.PathLike | Config | None = None, *,
             figures["in_flight"] = 0
         elif running:
             figures["in_flight"] = published.get("in_flight", figures["in_flight"])
+            figures["concurrency"] = published.get("concurrency")
         figures["spool"] = str(store.path)
         figures["exists"] = True
     return figures

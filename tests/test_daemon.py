@@ -75,6 +75,7 @@ def test_sigterm_exits_zero_and_loses_nothing_in_flight(host, write_config, spoo
     expected = expected_targets(spool_path)
     daemon = start_daemon(config)
     wait_for(lambda: status(config)["in_flight"] > 0)
+    assert status(config)["concurrency"] == 4  # a number in the configuration fixes it
     started = time.monotonic()
     assert stop(daemon) == 0
     assert time.monotonic() - started < 10  # finished its in-flight work, then left
