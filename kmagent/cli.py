@@ -412,28 +412,36 @@ def import_km_log(directories: tuple[str, ...]) -> int:
 
 @cli.command()
 @click.option("--dead", is_flag=True, help="The dead letters instead of the pending events.")
+@click.option("--key", metavar="API_KEY",
+              help="Only the events of this API key (needed when the spool holds several).")
 @click.option("--output", "-o", type=click.File("w", encoding="utf-8"), default="-",
               help="Write here instead of standard output.")
 @common_options
-def export(dead: bool, output) -> int:
+def export(dead: bool, key: str | None, output) -> int:
     """Write the pending events (or, with --dead, the dead letters) as Kissmetrics
     newline-JSON import lines, oldest first, for a bulk backfill. Read only: the spool
     is unchanged (after importing dead letters elsewhere, `kmagent dead purge --all`).
+    An import is for one product: if the events carry several API keys, choose one
+    with --key.
 
     \b
     Example:
       kmagent export --dead -o backfill.jsonl
     """
+    from .config import shipping_config
     from .export import export_lines
     from .spool import open_configured
-    spool = open_configured(_config())
-    count = 0
+    config = _config()
+    if config.api_key_file is not None:
+        config = shipping_config(config)  # the configured key, to tell the keys apart
+    spool = open_configured(config)
     try:
-        for line in export_lines(spool, dead=dead):
-            output.write(line + "\n")
-            count += 1
+        lines = export_lines(spool, dead=dead, key=key, configured_key=config.api_key)
     finally:
         spool.close()
+    for line in lines:
+        output.write(line + "\n")
+    count = len(lines)
     click.echo(f"exported {count} {'dead letters' if dead else 'pending events'}", err=True)
     return 0
 

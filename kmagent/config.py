@@ -155,10 +155,15 @@ def _listen(value: Any, base: Path) -> str:
 
 def _proxy(value: Any, base: Path) -> str:
     url = _string(value, base)
+    parts = urlsplit(url)
     # The tunnel is opened with CONNECT in the clear, then TLS runs inside it.
-    if urlsplit(url).scheme != "http" or not urlsplit(url).hostname:
+    if parts.scheme != "http" or not parts.hostname:
         raise ValueError("must be an http:// proxy URL (HTTPS goes through it with CONNECT), "
                          "such as http://proxy.example:3128")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("the port must be a number from 1 to 65535") from None
     return url
 
 

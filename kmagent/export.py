@@ -6,9 +6,9 @@ event, ``_p2`` for an alias, every other key a property (values as they would be
 from __future__ import annotations
 
 import json
-from typing import Iterator
 from urllib.parse import parse_qsl
 
+from .errors import InvalidEvent
 from .events import ALIAS, EVENT
 from .spool import Spool
 
@@ -30,7 +30,18 @@ def import_line(path: str, query: str, created: float) -> str:
     return json.dumps(line, ensure_ascii=False, separators=(",", ":"))
 
 
-def export_lines(spool: Spool, *, dead: bool = False) -> Iterator[str]:
-    """Import lines for every pending event (or every dead letter), oldest first."""
-    for path, query, created in spool.requests(dead=dead):
-        yield import_line(path, query, created)
+def export_lines(spool: Spool, *, dead: bool = False, key: str | None = None,
+                 configured_key: str | None = None) -> list[str]:
+    """Import lines for every pending event (or every dead letter), oldest first.
+
+    An import is for one Kissmetrics product, that is one API key: events recorded with
+    a key of their own are told apart from those sent with ``configured_key``. With
+    events of several keys, ``key`` must choose one (InvalidEvent says so otherwise)."""
+    requests = [(path, query, api_key or configured_key, created)
+                for path, query, api_key, created in spool.requests(dead=dead)]
+    keys = {api_key for _, _, api_key, _ in requests}
+    if key is None and len(keys) > 1:
+        raise InvalidEvent("--key", f"these events belong to {len(keys)} API keys (one "
+                                    "Kissmetrics product each): export one key at a time")
+    return [import_line(path, query, created) for path, query, api_key, created in requests
+            if key is None or api_key == key]

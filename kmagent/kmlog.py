@@ -16,7 +16,6 @@ emptied, or replaced, no longer starts with the bytes remembered.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qsl, urlsplit
 
-from .errors import InvalidEvent
+from .errors import InvalidEvent, SpoolError
 from .events import Event, make_alias, make_event, make_set
 from .spool import Spool
 from .spool.base import append_to, open_file, write_atomically
@@ -50,6 +49,7 @@ class ImportResult:
     files: list[str] = field(default_factory=list)  # files that held something new
     errors: list[str] = field(default_factory=list)  # files or directories not readable
     more: bool = False  # stopped at the budget: more is waiting
+    busy: bool = False  # another import was running (and we were not to wait)
     bad_path: Path | None = None  # where malformed lines went
 
 
@@ -121,16 +121,25 @@ class KmLogImporter:
         self.state_path = base / (prefix + STATE_NAME)
         self.bad_path = base / (prefix + BAD_NAME)
 
-    def import_dirs(self, directories: list[Path], *, budget: int | None = None) -> ImportResult:
+    def import_dirs(self, directories: list[Path], *, budget: int | None = None,
+                    wait: bool = True) -> ImportResult:
         """Import every log in ``directories``; with ``budget``, stop after reading
-        about that many bytes (the rest waits for the next call)."""
+        about that many bytes (the rest waits for the next call). If another import is
+        running, wait for it, or with ``wait=False`` return at once (``busy``)."""
         result = ImportResult(bad_path=self.bad_path)
-        left = [budget]
         # One importer at a time (the daemon and `kmagent import`): the state is read
         # and written whole, and a file one has deleted must not be read by the other.
-        with _locked(self.state_path.with_name(self.state_path.name + ".lock"),
-                     create=True):
+        lock_path = self.state_path.with_name(self.state_path.name + ".lock")
+        try:
+            lock = _flocked(lock_path, create=True, wait=wait)
+        except BlockingIOError:
+            result.busy = True
+            return result
+        except OSError as exc:
+            raise SpoolError(f"cannot lock {lock_path}: {exc.strerror or exc}") from None
+        try:
             state = self._load()
+            left = [budget]
             for directory in directories:
                 try:
                     files = log_files(Path(directory).resolve())
@@ -148,53 +157,70 @@ class KmLogImporter:
                         result.errors.append(f"{path}: {exc.strerror or exc}")
                     if result.more:
                         return result
+        finally:
+            os.close(lock)  # releases the flock
         return result
 
     def _import_file(self, path: Path, state: dict, result: ImportResult,
                      left: list[int | None]) -> None:
-        sending = bool(SENDING_LOG.match(path.name))
-        with _locked(path) as fd:
+        fd = _flocked(path)
+        try:
             st = os.fstat(fd)
             if st.st_nlink == 0 or os.stat(path).st_ino != st.st_ino:
                 return  # deleted or replaced while we waited for the lock
-            head = _head(fd, st.st_size)
-            offset = self._resume_at(fd, st, state.get(str(path)))
-            while offset < st.st_size:
-                if left[0] is not None and left[0] <= 0:
-                    result.more = True
-                    return  # the rest next time: the offset is recorded
-                data = os.pread(fd, min(CHUNK_BYTES, st.st_size - offset), offset)
-                end = data.rfind(b"\n") + 1
-                if end and offset + len(data) < st.st_size:
-                    data = data[:end]  # whole lines only, unless this is the file's end
-                events, bad = self._parse(data)
-                self.spool.append_many(events)  # synced before the offset moves
-                self._set_aside(path, bad)
-                offset += len(data)
-                if left[0] is not None:
-                    left[0] -= len(data)
-                state[str(path)] = {"inode": st.st_ino, "offset": offset,
-                                    "head": _head(fd, offset) if offset < HEAD_BYTES else head}
-                self._save(state)
-                result.imported += len(events)
-                result.malformed += len(bad)
-                if str(path) not in result.files:
-                    result.files.append(str(path))
-            if sending:
-                path.unlink(missing_ok=True)
+            self._import_held(path, fd, st, state, result, left)
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _import_held(self, path: Path, fd: int, st: os.stat_result, state: dict,
+                     result: ImportResult, left: list[int | None]) -> None:
+        head = _head(fd, st.st_size)
+        offset = self._resume_at(fd, st, path, state)
+        while offset < st.st_size:
+            if left[0] is not None and left[0] <= 0:
+                result.more = True
+                return  # the rest next time: the offset is recorded
+            data = os.pread(fd, min(CHUNK_BYTES, st.st_size - offset), offset)
+            if not data:
+                # Cut short under us (a copytruncate ignores the flock): read it
+                # afresh next time, from its start.
                 state.pop(str(path), None)
-            elif st.st_size:
-                os.ftruncate(fd, 0)  # the writers append from the new end: 0
-                os.fsync(fd)
-                state[str(path)] = {"inode": st.st_ino, "offset": 0, "head": ""}
-            else:
+                self._save(state)
                 return
+            end = data.rfind(b"\n") + 1
+            if end and offset + len(data) < st.st_size:
+                data = data[:end]  # whole lines only, unless this is the file's end
+            events, bad = self._parse(data)
+            self.spool.append_many(events)  # synced before the offset moves
+            self._set_aside(path, bad)
+            offset += len(data)
+            if left[0] is not None:
+                left[0] -= len(data)
+            state[str(path)] = {"inode": st.st_ino, "offset": offset,
+                                "head": _head(fd, offset) if offset < HEAD_BYTES else head}
             self._save(state)
+            result.imported += len(events)
+            result.malformed += len(bad)
+            if str(path) not in result.files:
+                result.files.append(str(path))
+        if SENDING_LOG.match(path.name):
+            path.unlink(missing_ok=True)
+            state.pop(str(path), None)
+        elif st.st_size:
+            os.ftruncate(fd, 0)  # the writers append from the new end: 0
+            os.fsync(fd)
+            state[str(path)] = {"inode": st.st_ino, "offset": 0, "head": ""}
+        else:
+            return
+        self._save(state)
 
     @staticmethod
-    def _resume_at(fd: int, st: os.stat_result, remembered: dict | None) -> int:
-        """Where the unread part begins: 0 unless this is the very file read before,
-        still starting with the same bytes and not shorter than what was read."""
+    def _resume_at(fd: int, st: os.stat_result, path: Path, state: dict) -> int:
+        """Where the unread part begins: 0 unless this is the very file read before
+        (under this name, or another: km_send renames the query log it sends), still
+        starting with the same bytes and not shorter than what was read."""
+        remembered = state.get(str(path)) or next(
+            (entry for entry in state.values() if entry["inode"] == st.st_ino), None)
         if not remembered or remembered["inode"] != st.st_ino:
             return 0
         offset = remembered["offset"]
@@ -221,40 +247,54 @@ class KmLogImporter:
         return events, bad
 
     def _set_aside(self, path: Path, bad: list[tuple[str, str]]) -> None:
-        if bad:
+        if not bad:
+            return
+        try:
             append_to(self.bad_path, b"".join(
                 (json.dumps({"file": str(path), "line": line, "reason": reason},
                             ensure_ascii=False) + "\n").encode() for line, reason in bad),
                 sync=True)
+        except OSError as exc:  # the spool's side, not the log's: stop the import
+            raise SpoolError(f"cannot set malformed lines aside in {self.bad_path}: "
+                             f"{exc.strerror or exc}") from None
 
     def _load(self) -> dict:
         try:
-            return json.loads(self.state_path.read_text())
+            state = json.loads(self.state_path.read_text())
+            if isinstance(state, dict) and all(
+                    isinstance(v, dict) and {"inode", "offset", "head"} <= set(v)
+                    for v in state.values()):
+                return state
         except FileNotFoundError:
             return {}
-        except ValueError:
-            log.warning("%s is unreadable; starting over (lines may be imported twice)",
-                        self.state_path)
-            return {}
+        except (OSError, ValueError):
+            pass
+        log.warning("%s is unreadable; starting over (lines may be imported twice)",
+                    self.state_path)
+        return {}
 
     def _save(self, state: dict) -> None:
-        write_atomically(self.state_path, json.dumps(state, sort_keys=True).encode())
+        try:
+            write_atomically(self.state_path, json.dumps(state, sort_keys=True).encode())
+        except OSError as exc:  # the spool's side, not the log's: stop the import
+            raise SpoolError(f"cannot record import progress in {self.state_path}: "
+                             f"{exc.strerror or exc}") from None
 
 
 def _head(fd: int, size: int) -> str:
     return hashlib.sha256(os.pread(fd, min(size, HEAD_BYTES), 0)).hexdigest()
 
 
-@contextlib.contextmanager
-def _locked(path: Path, *, create: bool = False) -> Iterator[int]:
-    """The file, open and held under an exclusive flock (for a log: the one its
-    writers take)."""
+def _flocked(path: Path, *, create: bool = False, wait: bool = True) -> int:
+    """``path`` open and held under an exclusive flock (for a log: the one its writers
+    take); closing the descriptor releases it. BlockingIOError if busy and not ``wait``."""
     fd = open_file(path, os.O_RDWR | os.O_CREAT) if create else os.open(path, os.O_RDWR)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield fd
-    finally:
-        os.close(fd)  # releases the flock
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class KmLogFollower:
@@ -276,7 +316,8 @@ class KmLogFollower:
             return False
         self._last = time.monotonic()
         try:
-            result = self._importer.import_dirs(list(directories), budget=CHUNK_BYTES)
+            result = self._importer.import_dirs(list(directories), budget=CHUNK_BYTES,
+                                                wait=False)  # `kmagent import` is at it
         except Exception as exc:  # e.g. the spool is full: the shipper must go on
             self._say(f"cannot import km logs: {exc}")
             return False

@@ -202,6 +202,7 @@ REFUSALS = [
     ("endpoint = \"ftp://trk.kissmetrics.io\"\n", "endpoint", ["https"]),
     ("endpoint = \"trk.kissmetrics.io\"\n", "endpoint", ["https"]),
     ("[ship]\nproxy = \"not a url\"\n", "proxy", ["proxy", "url"]),
+    ("[ship]\nproxy = \"http://u:p@proxy.example:99999\"\n", "proxy", ["port", "65535"]),
 ]
 
 

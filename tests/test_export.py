@@ -52,3 +52,13 @@ def test_dead_letters_export_with_dead(host, write_config):
                           "--config", str(config))
     assert "exported 1 dead letters" in to_file.stderr
     assert json.loads((config.parent / "out.jsonl").read_text())["_p"] == "poison"
+
+
+def test_events_of_several_keys_are_exported_one_key_at_a_time(host, write_config):
+    config = write_config(host)  # its api_key is the conftest's
+    Client(config=config).record("ann", "Default Key", timestamp=1700000000)
+    Client("project-b", config=config).record("bob", "Own Key", timestamp=1700000000)
+    refused = run_kmagent("export", "--config", str(config))
+    assert refused.returncode == 2 and "2 API keys" in refused.stderr
+    assert "project-b" not in refused.stderr  # keys are never printed
+    assert [line["_p"] for line in exported(config, "--key", "project-b")] == ["bob"]

@@ -297,9 +297,10 @@ def test_an_active_file_deleted_by_hand_does_not_stop_shipping(spool_path):
     shipper.close()
 
 
-def test_a_short_write_leaves_no_part_of_the_lines_behind(tmp_path):
-    """A full disk cuts a write short (RLIMIT_FSIZE stands in for it here): what was
-    written of it is taken back, so no append that raised is stored, even in part."""
+def test_a_short_write_stores_none_of_the_event_that_raised(tmp_path):
+    """A full disk cuts a write short (RLIMIT_FSIZE stands in for it here): the append
+    raises, the torn part becomes a bad line once the next write ends it, and nothing of
+    it is ever sent."""
     spool = tmp_path / "spool"
     script = f"""
 import resource, signal
@@ -310,14 +311,55 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a short write, not a killed pro
 store = open_spool({str(spool)!r}, backend="jsonl")
 store.append(make_event("first", "Fits", now=1700000000))
 size = (store.path / "events.jsonl").stat().st_size
-resource.setrlimit(resource.RLIMIT_FSIZE, (size + 40, size + 40))
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 40, resource.RLIM_INFINITY))
 try:
     store.append(make_event("second", "Does not fit", {{"pad": "x" * 200}}, now=1700000000))
 except SpoolError as exc:
     print("refused:", exc)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+store.append(make_event("third", "Fits again", now=1700000000))
+print([q.split("&")[0] for _, q, _, _ in store.requests()])
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=60)
     assert "refused:" in result.stdout, result.stderr
-    lines = (spool / "events.jsonl").read_bytes().splitlines(keepends=True)
-    assert len(lines) == 1 and b'"first"' in lines[0] and lines[0].endswith(b"\n")
+    assert "['_p=first', '_p=third']" in result.stdout
+
+
+def test_a_short_group_write_fails_only_the_appends_it_did_not_store(tmp_path, monkeypatch):
+    import threading
+
+    from kmagent.errors import SpoolError
+    from kmagent.events import make_event
+    from kmagent.spool import open_spool
+    from kmagent.spool.jsonl import JsonlSpool, _ShortWrite
+    store = open_spool(tmp_path / "spool", backend="jsonl")
+    real = JsonlSpool._append_bytes
+
+    def cut_short(self, data: bytes) -> int:
+        first_two = data.index(b"\n", data.index(b"\n") + 1) + 1
+        real(self, data[:first_two + 5])  # two whole lines and the start of the third
+        self._end = -1  # as a real short write leaves it
+        raise _ShortWrite(first_two + 5)
+    monkeypatch.setattr(JsonlSpool, "_append_bytes", cut_short)
+    outcomes = {}
+
+    def append(n: int) -> None:
+        try:
+            store.append(make_event(f"p{n}", "Grouped", now=1700000000))
+            outcomes[n] = "stored"
+        except SpoolError:
+            outcomes[n] = "refused"
+    with store._lock:
+        threads = [threading.Thread(target=append, args=(n,)) for n in range(3)]
+        for thread in threads:
+            thread.start()
+            while len(store._waiting) < len(outcomes) + threads.index(thread) + 1:
+                time.sleep(0.001)  # queued in this order
+    for thread in threads:
+        thread.join()
+    monkeypatch.undo()
+    assert outcomes == {0: "stored", 1: "stored", 2: "refused"}
+    store.append(make_event("p3", "After", now=1700000000))
+    assert [q.split("&")[0] for _, q, _, _ in store.requests()] == ["_p=p0", "_p=p1", "_p=p3"]
+    store.close()

@@ -292,3 +292,68 @@ def test_a_log_that_cannot_be_read_is_named_and_the_others_imported(tmp_path, wr
     assert "imported 1 events" in result.stdout
     assert "kissmetrics_query.log: a directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_follower_skips_a_turn_while_an_import_holds_the_lock(tmp_path, spool_path, backend):
+    from kmagent.kmlog import KmLogFollower, _flocked
+    logs = km_dir(tmp_path)
+    spool = open_spool(spool_path, backend=backend)
+    follower = KmLogFollower(spool)
+    held = _flocked(Path(str(follower._importer.state_path) + ".lock"), create=True)
+    try:
+        started = time.monotonic()
+        assert follower.follow((logs,)) is False
+        assert time.monotonic() - started < 1  # did not wait for the import
+        assert stored_rows(spool_path) == []
+    finally:
+        os.close(held)
+    follower._last = -1.0
+    follower.follow((logs,))
+    spool.close()
+    assert len(stored_rows(spool_path)) == 5
+
+
+def test_a_log_cut_short_while_held_is_read_again_not_spun_on(tmp_path, spool_path, backend,
+                                                              monkeypatch):
+    logs = tmp_path / "km"
+    logs.mkdir()
+    log = logs / "kissmetrics_production_query.log"
+    append_as_km_does(log, logged("e", _p="bob", _n="Cut", _t="1700000000"))
+    spool = open_spool(spool_path, backend=backend)
+    real_pread, calls = os.pread, []
+
+    def cut_after_the_head(fd, n, at):  # the file shrank between reading its head and the rest
+        calls.append(n)
+        return b"" if len(calls) == 2 else real_pread(fd, n, at)
+    monkeypatch.setattr("kmagent.kmlog.os.pread", cut_after_the_head)
+    result = KmLogImporter(spool).import_dirs([logs])  # returns: no endless loop
+    assert result.imported == 0 and log.stat().st_size > 0
+    monkeypatch.undo()
+    assert KmLogImporter(spool).import_dirs([logs]).imported == 1
+    spool.close()
+
+
+def test_a_query_log_renamed_midway_resumes_under_its_new_name(tmp_path, spool_path, backend,
+                                                                monkeypatch):
+    monkeypatch.setattr("kmagent.kmlog.CHUNK_BYTES", 200)
+    logs = tmp_path / "km"
+    logs.mkdir()
+    log = logs / "kissmetrics_production_query.log"
+    append_as_km_does(log, "".join(logged("e", _p=f"p{n}", _n="Renamed", _t="1700000000")
+                                   for n in range(10)))
+    spool = open_spool(spool_path, backend=backend)
+    importer = KmLogImporter(spool)
+    first = importer.import_dirs([logs], budget=200).imported
+    log.rename(logs / "1700000999kissmetrics_production_sending.log")  # km_send took it
+    rest = importer.import_dirs([logs]).imported
+    spool.close()
+    assert first + rest == 10 and len(stored_rows(spool_path)) == 10
+
+
+def test_a_state_file_of_the_wrong_shape_is_started_over(tmp_path, spool_path, backend):
+    logs = km_dir(tmp_path)
+    spool = open_spool(spool_path, backend=backend)
+    importer = KmLogImporter(spool)
+    importer.state_path.write_text("[]")
+    assert importer.import_dirs([logs]).imported == 5
+    spool.close()

@@ -142,6 +142,15 @@ os.register_at_fork(before=_before_fork, after_in_parent=_after_fork,
                     after_in_child=_after_fork_in_child)
 
 
+class PartialWrite(SpoolError):
+    """A group write stopped short (disk full): the first ``stored`` records are stored
+    whole, the rest are not."""
+
+    def __init__(self, message: str, stored: int) -> None:
+        super().__init__(message)
+        self.stored = stored
+
+
 class Spool(abc.ABC):
     """A durable FIFO of events with claim / ack / retry / dead-letter.
 
@@ -187,6 +196,7 @@ class Spool(abc.ABC):
 
     def _write_waiting(self, own: list[Any]) -> None:
         batch: list[list[Any]] = []
+        started = False
         try:
             while self._waiting:
                 batch.append(self._waiting.popleft())
@@ -194,12 +204,23 @@ class Spool(abc.ABC):
                 # Popped by a holder that was interrupted before writing it (a signal
                 # handler raising): ours to write now.
                 batch.append(own)
+            started = True
             self._size += self._write([entry[0] for entry in batch], sync=False)
+        except PartialWrite as exc:
+            for n, entry in enumerate(batch):
+                entry[1] = None if n < exc.stored else exc
         except Exception as exc:
             for entry in batch:
                 entry[1] = exc
-        # Not reached if a signal handler's exception is on its way out: then nothing is
-        # marked, and each of the others writes its own record when it gets the lock.
+        except BaseException:
+            # Interrupted (a signal handler raising) once the write may have begun: the
+            # others must not write theirs again, nor believe it surely stored.
+            if started:
+                for entry in batch:
+                    entry[1] = SpoolError(f"spool {self.path}: interrupted while writing; "
+                                          "the event may or may not be stored")
+                    entry[2] = True
+            raise
         for entry in batch:
             entry[2] = True
 
@@ -279,9 +300,9 @@ class Spool(abc.ABC):
         """These can never be delivered: move them to the dead letters."""
 
     @abc.abstractmethod
-    def requests(self, *, dead: bool = False) -> list[tuple[str, str, float]]:
-        """``(path, query, created)`` of every pending event (in flight included), or of
-        every dead letter, oldest first; read only (for ``kmagent export``)."""
+    def requests(self, *, dead: bool = False) -> list[tuple[str, str, str | None, float]]:
+        """``(path, query, api_key, created)`` of every pending event (in flight
+        included), or of every dead letter, oldest first; read only (``kmagent export``)."""
 
     @abc.abstractmethod
     def dead_letters(self) -> list[dict[str, Any]]:

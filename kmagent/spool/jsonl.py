@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Iterator
 from ..errors import SpoolError
 from ..events import Event
 from ..protocol import describe, encode
-from .base import (Claimed, Spool, append_to, fsync_dir, make_dirs, open_file, unknown_ids,
+from .base import (Claimed, PartialWrite, Spool, append_to, fsync_dir, make_dirs, open_file, unknown_ids,
                    write_atomically)
 from .jsonl_line import BadLine, from_line, to_line
 
@@ -156,6 +156,14 @@ class _Checkpoint:
         }, separators=(",", ":")).encode()
 
 
+class _ShortWrite(OSError):
+    """write() stopped after ``written`` bytes of the data (disk full)."""
+
+    def __init__(self, written: int) -> None:
+        super().__init__(errno.ENOSPC, "short write (disk full?)")
+        self.written = written
+
+
 class JsonlSpool(Spool):
     """A spool in a directory of newline-JSON files; see the module's description."""
 
@@ -226,6 +234,17 @@ class JsonlSpool(Spool):
             fd = self._append_bytes(data)
             if self._full or sync:
                 os.fdatasync(fd)  # once for every line queued meanwhile
+        except _ShortWrite as short:
+            # The lines written whole are stored (the shipper may already be reading
+            # them); the torn one becomes a bad line once the next write ends it.
+            stored, end = 0, 0
+            for record in records:
+                end += len(record)
+                if end > short.written:
+                    break
+                stored += 1
+            raise PartialWrite(f"spool {self.path}: cannot append: short write (disk "
+                               "full?)", stored) from None
         except OSError as exc:
             raise SpoolError(f"spool {self.path}: cannot append: {exc.strerror}") from None
         return len(data)
@@ -244,8 +263,9 @@ class JsonlSpool(Spool):
         fd = self._append_bytes(raw if raw.endswith(b"\n") else raw + b"\n")
         os.fdatasync(fd)
 
-    def _append_bytes(self, line: bytes) -> int:
-        """Append ``line`` (one or more whole lines) to events.jsonl in one write()."""
+    def _append_bytes(self, data: bytes) -> int:
+        """Append ``data`` (one or more whole lines) to events.jsonl in one write()."""
+        line = data
         while True:
             fd = self._active_fd()
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -258,11 +278,10 @@ class JsonlSpool(Spool):
                         line = b"\n" + line
                     written = os.write(fd, line)
                     if written != len(line):
-                        # Undone whole: the lines of every append in this group must be
-                        # stored together or not at all (each of them raises).
-                        os.ftruncate(fd, size)
+                        # Not undone: the shipper reads without the lock and may have
+                        # read the whole lines already. The next write ends the torn one.
                         self._end = -1
-                        raise OSError(errno.ENOSPC, "short write (disk full?)")
+                        raise _ShortWrite(written - (len(line) - len(data)))
                     self._end = size + written
                     return fd
             finally:
@@ -370,15 +389,16 @@ class JsonlSpool(Spool):
         # order concurrent sends happened to fail.
         return sorted(records.values(), key=lambda r: tuple(map(int, r["id"].split(":"))))
 
-    def requests(self, *, dead: bool = False) -> list[tuple[str, str, float]]:
-        def pending(view: _DiskView) -> list[tuple[str, str, float]]:
-            return [(*encode(event), created) for event, created in view.unsettled()]
+    def requests(self, *, dead: bool = False) -> list[tuple[str, str, str | None, float]]:
+        def pending(view: _DiskView) -> list[tuple[str, str, str | None, float]]:
+            return [(*encode(event), event.api_key, created)
+                    for event, created in view.unsettled()]
 
-        def letters() -> list[tuple[str, str, float]]:
+        def letters() -> list[tuple[str, str, str | None, float]]:
             found = []
             for record in self._read_dead():
                 event, created = from_line(json.dumps(record["line"]).encode())
-                found.append((*encode(event), created))
+                found.append((*encode(event), event.api_key, created))
             return found
         return self._guard("read", letters if dead else lambda: self._viewed(pending))
 

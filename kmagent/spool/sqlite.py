@@ -254,10 +254,10 @@ class SqliteSpool(Spool):
         return self._run("expedite", lambda c: c.execute(
             "UPDATE events SET due = 0 WHERE lease IS NULL AND due > 0").rowcount)
 
-    def requests(self, *, dead: bool = False) -> list[tuple[str, str, float]]:
+    def requests(self, *, dead: bool = False) -> list[tuple[str, str, str | None, float]]:
         table = "dead" if dead else "events"
         return self._run("read", lambda c: c.execute(
-            f"SELECT path, query, created FROM {table} ORDER BY id").fetchall())
+            f"SELECT path, query, api_key, created FROM {table} ORDER BY id").fetchall())
 
     def dead_letters(self) -> list[dict[str, Any]]:
         import sqlite_utils  # inspection only: the daemon side may import it
