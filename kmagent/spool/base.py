@@ -186,11 +186,24 @@ class Spool(abc.ABC):
                 return
             raise SpoolFull(f"spool {self.path} is at its max_bytes ({self.max_bytes} "
                             "bytes): is the daemon running and the host reachable?")
-        slot = [self._record(event), None, False]
-        self._waiting.append(slot)
-        with self._lock:
-            if not slot[2]:  # not written by an earlier lock holder: write the queue
+        record = self._record(event)
+        if self._lock.acquire(blocking=False):
+            # Nobody is writing: nobody to group with; the common case, kept cheap.
+            try:
+                if not self._waiting:
+                    self._size += self._write([record], sync=False)
+                    return
+                slot = [record, None, False]
+                self._waiting.append(slot)
                 self._write_waiting(slot)
+            finally:
+                self._lock.release()
+        else:
+            slot = [record, None, False]
+            self._waiting.append(slot)
+            with self._lock:
+                if not slot[2]:  # not written by an earlier lock holder: write the queue
+                    self._write_waiting(slot)
         if slot[1] is not None:
             raise slot[1]
 
