@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import sys
 import time
-from pathlib import Path
 
 import fsyncs
 import idle

@@ -25,7 +25,6 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import parse_qsl, urlsplit
 
 from .errors import InvalidEvent, SpoolError

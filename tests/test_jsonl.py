@@ -327,7 +327,7 @@ print([q.split("&")[0] for _, q, _, _ in store.requests()])
 
 
 def test_a_short_group_write_fails_only_the_appends_it_did_not_store(tmp_path, monkeypatch):
-    import threading
+    from test_spool_contract import behind_a_busy_writer
 
     from kmagent.errors import SpoolError
     from kmagent.events import make_event
@@ -350,14 +350,7 @@ def test_a_short_group_write_fails_only_the_appends_it_did_not_store(tmp_path, m
             outcomes[n] = "stored"
         except SpoolError:
             outcomes[n] = "refused"
-    with store._lock:
-        threads = [threading.Thread(target=append, args=(n,)) for n in range(3)]
-        for thread in threads:
-            thread.start()
-            while len(store._waiting) < len(outcomes) + threads.index(thread) + 1:
-                time.sleep(0.001)  # queued in this order
-    for thread in threads:
-        thread.join()
+    behind_a_busy_writer(store, [lambda n=n: append(n) for n in range(3)])
     monkeypatch.undo()
     assert outcomes == {0: "stored", 1: "stored", 2: "refused"}
     store.append(make_event("p3", "After", now=1700000000))

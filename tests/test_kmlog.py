@@ -55,6 +55,16 @@ def km_dir(tmp_path: Path) -> Path:
     return logs
 
 
+def query_log_of(tmp_path: Path, events: int) -> tuple[Path, Path]:
+    """A log directory whose query log holds ``events`` events: (directory, log)."""
+    logs = tmp_path / "km"
+    logs.mkdir()
+    log = logs / "kissmetrics_production_query.log"
+    append_as_km_does(log, "".join(logged("e", _p=f"p{n}", _n="Logged", _t="1700000000")
+                                   for n in range(events)))
+    return logs, log
+
+
 # --- one line ------------------------------------------------------------------------
 
 def test_a_logged_event_keeps_key_person_name_properties_and_time():
@@ -250,11 +260,7 @@ def test_two_imports_at_once_store_each_line_once(tmp_path, spool_path, backend,
 def test_a_large_log_is_read_a_chunk_at_a_time_and_the_daemon_takes_one_per_turn(
         tmp_path, spool_path, backend, monkeypatch):
     monkeypatch.setattr("kmagent.kmlog.CHUNK_BYTES", 1000)
-    logs = tmp_path / "km"
-    logs.mkdir()
-    log = logs / "kissmetrics_production_query.log"
-    append_as_km_does(log, "".join(logged("e", _p=f"p{n}", _n="Big", _t="1700000000")
-                                   for n in range(100)))
+    logs, log = query_log_of(tmp_path, 100)
     spool = open_spool(spool_path, backend=backend)
     importer = KmLogImporter(spool)
     first = importer.import_dirs([logs], budget=1000)
@@ -336,11 +342,7 @@ def test_a_log_cut_short_while_held_is_read_again_not_spun_on(tmp_path, spool_pa
 def test_a_query_log_renamed_midway_resumes_under_its_new_name(tmp_path, spool_path, backend,
                                                                 monkeypatch):
     monkeypatch.setattr("kmagent.kmlog.CHUNK_BYTES", 200)
-    logs = tmp_path / "km"
-    logs.mkdir()
-    log = logs / "kissmetrics_production_query.log"
-    append_as_km_does(log, "".join(logged("e", _p=f"p{n}", _n="Renamed", _t="1700000000")
-                                   for n in range(10)))
+    logs, log = query_log_of(tmp_path, 10)
     spool = open_spool(spool_path, backend=backend)
     importer = KmLogImporter(spool)
     first = importer.import_dirs([logs], budget=200).imported

@@ -235,8 +235,22 @@ def test_concurrent_appends_are_each_stored_once(location, backend, durability):
                                     for t in range(8) for n in range(per_thread))
 
 
-def test_a_failed_group_write_fails_every_append_in_the_group(store, monkeypatch):
+def behind_a_busy_writer(store, appends) -> None:
+    """Run each of ``appends`` in a thread while the test holds the lock, as if another
+    writer were busy, so that they queue in this order; then let them go."""
     import threading
+    threads = [threading.Thread(target=append) for append in appends]
+    with store._lock:
+        for n, thread in enumerate(threads, 1):
+            thread.start()
+            deadline = time.monotonic() + 10
+            while len(store._waiting) < n and time.monotonic() < deadline:
+                time.sleep(0.001)
+    for thread in threads:
+        thread.join()
+
+
+def test_a_failed_group_write_fails_every_append_in_the_group(store, monkeypatch):
     failures = []
 
     def append() -> None:
@@ -248,15 +262,7 @@ def test_a_failed_group_write_fails_every_append_in_the_group(store, monkeypatch
     def refuse(records, *, sync):
         raise SpoolError(f"disk full ({len(records)} records)")
     monkeypatch.setattr(store, "_write", refuse)
-    with store._lock:  # a writer is busy: the three appends queue behind it
-        threads = [threading.Thread(target=append) for _ in range(3)]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 10
-        while len(store._waiting) < 3 and time.monotonic() < deadline:
-            time.sleep(0.001)
-    for thread in threads:
-        thread.join()
+    behind_a_busy_writer(store, [append] * 3)
     assert [str(exc) for exc in failures] == ["disk full (3 records)"] * 3
 
 
@@ -276,7 +282,6 @@ def test_a_forked_child_does_not_write_its_parent_s_queued_appends(store):
 
 def _two_appends_behind_a_busy_writer(store) -> dict[int, str]:
     """Appends 1 and 2 from two threads, queued while the test holds the lock."""
-    import threading
     outcomes: dict[int, str] = {}
 
     def append(n: int) -> None:
@@ -288,15 +293,7 @@ def _two_appends_behind_a_busy_writer(store) -> dict[int, str]:
         except SpoolError as exc:
             outcomes[n] = f"refused: {exc}"
 
-    with store._lock:
-        threads = [threading.Thread(target=append, args=(n,)) for n in (1, 2)]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 10
-        while len(store._waiting) < 2 and time.monotonic() < deadline:
-            time.sleep(0.001)
-    for thread in threads:
-        thread.join()
+    behind_a_busy_writer(store, [lambda: append(1), lambda: append(2)])
     return outcomes
 
 
