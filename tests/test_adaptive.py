@@ -123,3 +123,18 @@ def test_a_shipper_facing_pushback_opens_fewer(tmp_path):
     with StandInHost(delay=0.005, fail_rate=0.25, seed=7) as host:
         shipper = drain(tmp_path, host, 400, extra="[ship]\nmax_backoff = 1\n")
     assert shipper.concurrency < 16
+
+
+@pytest.mark.parametrize("outcome, pushed", [
+    (dict(kind="transient", status=429), True),
+    (dict(kind="transient", status=503), True),
+    (dict(kind="transient", status=500, retry_after=2.0), True),
+    (dict(kind="transient", error="TimeoutError: timed out"), True),
+    (dict(kind="transient", status=500), False),  # a flaky backend, not load
+    (dict(kind="transient", error="ConnectionResetError: reset"), False),
+    (dict(kind="delivered", status=200), False),
+])
+def test_only_signs_of_load_count_as_pushback(outcome, pushed):
+    from kmagent.gate import pushed_back
+    from kmagent.sender import Outcome
+    assert pushed_back(Outcome(**outcome)) is pushed
