@@ -18,6 +18,18 @@ log = logging.getLogger("kmagent.watch")
 RESCAN_INTERVAL_S = 1.0
 
 
+class _StoppingRace(logging.Filter):
+    """watchdog logs an ERROR when an inotify event is read just as its thread stops
+    (a race inside watchdog; harmless: the watcher is stopping). Only that line is kept
+    out of the daemon's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_StoppingRace())
+
+
 class _WakeOnChange(FileSystemEventHandler):
     def __init__(self, prefix: str, wake: threading.Event) -> None:
         self._prefix = prefix
