@@ -10,10 +10,8 @@ import json
 import sys
 import tempfile
 
-from workload import micros_per_event
+from workload import SHAPES, micros_per_event
 
-SHAPES = {"1 thread": {"threads": 1}, "8 threads": {"threads": 8},
-          "4 processes": {"processes": 4}}
 PROPS = lambda n: {"Plan": "Pro", "Amount": n}  # noqa: E731
 
 

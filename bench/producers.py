@@ -23,12 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from common import BENCH, FIGURES, loop_host, table
-from workload import micros_per_event
+from workload import SHAPES, micros_per_event
 
 ROUNDS = 5
 EVENTS = 10000  # per round, split between the workers; a tenth of it for fsync'd rows
-SHAPES = {"1 thread": {"threads": 1}, "8 threads": {"threads": 8},
-          "4 processes": {"processes": 4}}
 PEERS_PYTHON = BENCH / ".venv-peers" / "bin" / "python"
 QUERY = "_p=bob%40example.com&_n=Signed%20Up&_t=1795875344&_d=1&Plan=Pro&Amount={n}"
 

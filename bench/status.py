@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 import kmagent
-from common import FIGURES, table
+from common import FIGURES, median_of, table
 from kmagent.spool import open_spool
 
 EVENTS = 1_000_000
@@ -46,13 +45,14 @@ def fill_jsonl(path: Path, events: int = EVENTS) -> None:
                                  "Plan": "Pro", "_c": now, "_v": 1}) + "\n")
 
 
-def median_ms(fn, rounds: int = 7) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+def elapsed_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000
+
+
+def median_ms(fn) -> float:
+    return median_of(elapsed_ms, fn, rounds=7)
 
 
 def run(events: int = EVENTS) -> str:

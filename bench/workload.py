@@ -14,6 +14,10 @@ import threading
 import time
 from typing import Any, Callable
 
+# The ways a producer runs in the benchmarks (keyword arguments of micros_per_event).
+SHAPES = {"1 thread": {"threads": 1}, "8 threads": {"threads": 8},
+          "4 processes": {"processes": 4}}
+
 Setup = Callable[[], Any]
 PerWorker = Callable[[Any], Callable[[int], Any]]
 

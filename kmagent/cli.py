@@ -394,13 +394,8 @@ def import_km_log(directories: tuple[str, ...]) -> int:
     from pathlib import Path
 
     from .kmlog import KmLogImporter
-    from .spool import open_configured
-    config = _config()
-    spool = open_configured(config)
-    try:
+    with _spool(_config()) as spool:
         result = KmLogImporter(spool).import_dirs([Path(d) for d in directories])
-    finally:
-        spool.close()
     click.echo(f"imported {result.imported} events from {len(result.files)} files")
     if result.malformed:
         click.echo(f"{result.malformed} malformed lines set aside in {result.bad_path}",
@@ -428,21 +423,15 @@ def export(dead: bool, key: str | None, output) -> int:
     Example:
       kmagent export --dead -o backfill.jsonl
     """
-    from .config import shipping_config
+    from .config import configured_api_key
     from .export import export_lines
-    from .spool import open_configured
     config = _config()
-    if config.api_key_file is not None:
-        config = shipping_config(config)  # the configured key, to tell the keys apart
-    spool = open_configured(config)
-    try:
-        lines = export_lines(spool, dead=dead, key=key, configured_key=config.api_key)
-    finally:
-        spool.close()
+    with _spool(config) as spool:
+        # Events without a key of their own go with the agent's: tell the keys apart.
+        lines = export_lines(spool, dead=dead, key=key, configured_key=configured_api_key(config))
     for line in lines:
         output.write(line + "\n")
-    count = len(lines)
-    click.echo(f"exported {count} {'dead letters' if dead else 'pending events'}", err=True)
+    click.echo(f"exported {len(lines)} {'dead letters' if dead else 'pending events'}", err=True)
     return 0
 
 

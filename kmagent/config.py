@@ -14,9 +14,10 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from .errors import ConfigError
+from .spool import BACKENDS
 
 SYSTEM_CONFIG = Path("/etc/kmagent/config.toml")
 ENV_CONFIG = "KMAGENT_CONFIG"
@@ -126,15 +127,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _check_port(parts: SplitResult) -> None:
+    try:
+        parts.port  # urllib parses it lazily, and raises here
+    except ValueError:
+        raise ValueError("the port must be a number from 1 to 65535") from None
+
+
 def _endpoint(value: Any, base: Path) -> str:
     url = _string(value, base).rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ValueError("must be an https:// URL, e.g. https://trk.kissmetrics.io")
-    try:
-        parts.port
-    except ValueError:
-        raise ValueError("the port must be a number from 1 to 65535") from None
+    _check_port(parts)
     if parts.query or parts.fragment:
         raise ValueError("must not have a query or fragment")
     if parts.scheme == "http" and not is_loopback(parts.hostname):
@@ -160,10 +165,7 @@ def _proxy(value: Any, base: Path) -> str:
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError("must be an http:// proxy URL (HTTPS goes through it with CONNECT), "
                          "such as http://proxy.example:3128")
-    try:
-        parts.port
-    except ValueError:
-        raise ValueError("the port must be a number from 1 to 65535") from None
+    _check_port(parts)
     return url
 
 
@@ -187,7 +189,7 @@ KEYS: dict[tuple[str, str], tuple[str, Callable[[Any, Path], Any]]] = {
     ("", "api_key"): ("api_key", _string),
     ("", "api_key_file"): ("api_key_file", _path),
     ("", "endpoint"): ("endpoint", _endpoint),
-    ("spool", "backend"): ("spool_backend", _choice("sqlite", "jsonl")),
+    ("spool", "backend"): ("spool_backend", _choice(*BACKENDS)),
     ("spool", "path"): ("spool_path", _path),
     ("spool", "durability"): ("durability", _choice("normal", "full")),
     ("spool", "max_bytes"): ("max_bytes", _number(64 * 1024, 2**50, integer=True)),
@@ -326,16 +328,23 @@ def _warn_if_world_readable(path: Path) -> None:
             "kmagent can read and name it with api_key_file (or chmod o-r %s)", path, path)
 
 
+def configured_api_key(config: Config) -> str | None:
+    """The agent's own key: ``api_key``, or what ``api_key_file`` holds."""
+    if config.api_key_file is None:
+        return config.api_key
+    try:
+        return _read_key_file(str(config.api_key_file), Path("/"))
+    except ValueError as exc:
+        raise ConfigError(config.source, "api_key_file", str(exc)) from None
+
+
 def shipping_config(config: Config) -> Config:
     """The configuration completed for shipping: the key read from ``api_key_file``,
     ``ca_file`` and the proxy checked. Only the daemon and flush need (and may read) these."""
     from . import logs
     changes: dict[str, Any] = {}
     if config.api_key_file is not None:
-        try:
-            changes["api_key"] = _read_key_file(str(config.api_key_file), Path("/"))
-        except ValueError as exc:
-            raise ConfigError(config.source, "api_key_file", str(exc)) from None
+        changes["api_key"] = configured_api_key(config)
     if config.ca_file is not None:
         try:
             _existing_file(str(config.ca_file), Path("/"))

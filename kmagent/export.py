@@ -6,27 +6,23 @@ event, ``_p2`` for an alias, every other key a property (values as they would be
 from __future__ import annotations
 
 import json
-from urllib.parse import parse_qsl
-
 from .errors import InvalidEvent
 from .events import ALIAS, EVENT
+from .protocol import split_query
 from .spool import Spool
 
 
 def import_line(path: str, query: str, created: float) -> str:
     """One stored request as an import line. An alias carries no time of its own: it is
     given the time it was recorded (the import format requires ``_t``)."""
-    params = parse_qsl(query, keep_blank_values=True)
-    fields = dict(params)
+    fields, properties = split_query(query)
     line: dict[str, object] = {"_p": fields["_p"]}
     if path == EVENT:
         line["_n"] = fields["_n"]
     elif path == ALIAS:
         line["_p2"] = fields["_n"]
     line["_t"] = int(fields["_t"]) if "_t" in fields else int(created)
-    for name, value in params:
-        if name not in ("_p", "_n", "_t", "_d"):
-            line[name] = value
+    line.update(properties)
     return json.dumps(line, ensure_ascii=False, separators=(",", ":"))
 
 

@@ -33,8 +33,7 @@ def pushed_back(outcome: Outcome) -> bool:
     failures (a reset, a 500) say nothing about load: a steady trickle of them must not
     hold the adaptive limit down."""
     return outcome.kind == TRANSIENT and (
-        outcome.status in (429, 503) or outcome.retry_after is not None
-        or (outcome.status is None and "timeout" in (outcome.error or "").lower()))
+        outcome.status in (429, 503) or outcome.retry_after is not None or outcome.timed_out)
 
 
 class Gate:

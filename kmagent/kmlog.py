@@ -16,7 +16,6 @@ emptied, or replaced, no longer starts with the bytes remembered.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -30,7 +29,7 @@ from urllib.parse import parse_qsl, urlsplit
 from .errors import InvalidEvent, SpoolError
 from .events import Event, make_alias, make_event, make_set
 from .spool import Spool
-from .spool.base import append_to, open_file, write_atomically
+from .spool.base import append_to, flocked, write_atomically
 
 log = logging.getLogger("kmagent.kmlog")
 
@@ -48,7 +47,6 @@ class ImportResult:
     files: list[str] = field(default_factory=list)  # files that held something new
     errors: list[str] = field(default_factory=list)  # files or directories not readable
     more: bool = False  # stopped at the budget: more is waiting
-    busy: bool = False  # another import was running (and we were not to wait)
     bad_path: Path | None = None  # where malformed lines went
 
 
@@ -124,16 +122,15 @@ class KmLogImporter:
                     wait: bool = True) -> ImportResult:
         """Import every log in ``directories``; with ``budget``, stop after reading
         about that many bytes (the rest waits for the next call). If another import is
-        running, wait for it, or with ``wait=False`` return at once (``busy``)."""
+        running, wait for it, or with ``wait=False`` return at once, having done nothing."""
         result = ImportResult(bad_path=self.bad_path)
         # One importer at a time (the daemon and `kmagent import`): the state is read
         # and written whole, and a file one has deleted must not be read by the other.
         lock_path = self.state_path.with_name(self.state_path.name + ".lock")
         try:
-            lock = _flocked(lock_path, create=True, wait=wait)
+            lock = flocked(lock_path, create=True, wait=wait)
         except BlockingIOError:
-            result.busy = True
-            return result
+            return result  # another import is running, and we were not to wait
         except OSError as exc:
             raise SpoolError(f"cannot lock {lock_path}: {exc.strerror or exc}") from None
         try:
@@ -162,7 +159,7 @@ class KmLogImporter:
 
     def _import_file(self, path: Path, state: dict, result: ImportResult,
                      left: list[int | None]) -> None:
-        fd = _flocked(path)
+        fd = flocked(path)
         try:
             st = os.fstat(fd)
             if st.st_nlink == 0 or os.stat(path).st_ino != st.st_ino:
@@ -173,7 +170,6 @@ class KmLogImporter:
 
     def _import_held(self, path: Path, fd: int, st: os.stat_result, state: dict,
                      result: ImportResult, left: list[int | None]) -> None:
-        head = _head(fd, st.st_size)
         offset = self._resume_at(fd, st, path, state)
         while offset < st.st_size:
             if left[0] is not None and left[0] <= 0:
@@ -195,8 +191,7 @@ class KmLogImporter:
             offset += len(data)
             if left[0] is not None:
                 left[0] -= len(data)
-            state[str(path)] = {"inode": st.st_ino, "offset": offset,
-                                "head": _head(fd, offset) if offset < HEAD_BYTES else head}
+            state[str(path)] = {"inode": st.st_ino, "offset": offset, "head": _head(fd, offset)}
             self._save(state)
             result.imported += len(events)
             result.malformed += len(bad)
@@ -282,18 +277,6 @@ class KmLogImporter:
 
 def _head(fd: int, size: int) -> str:
     return hashlib.sha256(os.pread(fd, min(size, HEAD_BYTES), 0)).hexdigest()
-
-
-def _flocked(path: Path, *, create: bool = False, wait: bool = True) -> int:
-    """``path`` open and held under an exclusive flock (for a log: the one its writers
-    take); closing the descriptor releases it. BlockingIOError if busy and not ``wait``."""
-    fd = open_file(path, os.O_RDWR | os.O_CREAT) if create else os.open(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 class KmLogFollower:

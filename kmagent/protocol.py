@@ -77,13 +77,20 @@ def request_target(path: str, query: str, api_key: str) -> str:
     return f"/{path}?_k={quote_param(api_key)}&{query}"
 
 
+def split_query(query: str) -> tuple[dict[str, str], dict[str, str]]:
+    """A stored query read back: its ``_p``/``_n``/``_t`` fields, and its properties
+    (everything else but ``_d``), in the order sent."""
+    params = parse_qsl(query, keep_blank_values=True)
+    fields = {name: value for name, value in params if name in ("_p", "_n", "_t")}
+    properties = {name: value for name, value in params
+                  if name not in ("_p", "_n", "_t", "_d")}
+    return fields, properties
+
+
 def describe(path: str, query: str) -> dict[str, Any]:
     """A stored request read back for people: ``path``, ``person``, ``event``
     (None for sets and aliases), ``identity`` (aliases), ``properties`` (as sent)."""
-    params = parse_qsl(query, keep_blank_values=True)
-    fields = {name: value for name, value in params if name in ("_p", "_n")}
-    properties = {name: value for name, value in params
-                  if name not in ("_p", "_n", "_t", "_d")}
+    fields, properties = split_query(query)
     view: dict[str, Any] = {"path": path, "person": fields.get("_p"),
                             "event": fields.get("_n") if path == "e" else None}
     if path == ALIAS:

@@ -50,6 +50,7 @@ class Outcome:
     status: int | None = None
     error: str | None = None
     retry_after: float | None = None  # seconds the host asked us to wait
+    timed_out: bool = False  # no answer within the connect or read timeout
 
     @property
     def delivered(self) -> bool:
@@ -155,9 +156,8 @@ class Sender:
         with self._open_lock:
             self._open.discard(conn)
 
-    def _get(self, path: str, key: str | None) -> tuple[tuple[int, str, str | None] | None,
-                                                       str | None]:
-        """(status, reason, Retry-After) for ``GET path``, or (None, error)."""
+    def _get(self, path: str, key: str | None) -> tuple[int, str, str | None] | Outcome:
+        """(status, reason, Retry-After) for ``GET path``, or the failure's Outcome."""
         for attempt in (1, 2):
             conn = getattr(self._local, "conn", None)
             reused = conn is not None
@@ -173,8 +173,7 @@ class Sender:
                     self._drop(conn)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("GET %s -> %s", path, response.status)
-                return (response.status, response.reason,
-                        response.getheader("Retry-After")), None
+                return (response.status, response.reason, response.getheader("Retry-After"))
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 if conn is not None:
                     self._drop(conn)
@@ -182,7 +181,8 @@ class Sender:
                 # once more on a fresh one (a GET of the same bytes is safe to repeat).
                 if reused and attempt == 1 and isinstance(exc, STALE_CONNECTION):
                     continue
-                return None, redact(f"{type(exc).__name__}: {exc}", (key or "",))
+                return Outcome(TRANSIENT, None, redact(f"{type(exc).__name__}: {exc}", (key or "",)),
+                               timed_out=isinstance(exc, TimeoutError))
         raise AssertionError("unreachable")
 
     def send(self, item: Claimed) -> Outcome:
@@ -190,9 +190,9 @@ class Sender:
         key = item.api_key or self.api_key
         if key is None:
             return Outcome(TRANSIENT, None, "no API key: set api_key or api_key_file")
-        answer, error = self._get(request_target(item.path, item.query, key), key)
-        if answer is None:
-            return Outcome(TRANSIENT, None, error)
+        answer = self._get(request_target(item.path, item.query, key), key)
+        if isinstance(answer, Outcome):
+            return answer
         status, reason, retry_after = answer
         kind = classify(status)
         if kind == DELIVERED:
@@ -205,9 +205,9 @@ class Sender:
     def probe(self) -> Outcome:
         """One harmless request (``GET /`` on the endpoint, no event, no key): can the
         host be reached, TLS and proxy included? Any HTTP answer counts as reachable."""
-        answer, error = self._get("/", self.api_key)
-        if answer is None:
-            return Outcome(TRANSIENT, None, error)
+        answer = self._get("/", self.api_key)
+        if isinstance(answer, Outcome):
+            return answer
         return Outcome(DELIVERED, answer[0])
 
     def close(self) -> None:

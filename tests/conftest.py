@@ -120,6 +120,15 @@ def stored_rows(spool_path) -> list[tuple[str, str, str | None]]:
         conn.close()
 
 
+def record_many(config, count: int, prefix: str = "e") -> None:
+    """``count`` events from ``person0``…, named ``"<prefix> <n>"``, each with ``n``."""
+    from kmagent import Client
+    client = Client(config=config)
+    for n in range(count):
+        client.record(f"person{n}", f"{prefix} {n}", {"n": n})
+    client.close()
+
+
 def status(config) -> dict:
     """``kmagent status --json`` for this configuration, as a real command."""
     result = run_kmagent("status", "--json", "--config", str(config))

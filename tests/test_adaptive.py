@@ -129,7 +129,7 @@ def test_a_shipper_facing_pushback_opens_fewer(tmp_path):
     (dict(kind="transient", status=429), True),
     (dict(kind="transient", status=503), True),
     (dict(kind="transient", status=500, retry_after=2.0), True),
-    (dict(kind="transient", error="TimeoutError: timed out"), True),
+    (dict(kind="transient", error="TimeoutError: timed out", timed_out=True), True),
     (dict(kind="transient", status=500), False),  # a flaky backend, not load
     (dict(kind="transient", error="ConnectionResetError: reset"), False),
     (dict(kind="delivered", status=200), False),

@@ -16,8 +16,8 @@ import pytest
 from kmagent import Client
 from kmagent.protocol import request_target
 
-from conftest import (API_KEY, run_kmagent, start_daemon, start_kmagent, status, stop,
-                      stored_rows, wait_for)
+from conftest import (API_KEY, record_many, run_kmagent, start_daemon, start_kmagent, status,
+                      stop, stored_rows, wait_for)
 
 FAST_RETRY = "[ship]\nmax_backoff = 1\nconcurrency = 4\n"
 
@@ -27,23 +27,10 @@ def backend(request) -> str:
     return request.param
 
 
-
-
 def expected_targets(spool_path) -> list[str]:
     """The request target of every pending event, as the host must receive it."""
     return [request_target(path, query, key or API_KEY)
             for path, query, key in stored_rows(spool_path)]
-
-
-def record_many(config, count: int, prefix: str = "e") -> None:
-    client = Client(config=config)
-    for n in range(count):
-        client.record(f"person{n}", f"{prefix} {n}", {"n": n})
-    client.close()
-
-
-
-
 
 
 def test_run_delivers_events_recorded_while_it_idles_within_milliseconds(

@@ -301,11 +301,12 @@ def test_a_log_that_cannot_be_read_is_named_and_the_others_imported(tmp_path, wr
 
 
 def test_the_follower_skips_a_turn_while_an_import_holds_the_lock(tmp_path, spool_path, backend):
-    from kmagent.kmlog import KmLogFollower, _flocked
+    from kmagent.kmlog import KmLogFollower
+    from kmagent.spool.base import flocked
     logs = km_dir(tmp_path)
     spool = open_spool(spool_path, backend=backend)
     follower = KmLogFollower(spool)
-    held = _flocked(Path(str(follower._importer.state_path) + ".lock"), create=True)
+    held = flocked(Path(str(follower._importer.state_path) + ".lock"), create=True)
     try:
         started = time.monotonic()
         assert follower.follow((logs,)) is False
@@ -328,10 +329,10 @@ def test_a_log_cut_short_while_held_is_read_again_not_spun_on(tmp_path, spool_pa
     spool = open_spool(spool_path, backend=backend)
     real_pread, calls = os.pread, []
 
-    def cut_after_the_head(fd, n, at):  # the file shrank between reading its head and the rest
+    def cut_after_the_stat(fd, n, at):  # the file shrank between its fstat and the read
         calls.append(n)
-        return b"" if len(calls) == 2 else real_pread(fd, n, at)
-    monkeypatch.setattr("kmagent.kmlog.os.pread", cut_after_the_head)
+        return b"" if len(calls) == 1 else real_pread(fd, n, at)
+    monkeypatch.setattr("kmagent.kmlog.os.pread", cut_after_the_stat)
     result = KmLogImporter(spool).import_dirs([logs])  # returns: no endless loop
     assert result.imported == 0 and log.stat().st_size > 0
     monkeypatch.undo()

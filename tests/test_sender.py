@@ -78,6 +78,7 @@ def test_a_host_that_never_answers_times_out_without_leaking_the_key():
     listener.close()
     assert not outcome.delivered and outcome.status is None
     assert "Timeout" in outcome.error and "secret-key" not in outcome.error
+    assert outcome.timed_out  # what adaptive concurrency takes for the host's load
 
 
 def test_a_kept_alive_connection_the_host_closed_is_replaced_not_failed():

@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from conftest import free_port, run_kmagent, start_kmagent, wait_for
+from conftest import free_port, record_many, run_kmagent, start_kmagent, stop, wait_for
 
 from kmagent import Client
 from kmagent.notify import Notifier
@@ -126,9 +126,7 @@ def test_watchdog_for_another_pid_is_not_ours():
 
 def test_status_reports_the_daemons_figures(host, write_config, spool_path):
     config = write_config(host)
-    client = Client(config=config)
-    for n in range(20):
-        client.record(f"p{n}", "Counted")
+    record_many(config, 20)
     daemon = start_kmagent("run", "--config", str(config))
     try:
         wait_for(lambda: len(host.delivered()) == 20)
@@ -143,8 +141,7 @@ def test_status_reports_the_daemons_figures(host, write_config, spool_path):
                               "last_error_at", "last_error", "rate_1m", "daemon_pid",
                               "dropped_total"}
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.communicate(timeout=20)
+        stop(daemon)
     after = json.loads(run_kmagent("status", "--json", "--config", str(config)).stdout)
     assert after["delivered_total"] == 20 and after["daemon_pid"] is None
     assert after["rate_1m"] == 0.0
@@ -156,9 +153,7 @@ def test_prometheus_metrics_on_loopback_and_in_a_textfile(host, write_config, tm
     textfile = tmp_path / "kmagent.prom"
     config = write_config(host, extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
                                       f'textfile = "{textfile}"\n')
-    client = Client(config=config)
-    for n in range(5):
-        client.record(f"p{n}", "Measured")
+    record_many(config, 5)
     daemon = start_kmagent("run", "--config", str(config))
     try:
         wait_for(lambda: len(host.delivered()) == 5)
@@ -175,8 +170,7 @@ def test_prometheus_metrics_on_loopback_and_in_a_textfile(host, write_config, tm
         text = wait_for(scraped)
         assert "kmagent_events_in_flight" in text and "kmagent_delivery_rate" in text
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.communicate(timeout=20)
+        stop(daemon)
     assert "kmagent_events_delivered_total 5.0" in textfile.read_text()
 
 

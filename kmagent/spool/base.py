@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import errno
+import fcntl
 import os
 import threading
 import time
@@ -67,6 +68,19 @@ def append_to(path: Path, data: bytes, *, sync: bool = False) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def flocked(path: Path, *, create: bool = False, wait: bool = True) -> int:
+    """``path`` open (created with the spool's mode if ``create``) and held under an
+    exclusive flock; closing the descriptor releases it. BlockingIOError if another
+    holds it and not ``wait``."""
+    fd = open_file(path, os.O_RDWR | os.O_CREAT) if create else open_file(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def fsync_dir(path: Path) -> None:

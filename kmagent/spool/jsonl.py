@@ -38,12 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from ..config import DEFAULT_ROTATE_BYTES, DEFAULT_ROTATE_SECONDS
 from ..errors import SpoolError
 from ..events import Event
 from ..protocol import describe, encode
-from .base import (Claimed, PartialWrite, Spool, append_to, fsync_dir, make_dirs, open_file, unknown_ids,
-                   write_atomically)
-from .jsonl_line import BadLine, from_line, to_line
+from .base import (Claimed, PartialWrite, Spool, append_to, flocked, fsync_dir, make_dirs,
+                   open_file, unknown_ids, write_atomically)
+from .jsonl_line import BadLine, created_of, from_line, to_line
 
 ACTIVE = "events.jsonl"
 SEALED = re.compile(r"^events\.(\d{10})\.jsonl$")
@@ -53,8 +54,6 @@ DEAD_LOCK = "dead.lock"  # the shipper appends, `kmagent dead` rewrites: one at 
 BAD = "bad.jsonl"
 CHECKPOINT_VERSION = 1
 
-DEFAULT_ROTATE_BYTES = 16 * 1024 * 1024
-DEFAULT_ROTATE_SECONDS = 3600.0
 # How many lines the shipper reads past the first unsettled one. Bounds its memory and
 # the checkpoint's size however long an outage lasts.
 MAX_AHEAD = 4096
@@ -111,7 +110,6 @@ class _Line:
     """A line read and not yet settled."""
 
     id: Position
-    end: int
     raw: bytes
     item: Claimed | None = None  # None until parsed
     due: float = 0.0
@@ -358,9 +356,8 @@ class JsonlSpool(Spool):
 
     @contextmanager
     def _dead_locked(self) -> Iterator[None]:
-        fd = open_file(self.path / DEAD_LOCK, os.O_RDWR | os.O_CREAT)
+        fd = flocked(self.path / DEAD_LOCK, create=True)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
@@ -397,7 +394,7 @@ class JsonlSpool(Spool):
         def letters() -> list[tuple[str, str, str | None, float]]:
             found = []
             for record in self._read_dead():
-                event, created = from_line(json.dumps(record["line"]).encode())
+                event, created = _dead_event(record)
                 found.append((*encode(event), event.api_key, created))
             return found
         return self._guard("read", letters if dead else lambda: self._viewed(pending))
@@ -406,7 +403,7 @@ class JsonlSpool(Spool):
         def read() -> list[dict[str, Any]]:
             letters = []
             for record in self._read_dead():
-                event = _dead_event(record)
+                event, _ = _dead_event(record)
                 letters.append({"id": record["id"], **describe(*encode(event)),
                                 "status": record["status"], "reason": record["reason"],
                                 "failed_at": record["failed_at"]})
@@ -418,9 +415,8 @@ class JsonlSpool(Spool):
             records = self._read_dead()
             unknown_ids(ids, (r["id"] for r in records))
             chosen = [r for r in records if ids is None or r["id"] in ids]
-            for record in chosen if requeue else ():
-                event = _dead_event(record)
-                self._write([self._record(event)], sync=False)  # due now, aged from now
+            if requeue and chosen:  # fresh lines: due now, aged from now; one write
+                self._write([self._record(_dead_event(r)[0]) for r in chosen], sync=False)
             kept = b"".join(_dump_line(r) for r in records if r not in chosen)
             write_atomically(self.path / DEAD, kept)
         return len(chosen)
@@ -448,9 +444,10 @@ class JsonlSpool(Spool):
             self._fd = None
 
 
-def _dead_event(record: dict[str, Any]) -> Event:
-    """The event a dead-letter record holds (its original line, as an object)."""
-    return from_line(json.dumps(record["line"]).encode())[0]
+def _dead_event(record: dict[str, Any]) -> tuple[Event, float]:
+    """The event a dead-letter record holds (its original line, as an object), and
+    when that line was written."""
+    return from_line(json.dumps(record["line"]).encode())
 
 
 def _dump_line(record: dict[str, Any]) -> bytes:
@@ -570,9 +567,9 @@ class _DiskView:
         for line in self._unsettled_lines():
             try:
                 obj = json.loads(line)
-                return float(obj.get("_c", obj.get("_t", 0)))
             except Exception:  # any bad line (even [[[[... nested deep)
                 return 0.0  # waits too: its age is unknown, so the oldest
+            return created_of(obj) if isinstance(obj, dict) else 0.0
         return None
 
 
@@ -686,7 +683,7 @@ class _Shipping:
                 if data:  # a torn tail that no writer will finish: one bad line
                     self.read_pos = (seq, offset + len(data))  # before yielding: a
                     room -= 1                                  # failure must not re-read
-                    yield self._line((seq, offset), offset + len(data), data)
+                    yield self._line((seq, offset), data)
                     continue
                 if not entry.sealed:
                     return
@@ -705,10 +702,10 @@ class _Shipping:
                 start, offset = offset, offset + len(raw) + 1
                 self.read_pos = (seq, offset)
                 room -= 1
-                yield self._line((seq, start), offset, raw + b"\n")
+                yield self._line((seq, start), raw + b"\n")
 
-    def _line(self, pos: Position, end: int, raw: bytes) -> _Line:
-        line = _Line(pos, end, raw)
+    def _line(self, pos: Position, raw: bytes) -> _Line:
+        line = _Line(pos, raw)
         self.order.append(line)
         if pos in self.settled_ahead:
             line.settled = True  # delivered before a crash: never send it twice
@@ -819,6 +816,8 @@ class _Shipping:
 
     def settle(self, ids: list[Position]) -> None:
         """Delivered, dead or set aside: advance the checkpoint and persist it."""
+        if not ids:
+            return  # nothing changed: no checkpoint to write (and fsync)
         for pos in ids:
             line = self.lines.pop(pos, None)
             self.in_flight.discard(pos)

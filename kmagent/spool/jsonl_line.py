@@ -89,7 +89,7 @@ def from_line(line: bytes) -> tuple[Event, float]:
         else:
             props[key] = value
     try:
-        return _event(fields, props), _created(fields)
+        return _event(fields, props), created_of(fields)
     except InvalidEvent as exc:
         raise BadLine(str(exc)) from None
 
@@ -112,7 +112,8 @@ def _event(fields: dict[str, Any], props: dict[str, Any]) -> Event:
     return make_set(fields.get("_p"), props, timestamp=fields["_t"], api_key=api_key, now=0)
 
 
-def _created(fields: dict[str, Any]) -> float:
+def created_of(fields: dict[str, Any]) -> float:
+    """When a line was written: its ``_c``, else its ``_t``; 0 when neither is a time."""
     created = fields.get("_c", fields.get("_t"))
     if isinstance(created, bool) or not isinstance(created, (int, float)) \
             or not math.isfinite(created):
