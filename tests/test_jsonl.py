@@ -79,8 +79,8 @@ def test_a_torn_line_is_set_aside_and_nothing_is_glued_to_it(host, write_config,
     figures = status(config)
     assert (figures["bad_lines"], figures["pending"]) == (2, 0)
     set_aside = [json.loads(line) for line in (spool_path / "bad.jsonl").read_text().splitlines()]
-    assert [b["line"] for b in set_aside] == [
-        '{"_p":"torn","_n":"Half","_t":12345\n', "garbage from an editor\n"]
+    assert [b["line"] for b in set_aside] == [  # the NUL ended the torn line
+        '{"_p":"torn","_n":"Half","_t":12345\x00\n', "garbage from an editor\n"]
 
 
 def test_out_of_order_acks_resend_only_what_was_in_flight(spool_path):
@@ -299,8 +299,7 @@ def test_an_active_file_deleted_by_hand_does_not_stop_shipping(spool_path):
 
 def test_a_short_write_stores_none_of_the_event_that_raised(tmp_path):
     """A full disk cuts a write short (RLIMIT_FSIZE stands in for it here): the append
-    raises, the torn part becomes a bad line once the next write ends it, and nothing of
-    it is ever sent."""
+    raises, the torn part is cut back, and nothing of it is ever sent."""
     spool = tmp_path / "spool"
     script = f"""
 import resource, signal
@@ -332,16 +331,15 @@ def test_a_short_group_write_fails_only_the_appends_it_did_not_store(tmp_path, m
     from kmagent.errors import SpoolError
     from kmagent.events import make_event
     from kmagent.spool import open_spool
-    from kmagent.spool.jsonl import JsonlSpool, _ShortWrite
     store = open_spool(tmp_path / "spool", backend="jsonl")
-    real = JsonlSpool._append_bytes
+    real = os.write
 
-    def cut_short(self, data: bytes) -> int:
+    def cut_short(fd: int, data: bytes) -> int:
+        if b'"Grouped"' not in data:
+            return real(fd, data)
         first_two = data.index(b"\n", data.index(b"\n") + 1) + 1
-        real(self, data[:first_two + 5])  # two whole lines and the start of the third
-        self._end = -1  # as a real short write leaves it
-        raise _ShortWrite(first_two + 5)
-    monkeypatch.setattr(JsonlSpool, "_append_bytes", cut_short)
+        return real(fd, data[:first_two + 5])  # two whole lines and the start of the third
+    monkeypatch.setattr(os, "write", cut_short)
     outcomes = {}
 
     def append(n: int) -> None:
@@ -353,6 +351,85 @@ def test_a_short_group_write_fails_only_the_appends_it_did_not_store(tmp_path, m
     behind_a_busy_writer(store, [lambda n=n: append(n) for n in range(3)])
     monkeypatch.undo()
     assert outcomes == {0: "stored", 1: "stored", 2: "refused"}
+    assert (tmp_path / "spool" / ACTIVE).read_bytes().count(b"\n") == 2  # cut back
+    assert (tmp_path / "spool" / ACTIVE).read_bytes().endswith(b"\n")
     store.append(make_event("p3", "After", now=1700000000))
     assert [q.split("&")[0] for _, q, _, _ in store.requests()] == ["_p=p0", "_p=p1", "_p=p3"]
     store.close()
+
+
+SHORT_BEFORE_NEWLINE = textwrap.dedent("""
+    import os, resource, signal, sys, time
+    from kmagent import Client
+    from kmagent.errors import SpoolError
+    from kmagent.spool import open_spool
+    config, scratch, how = sys.argv[1:4]
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a short write, not a killed process
+    time.time = lambda: 1700000000.25  # every line the same bytes: its length is known
+    probe = open_spool(scratch, backend="jsonl")
+    Client(spool=scratch).record("bob", "Failed")
+    length = os.path.getsize(os.path.join(scratch, "events.jsonl"))
+    client = Client(config=config)
+    client.record("bob", "Before")
+    size = os.path.getsize(os.path.join(client._spool.path, "events.jsonl"))
+    if how == "cannot-truncate":
+        def refuse(fd, length):
+            raise OSError(5, "Input/output error")
+        os.ftruncate = refuse
+    # The write of "Failed" stops exactly before its final newline.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + length - 1, resource.RLIM_INFINITY))
+    try:
+        client.record("bob", "Failed")
+    except SpoolError as exc:
+        print("refused:", exc)
+    else:
+        print("stored")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    client.record("bob", "After")
+""")
+
+
+@pytest.mark.parametrize("how", ["truncated", "cannot-truncate"])
+def test_a_record_that_raised_is_never_delivered_even_if_only_its_newline_is_missing(
+        host, write_config, spool_path, tmp_path, how):
+    """A full disk stops the write one byte short: the whole line but its newline. The
+    append raises, so the event must never be sent (an app that retries would count it
+    twice); the one recorded next must be. The torn line is cut back under the lock, or,
+    if even that fails, ended by the next writer so that it is a bad line, never a whole."""
+    config = write_config(host)
+    (tmp_path / "scratch").mkdir()
+    Client(config=config).close()
+    result = subprocess.run([sys.executable, "-c", SHORT_BEFORE_NEWLINE, str(config),
+                             str(tmp_path / "scratch"), how],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "refused:" in result.stdout, result.stdout
+    assert run_kmagent("flush", "--timeout", "30", "--config", str(config)).returncode == 0
+    assert sorted(dict(r.params)["_n"] for r in host.received) == ["After", "Before"]
+    assert status(config)["bad_lines"] == (1 if how == "cannot-truncate" else 0)
+
+
+def test_a_torn_tail_is_never_sent_even_when_it_is_a_whole_json_object(
+        host, write_config, spool_path):
+    """A writer killed just before its newline leaves a whole object without its end.
+    Neither the next writer (in the active file) nor the reader (once the file is sealed
+    with it as its tail) may make a valid line of it."""
+    config = write_config(host)
+    with open(config, "a") as fh:
+        fh.write("rotate_bytes = 4096\n")
+    spool_path.mkdir(parents=True)
+    killed = b'{"_p":"torn","_n":"Killed","_t":1700000000,"_v":1}'
+    (spool_path / ACTIVE).write_bytes(killed)
+    Client(config=config).record("bob", "Next Writer")
+    spool = open_jsonl(spool_path, rotate_bytes=4096)
+    spool.append(event(1, pad="x" * 5000))
+    with open(spool_path / ACTIVE, "ab") as fh:
+        fh.write(killed.replace(b"Killed", b"Sealed"))  # the file's tail when it is sealed
+    spool.claim(1, now=time.time())  # over rotate_bytes: sealed with its torn tail
+    spool.close()
+    Client(config=config).record("bob", "After Rotation")
+    assert run_kmagent("flush", "--timeout", "30", "--config", str(config)).returncode == 0
+    names = sorted(dict(r.params)["_n"] for r in host.received)
+    assert names == ["After Rotation", "Did", "Next Writer"]
+    figures = status(config)
+    assert (figures["pending"], figures["bad_lines"]) == (0, 2)

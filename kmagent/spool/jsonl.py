@@ -11,8 +11,10 @@ active file, after checking (under the lock) that the file they hold is still
 ``events.jsonl``: the shipper seals it by ``rename`` under the same lock, never by copy
 and truncate, so a producer that raced a rotation notices the new inode and reopens.
 Before writing, a producer looks at the file's last byte: if a writer died mid-line,
-it starts its own line on a fresh one, so the torn fragment becomes one bad line that
-is set aside, and nothing is glued to it.
+it ends the torn fragment with a NUL and a newline (TORN_END) and starts its own line
+on a fresh one, so the fragment becomes one bad line that is set aside, even one that
+lacked only its newline, and nothing is glued to it. A line is only ever read whole,
+newline included: a sealed file's unfinished tail is a bad line too.
 
 The shipper reads lines in order and keeps the checkpoint: the position of the first
 line not yet settled (delivered, dead-lettered or set aside), plus the settled lines
@@ -61,6 +63,12 @@ READ_CHUNK = 1 << 16
 MAX_LINE_BYTES = 16 * 1024 * 1024  # longer is garbage (a valid event is far smaller)
 
 Position = tuple[int, int]  # (file sequence number, byte offset)
+
+# What a writer puts before its line when the file does not end in a newline (a writer
+# killed mid-line, or a short write that could not be cut back): the NUL makes the torn
+# fragment invalid JSON whatever it holds, so it is set aside as a bad line; a bare
+# newline could make a whole line of an object that lacked only its newline.
+TORN_END = b"\x00\n"
 
 
 def sealed_name(seq: int) -> str:
@@ -155,11 +163,13 @@ class _Checkpoint:
 
 
 class _ShortWrite(OSError):
-    """write() stopped after ``written`` bytes of the data (disk full)."""
+    """write() stopped short (disk full): the first ``written`` bytes of the data, whole
+    lines, are in the file ``fd`` holds; nothing of the rest can ever be read as a line."""
 
-    def __init__(self, written: int) -> None:
+    def __init__(self, written: int, fd: int) -> None:
         super().__init__(errno.ENOSPC, "short write (disk full?)")
         self.written = written
+        self.fd = fd
 
 
 class JsonlSpool(Spool):
@@ -234,13 +244,19 @@ class JsonlSpool(Spool):
                 os.fdatasync(fd)  # once for every line queued meanwhile
         except _ShortWrite as short:
             # The lines written whole are stored (the shipper may already be reading
-            # them); the torn one becomes a bad line once the next write ends it.
+            # them), and their appends return; the rest were cut away.
             stored, end = 0, 0
             for record in records:
                 end += len(record)
                 if end > short.written:
                     break
                 stored += 1
+            if stored and (self._full or sync):
+                try:
+                    os.fdatasync(short.fd)
+                except OSError as exc:
+                    raise SpoolError(f"spool {self.path}: cannot append: "
+                                     f"{exc.strerror}") from None
             raise PartialWrite(f"spool {self.path}: cannot append: short write (disk "
                                "full?)", stored) from None
         except OSError as exc:
@@ -262,24 +278,36 @@ class JsonlSpool(Spool):
         os.fdatasync(fd)
 
     def _append_bytes(self, data: bytes) -> int:
-        """Append ``data`` (one or more whole lines) to events.jsonl in one write()."""
-        line = data
+        """Append ``data`` (one or more whole lines) to events.jsonl in one write().
+
+        A short write (disk full) is cut back, still under the lock, to the end of its
+        last whole line and raised as _ShortWrite: the whole lines are stored (the
+        shipper, which reads without the lock, may have read them already; it never
+        takes a line of the active file before its newline is there, so the torn rest
+        was not read). Should the cut fail, the torn rest stays unfinished until the
+        next writer ends it with TORN_END, which makes it a bad line: a write that
+        raised never becomes a line that is sent."""
         while True:
             fd = self._active_fd()
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 size = self._held_size(fd)
                 if size is not None:
+                    line = data
                     # If the file ends where our own last line did, it ends in a newline;
-                    # otherwise look: a writer that died mid-line must not get ours glued on.
+                    # otherwise look: a torn fragment (a writer killed mid-line, a cut
+                    # that failed) must neither get ours glued on nor be completed.
                     if size and size != self._end and os.pread(fd, 1, size - 1) != b"\n":
-                        line = b"\n" + line
+                        line = TORN_END + data
                     written = os.write(fd, line)
                     if written != len(line):
-                        # Not undone: the shipper reads without the lock and may have
-                        # read the whole lines already. The next write ends the torn one.
                         self._end = -1
-                        raise _ShortWrite(written - (len(line) - len(data)))
+                        whole = line.rfind(b"\n", 0, written) + 1
+                        try:
+                            os.ftruncate(fd, size + whole)
+                        except OSError:
+                            pass  # see above: the next writer ends it
+                        raise _ShortWrite(max(0, whole - (len(line) - len(data))), fd)
                     self._end = size + written
                     return fd
             finally:
@@ -751,6 +779,8 @@ class _Shipping:
             if line.settled:
                 continue
             try:
+                if not line.raw.endswith(b"\n"):  # a sealed file's torn tail
+                    raise BadLine("torn: the file ends before this line's newline")
                 event, created = from_line(line.raw)
             except BadLine as exc:
                 self._set_aside(line, str(exc))
