@@ -10,7 +10,7 @@ import time
 import pytest
 
 import kmagent
-from conftest import API_KEY, run_kmagent
+from conftest import API_KEY, record_many, run_kmagent, start_daemon, stop
 
 PERSON = "bob@example.com"
 P = "bob%40example.com"  # PERSON as it travels
@@ -303,3 +303,54 @@ def test_the_seeds_example_sequence(write_config, host):
         f"/s?_k={API_KEY}&_p={P}&_t=NOW&_d=1&gender=male",
     ])
     assert len(host.received) == 4  # each sent once
+
+
+def failing_until(enough: int | None):
+    """An ``answer_for``: 503 for the event named "Failing" (until ``enough`` others
+    were answered, if given), the usual answer for the others."""
+    others = [0]
+
+    def answer(target: str) -> int | None:
+        if "_n=Failing" in target:
+            return 503 if enough is None or others[0] < enough else None
+        others[0] += 1
+        return None
+    return answer
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "jsonl"])
+@pytest.mark.parametrize("beside", ["alone", "daemon"])
+@pytest.mark.parametrize("failing", ["for good", "for a while"])
+def test_flush_exits_0_only_when_nothing_it_was_to_flush_is_pending(
+        write_config, host, beside, failing):
+    """One event keeps failing among 5,000: the others go past it, and on jsonl it is
+    moved out of their way (written again at the end of the spool, past the flush's
+    mark). It is still one of the events the flush was to deliver: while it is pending,
+    the flush cannot exit 0, whether it ships itself or watches the daemon do it."""
+    host.answer_for = failing_until(None if failing == "for good" else 3000)
+    if beside == "daemon":
+        host.delay = 0.005  # the daemon still ships when the flush takes its mark
+    config = write_config(host, extra="[ship]\nmax_backoff = 1\nconcurrency = 4\n")
+    kmagent.Client(config=config).record("poison", "Failing")
+    record_many(config, 5000)
+    daemon = start_daemon(config) if beside == "daemon" else None
+    try:
+        result = run_kmagent("flush", "--timeout", "3", "--config", str(config), timeout=120)
+        figures = status_json(config)
+    finally:
+        if daemon is not None:
+            assert stop(daemon) == 0, daemon.log
+    assert "Traceback" not in result.stderr
+    delivered = {dict(r.params)["_n"] for r in host.delivered()}
+    assert {f"e {n}" for n in range(5000)} <= delivered
+    # Beside the daemon, the flush counts what was still pending when it started.
+    total = 5001 if beside == "alone" else r"\d+"
+    if failing == "for good":
+        assert result.returncode == 1, result.stderr
+        assert re.search(rf"^1 of {total} events still pending: nothing was delivered "
+                         r"for 3 s", result.stderr, re.M), result.stderr
+        assert "Failing" not in delivered and figures["pending"] == 1
+    else:
+        assert result.returncode == 0, result.stderr
+        assert re.search(rf"^flushed {total} events", result.stderr, re.M), result.stderr
+        assert "Failing" in delivered and figures["pending"] == 0

@@ -235,6 +235,50 @@ def test_one_event_that_keeps_failing_does_not_stop_the_rest(spool_path):
     spool.close()
 
 
+def test_a_moved_line_counts_as_before_a_mark_and_its_request_never_changes(spool_path):
+    """A line moved out of the way (again and again) lands past a flush's mark, yet it
+    was pending before the mark: pending_through counts it until it is settled. Its
+    copies carry where it was first written; the request sent is the same every time."""
+    spool = open_jsonl(spool_path)
+    for n in range(3000):
+        spool.append(event(n))
+    mark = spool.mark()
+    sent, later = [], 0
+    for _ in range(400):  # producers go on appending meanwhile
+        for _ in range(32):
+            spool.append(event(10_000 + later))
+            later += 1
+        items = spool.claim(64, now=time.time())
+        failing = [i for i in items if i.query.startswith("_p=person0&")]
+        sent += [(i.path, i.query, i.api_key, i.created) for i in failing]
+        spool.retry([(i.id, 0.0, "HTTP 503") for i in failing])
+        spool.ack([i.id for i in items if i not in failing])
+        assert spool.pending_through(mark) >= 1
+    files = sorted(spool_path.glob("events*.jsonl"))
+    copies = [json.loads(line) for f in files for line in f.read_bytes().splitlines()
+              if b'"_o"' in line]
+    assert len(copies) >= 2  # moved more than once
+    assert all(c["_o"] == [1, 0] and c["_p"] == "person0" for c in copies)
+    assert len(set(sent)) == 1 and len(sent) > 2  # one request, sent again and again
+    for _ in range(400):
+        items = spool.claim(64, now=time.time())
+        spool.retry([(i.id, 0.0, "HTTP 503") for i in items if i.query.startswith("_p=person0&")])
+        spool.ack([i.id for i in items if not i.query.startswith("_p=person0&")])
+        if spool.pending_through(mark) == 1:
+            break
+    assert spool.pending_through(mark) == 1  # only person0, wherever it lies now
+    while True:
+        items = spool.claim(64, now=time.time())
+        assert items
+        done = [i for i in items if i.query.startswith("_p=person0&")]
+        spool.ack([i.id for i in done])
+        if done:
+            break
+    spool.append(event(99_999))  # after the mark: not counted
+    assert spool.pending_through(mark) == 0
+    spool.close()
+
+
 def test_a_deeply_nested_line_is_a_bad_line_not_a_crash(host, write_config, spool_path):
     config = write_config(host)
     spool_path.mkdir(parents=True)

@@ -22,6 +22,11 @@ beyond it, since acknowledgements arrive out of order. So after a crash only wha
 in flight is sent again. Each line's request is derived from the line alone by the
 pure encoder, so a resend is byte-identical. A sealed file is deleted once the
 checkpoint has moved past it.
+
+A line that keeps failing is moved out of the reader's way: copied to the end of the
+active file with its origin (``_o``: where it was first written), and its old copy
+settled. A mark (``kmagent flush``) counts such a copy as the line it was first: before
+the mark if the original was.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ from ..events import Event
 from ..protocol import describe, encode
 from .base import (Claimed, PartialWrite, Spool, append_to, flocked, fsync_dir, make_dirs,
                    open_file, unknown_ids, write_atomically)
-from .jsonl_line import BadLine, created_of, from_line, to_line
+from .jsonl_line import (ORIGIN_KEY, BadLine, created_of, from_line, origin_of, to_line,
+                         with_origin)
 
 ACTIVE = "events.jsonl"
 SEALED = re.compile(r"^events\.(\d{10})\.jsonl$")
@@ -85,6 +91,37 @@ def count_lines(fd: int, start: int, end: int) -> int:
         count += chunk.count(b"\n")
         offset += len(chunk)
     return count
+
+
+def copies_in(fd: int, start: int, end: int) -> tuple[list[tuple[int, Position]], int]:
+    """The moved copies among the complete lines in bytes [start, end) of a file, as
+    (offset, origin); and the offset just past the last complete line (where to go on
+    from next time). Only lines holding ORIGIN_KEY are parsed."""
+    found: list[tuple[int, Position]] = []
+    offset, size = start, 1 << 20
+    while offset < end:
+        want = min(size, end - offset)
+        chunk = os.pread(fd, want, offset)
+        cut = chunk.rfind(b"\n") + 1
+        if not cut:
+            if len(chunk) < want or offset + want >= end:
+                break  # an unfinished line
+            if size < MAX_LINE_BYTES:
+                size *= 4  # one line longer than the chunk
+                continue
+            cut = len(chunk)  # longer is garbage: as the reader, go on past it
+        body = chunk[:cut]
+        at = body.find(ORIGIN_KEY)
+        while at >= 0:
+            begin = body.rfind(b"\n", 0, at) + 1
+            stop = body.find(b"\n", at) + 1 or len(body)
+            origin = origin_of(body[begin:stop])
+            if origin is not None:
+                found.append((offset + begin, origin))
+            at = body.find(ORIGIN_KEY, stop)
+        offset += cut
+        size = 1 << 20
+    return found, offset
 
 
 def file_head(fd: int) -> int | None:
@@ -363,8 +400,14 @@ class JsonlSpool(Spool):
     def mark(self) -> Any:
         return self._guard("read", lambda: self._viewed(lambda view: view.end()))
 
+    # Where moved copies lie past a mark (see _CopyIndex); made on first use.
+    _copies: "_CopyIndex | None" = None
+
     def pending_through(self, mark: Any) -> int:
-        return self._guard("read", lambda: self._viewed(lambda view: view.pending(mark)))
+        if self._copies is None:
+            self._copies = _CopyIndex()
+        copies = self._copies
+        return self._guard("read", lambda: self._viewed(lambda view: view.pending(mark, copies)))
 
     def stats(self, now: float) -> dict[str, Any]:
         def read(view: "_DiskView") -> dict[str, Any]:
@@ -516,14 +559,15 @@ class _DiskView:
         except FileNotFoundError:
             pass  # deleted since listed: fully delivered
 
-    def end(self) -> tuple[int, int] | None:
-        """(inode, size) of the newest file: every line so far lies before it."""
+    def end(self) -> tuple[int, int, int] | None:
+        """(inode, size, sequence number) of the newest file: every line so far lies
+        before it."""
         if not self.files:
             return None
-        _, _, st = self.files[-1]
-        return (st.st_ino, st.st_size)
+        seq, _, st = self.files[-1]
+        return (st.st_ino, st.st_size, seq)
 
-    def _position_of(self, mark: tuple[int, int] | None) -> Position | None:
+    def _position_of(self, mark: tuple[int, int, int] | None) -> Position | None:
         if mark is None:
             return None
         for seq, _, st in self.files:
@@ -537,7 +581,9 @@ class _DiskView:
                     return (int(match.group(1)), mark[1])
             except FileNotFoundError:
                 continue
-        return (0, 0)  # that file is gone: everything in it was settled
+        # That file is gone: every line in it was settled (moved copies of its lines,
+        # in later files, still count as before the mark).
+        return (mark[2], mark[1])
 
     def _unsettled_lines(self) -> Iterator[bytes]:
         """Every complete line from the checkpoint on that is not settled yet, in order."""
@@ -564,8 +610,11 @@ class _DiskView:
                 continue  # the shipper sets it aside
         return found
 
-    def pending(self, mark: tuple[int, int] | None = None) -> int:
-        """Unsettled complete lines from the checkpoint up to ``mark`` (default: all)."""
+    def pending(self, mark: tuple[int, int, int] | None = None,
+                copies: "_CopyIndex | None" = None) -> int:
+        """Unsettled complete lines from the checkpoint up to ``mark`` (default: all),
+        and after it the unsettled copies of lines moved from before it (``copies``
+        remembers where they are between calls)."""
         ckpt = self.checkpoint
         start: Position = (ckpt.seq, ckpt.offset)
         stop = self._position_of(mark) if mark is not None else None
@@ -588,7 +637,18 @@ class _DiskView:
                 finally:
                     os.close(fd)
         settled = sum(1 for p in ckpt.ahead if stop is None or p < stop)
-        return max(0, count - settled)
+        return max(0, count - settled) + (
+            0 if stop is None else self._moved_from_before(stop, copies or _CopyIndex()))
+
+    def _moved_from_before(self, stop: Position, copies: "_CopyIndex") -> int:
+        """Unsettled lines after ``stop`` that are copies of lines from before it."""
+        ckpt = self.checkpoint
+        head, ahead = (ckpt.seq, ckpt.offset), set(ckpt.ahead)
+        count = 0
+        for seq, offset, origin in copies.after(self.files, stop):
+            if origin < stop and (seq, offset) >= head and (seq, offset) not in ahead:
+                count += 1
+        return count
 
     def oldest_created(self) -> float | None:
         """When the first unsettled line was written (its ``_c``), or None."""
@@ -599,6 +659,38 @@ class _DiskView:
                 return 0.0  # waits too: its age is unknown, so the oldest
             return created_of(obj) if isinstance(obj, dict) else 0.0
         return None
+
+
+class _CopyIndex:
+    """Where the moved copies lie past a mark, remembered between calls, so that a
+    flush that polls ``pending_through`` reads each file's new bytes only once (lines
+    are only ever appended, and a cut-back never reaches a complete line)."""
+
+    def __init__(self) -> None:
+        # (seq, inode, from offset) -> [offset scanned to, [(offset, origin)...]]
+        self._files: dict[tuple[int, int, int], list[Any]] = {}
+
+    def after(self, files: list[tuple[int, Path, os.stat_result]],
+              stop: Position) -> Iterator[tuple[int, int, Position]]:
+        """(seq, offset, origin) of every copy from ``stop`` on."""
+        seen = set()
+        for seq, path, st in files:
+            if seq < stop[0]:
+                continue
+            key = (seq, st.st_ino, stop[1] if seq == stop[0] else 0)
+            seen.add(key)
+            entry = self._files.setdefault(key, [key[2], []])
+            if st.st_size > entry[0]:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    found, entry[0] = copies_in(fd, entry[0], st.st_size)
+                finally:
+                    os.close(fd)
+                entry[1].extend(found)
+            for offset, origin in entry[1]:
+                yield seq, offset, origin
+        for key in set(self._files) - seen:
+            del self._files[key]  # settled and deleted, or another mark's
 
 
 class _Shipping:
@@ -809,7 +901,7 @@ class _Shipping:
                 # Being sent: it settles soon. Waiting for a key: nothing moves it on but
                 # configuring one (requeueing would only go round in circles).
                 return
-            self.spool._requeue(head.raw)
+            self.spool._requeue(with_origin(head.raw, origin_of(head.raw) or head.id))
             self.settle([head.id])
 
     def _take(self, line: _Line) -> Claimed:

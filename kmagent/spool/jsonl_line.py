@@ -6,6 +6,14 @@ the event's Unix time; every other key is a property, in the order given. The ag
 adds the least it needs: ``_c`` (when the line was written, Unix seconds, a float),
 ``_k`` (the API key, only when the producer gave one) and ``_v`` (the format version).
 
+``_o`` (origin) is written by the shipper alone, on the copy it makes when it moves a
+line that keeps failing to the end of the spool: ``[file sequence number, byte offset]``
+of the line as first written, kept as it is when a copy is moved again. It tells that
+the copy was pending before any mark taken after the original (``kmagent flush``
+counts it as such), and finds a copy again after a crash in the middle of a move. It is
+added at the end of the object and is no part of the event: the copy's request is the
+original's, byte for byte.
+
 Keys beginning with ``_`` belong to the format. A property whose name begins with ``_``
 is written with one more ``_`` in front (``_plan`` → ``__plan``) and read back without
 it, so no property can be mistaken for a field. Any writer may append such lines (one
@@ -24,7 +32,11 @@ from ..errors import InvalidEvent
 from ..events import ALIAS, EVENT, Event, check_name, make_alias, make_event, make_set
 
 FORMAT_VERSION = 1
-FIELDS = frozenset({"_p", "_n", "_p2", "_t", "_c", "_k", "_v", "_d"})
+FIELDS = frozenset({"_p", "_n", "_p2", "_t", "_c", "_k", "_v", "_d", "_o"})
+# How an ``_o`` field begins in a line. Found in a line, it may still be inside a
+# property's name (``"x\"_o":``), so a line that has it is parsed to be sure; a line
+# without it has no origin, and need not be parsed to know.
+ORIGIN_KEY = b'"_o":'
 
 class BadLine(ValueError):
     """A line that is not a valid event; the reason says why."""
@@ -88,10 +100,39 @@ def from_line(line: bytes) -> tuple[Event, float]:
             fields[key] = value
         else:
             props[key] = value
+    if "_o" in fields and _origin(fields["_o"]) is None:
+        raise BadLine(f"_o: {fields['_o']!r} is not [file sequence number, byte offset]")
     try:
         return _event(fields, props), created_of(fields)
     except InvalidEvent as exc:
         raise BadLine(str(exc)) from None
+
+
+def _origin(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, list) and len(value) == 2 and all(
+            type(n) is int and n >= 0 for n in value):
+        return value[0], value[1]
+    return None
+
+
+def origin_of(line: bytes) -> tuple[int, int] | None:
+    """The ``_o`` of a line (a moved copy), or None: a line without it, or not valid."""
+    if ORIGIN_KEY not in line:
+        return None
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return _origin(obj.get("_o")) if isinstance(obj, dict) else None
+
+
+def with_origin(line: bytes, origin: tuple[int, int]) -> bytes:
+    """The copy of a valid line that is moved: ``_o`` added at the end of the object (a
+    line that has one already keeps it, and stays byte for byte the same)."""
+    if origin_of(line) is not None:
+        return line
+    body = line.rstrip(b" \t\r\n")  # a valid event's object ends in "}"
+    return body[:-1] + b',"_o":[%d,%d]}\n' % origin
 
 
 def _event(fields: dict[str, Any], props: dict[str, Any]) -> Event:
