@@ -10,12 +10,9 @@ given back by ``recover`` when the next shipper starts, so a claim is never lost
 from __future__ import annotations
 
 import abc
-import errno
-import fcntl
 import os
 import threading
 import time
-import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,90 +20,9 @@ from typing import Any, Iterable
 
 from ..errors import SpoolError, SpoolFull
 from ..events import Event
-
-# Spool files are never world-readable (they hold events, maybe API keys); the group
-# may write, so that app users in the spool's group can append (see the README).
-FILE_MODE = 0o660
-DIR_MODE = 0o770
-
-
-def open_file(path: Path, flags: int) -> int:
-    """os.open; a file it creates gets the spool's mode whatever the umask, so that in a
-    shared spool directory every app user of the group can append to it."""
-    flags |= os.O_CLOEXEC
-    if flags & os.O_CREAT:
-        try:
-            fd = os.open(path, flags | os.O_EXCL, FILE_MODE)
-        except FileExistsError:
-            pass
-        else:
-            try:
-                os.fchmod(fd, FILE_MODE)
-            except OSError:
-                pass
-            return fd
-    return os.open(path, flags, FILE_MODE)
-
-
-def append_to(path: Path, data: bytes, *, sync: bool = False) -> None:
-    """Append ``data`` to ``path`` (created with the spool's mode) in one write. A short
-    write (disk full) is undone and raised: a half record must not stand for a whole."""
-    fd = open_file(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
-    try:
-        size = os.fstat(fd).st_size
-        try:
-            written = os.write(fd, data)
-            if written != len(data):
-                raise OSError(errno.ENOSPC, "short write (disk full?)")
-            if sync:
-                os.fsync(fd)
-        except OSError:
-            try:
-                os.ftruncate(fd, size)
-            except OSError:
-                pass
-            raise
-    finally:
-        os.close(fd)
-
-
-def flocked(path: Path, *, create: bool = False, wait: bool = True) -> int:
-    """``path`` open (created with the spool's mode if ``create``) and held under an
-    exclusive flock; closing the descriptor releases it. BlockingIOError if another
-    holds it and not ``wait``."""
-    fd = open_file(path, os.O_RDWR | os.O_CREAT) if create else open_file(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def make_dirs(path: Path) -> None:
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-
+from .files import (DIR_MODE, FILE_MODE, append_to, flocked, fsync_dir,  # noqa: F401 (re-exported)
+                    make_dirs, open_file, write_atomically)
+from .shared import Shared
 
 # How often a producer re-measures the spool's size for max_bytes; in between it adds
 # what it wrote itself (other processes may overshoot the cap by what they write then).
@@ -125,37 +41,6 @@ class Claimed:
     attempts: int  # including this one
 
 
-_live: "weakref.WeakSet[Spool]" = weakref.WeakSet()
-_held_at_fork: list[threading.Lock] = []
-
-
-def _before_fork() -> None:
-    # Hold every spool's lock across fork(): then no thread is inside SQLite or in the
-    # middle of a write for a spool at the instant of the fork, so the child inherits
-    # no lock (SQLite's own mutexes included) held by a thread it does not have.
-    # Our code never holds two spool locks at once, so taking them all cannot deadlock.
-    for spool in list(_live):
-        spool._lock.acquire()
-        _held_at_fork.append(spool._lock)
-
-
-def _after_fork() -> None:
-    while _held_at_fork:
-        _held_at_fork.pop().release()
-
-
-def _after_fork_in_child() -> None:
-    # Appends that other threads of the parent had queued are the parent's to write;
-    # written here too, they would be stored twice.
-    for spool in list(_live):
-        spool._waiting.clear()
-    _after_fork()
-
-
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork,
-                    after_in_child=_after_fork_in_child)
-
-
 class PartialWrite(SpoolError):
     """A group write stopped short (disk full): the first ``stored`` records are stored
     whole, the rest are not."""
@@ -168,28 +53,51 @@ class PartialWrite(SpoolError):
 class Spool(abc.ABC):
     """A durable FIFO of events with claim / ack / retry / dead-letter.
 
-    Producer handles are per process: a backend checks ``os.getpid()`` and reopens in a
-    forked child; ``_lock`` serialises threads and is held across fork().
+    Handles share per process what ``_sharing()`` gives them (one per spool file for
+    SQLite: its one connection; see ``Shared``); a forked child makes its own on first
+    use. The lock is held across fork().
 
-    Group commit: an appending thread queues its record, then takes ``_lock`` and
+    Group commit: an appending thread queues its record, then takes the lock and
     writes every record queued by then in one transaction (SQLite) or one write()
     (jsonl), synced once with ``durability = "full"``. Threads that queued meanwhile find
     their record written when they get the lock and return at once. Alone, a thread
     writes just its own record; under contention, one commit serves many.
+
+    Re-entrant appends (a signal handler or a logging hook calling record() while its
+    thread is already inside the spool) never wait for themselves: the record is
+    written at once if its thread is between writes, else SpoolError is raised at once.
     """
 
     path: Path
 
     def __init__(self, *, max_bytes: int | None = None, when_full: str = "error") -> None:
-        self._lock = threading.Lock()
         self.max_bytes = max_bytes
         self.when_full = when_full
         self._size = 0
         self._size_at = -SIZE_CHECK_S  # monotonic time of the last measurement
-        # Records waiting to be written: [record, error, written]. Appends and pops of a
-        # deque are atomic, so queueing takes no lock; only the lock holder pops.
-        self._waiting: deque[list[Any]] = deque()
-        _live.add(self)
+        self._shared = self._share()
+
+    def _share(self) -> Shared:
+        """The process's shared state for this spool (backends may share it wider)."""
+        return Shared()
+
+    def _sharing(self) -> Shared:
+        shared = self._shared
+        if shared.stale:  # forked since: the parent's, never to be touched here
+            shared = self._shared = self._share()
+        return shared
+
+    @property
+    def _lock(self) -> threading.RLock:
+        return self._sharing().lock
+
+    @property
+    def _waiting(self) -> deque[list[Any]]:
+        return self._sharing().waiting
+
+    def _holding(self):
+        """``with self._holding():`` the lock, marked busy (see ``Shared.held``)."""
+        return self._sharing().held()
 
     def append(self, event: Event) -> None:
         """Store one event durably (per ``durability``) before returning; at
@@ -201,32 +109,51 @@ class Spool(abc.ABC):
             raise SpoolFull(f"spool {self.path} is at its max_bytes ({self.max_bytes} "
                             "bytes): is the daemon running and the host reachable?")
         record = self._record(event)
-        if self._lock.acquire(blocking=False):
+        shared = self._sharing()
+        lock = shared.lock
+        if lock._is_owned():
+            return self._append_reentrant(shared, record)
+        if lock.acquire(blocking=False):
             # Nobody is writing: nobody to group with; the common case, kept cheap.
             try:
-                if not self._waiting:
-                    self._size += self._write([record], sync=False)
+                if not shared.waiting:
+                    shared.busy = True
+                    try:
+                        self._size += self._write([record], sync=False)
+                    finally:
+                        shared.busy = False
                     return
                 slot = [record, None, False]
-                self._waiting.append(slot)
-                self._write_waiting(slot)
+                shared.waiting.append(slot)
+                self._write_waiting(shared, slot)
             finally:
-                self._lock.release()
+                lock.release()
         else:
             slot = [record, None, False]
-            self._waiting.append(slot)
-            with self._lock:
+            shared.waiting.append(slot)
+            with lock:
                 if not slot[2]:  # not written by an earlier lock holder: write the queue
-                    self._write_waiting(slot)
+                    self._write_waiting(shared, slot)
         if slot[1] is not None:
             raise slot[1]
 
-    def _write_waiting(self, own: list[Any]) -> None:
+    def _append_reentrant(self, shared: Shared, record: Any) -> None:
+        """This thread already holds the lock (we are in a signal handler or a hook
+        that interrupted it): waiting would deadlock. Between writes nothing is half
+        done, so write now; inside one, a nested write could be rolled back with it."""
+        if shared.busy:
+            raise SpoolError(f"spool {self.path}: record() called while this thread was "
+                             "writing to the spool (from a signal handler?); not stored")
+        with shared.held():
+            self._size += self._write([record], sync=False)
+
+    def _write_waiting(self, shared: Shared, own: list[Any]) -> None:
         batch: list[list[Any]] = []
         started = False
+        shared.busy = True
         try:
-            while self._waiting:
-                batch.append(self._waiting.popleft())
+            while shared.waiting:
+                batch.append(shared.waiting.popleft())
             if not any(entry is own for entry in batch):
                 # Popped by a holder that was interrupted before writing it (a signal
                 # handler raising): ours to write now.
@@ -248,6 +175,8 @@ class Spool(abc.ABC):
                                           "the event may or may not be stored")
                     entry[2] = True
             raise
+        finally:
+            shared.busy = False
         for entry in batch:
             entry[2] = True
 
@@ -258,7 +187,7 @@ class Spool(abc.ABC):
             raise SpoolFull(f"spool {self.path} is at its max_bytes ({self.max_bytes} bytes)")
         if events:
             records = [self._record(event) for event in events]
-            with self._lock:
+            with self._holding():
                 self._size += self._write(records, sync=True)
 
     def _full_now(self) -> bool:

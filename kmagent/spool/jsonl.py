@@ -499,14 +499,14 @@ class JsonlSpool(Spool):
         return self._guard("dead purge", lambda: self._take_dead(ids, requeue=False))
 
     def _guard(self, what: str, fn):
-        with self._lock:
+        with self._holding():
             try:
                 return fn()
             except OSError as exc:
                 raise SpoolError(f"spool {self.path}: {what} failed: {exc}") from None
 
     def close(self) -> None:
-        with self._lock:
+        with self._holding():
             if self._shipping is not None:
                 self._shipping.close()
                 self._shipping = None

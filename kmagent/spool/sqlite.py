@@ -15,8 +15,8 @@ walks the rowid order past them, costs O(batch + window + backoffs), not O(backl
 
 from __future__ import annotations
 
-import json
-import os
+import itertools
+import secrets
 import sqlite3
 import time
 from pathlib import Path
@@ -25,10 +25,9 @@ from typing import Any, Iterable
 from ..errors import SpoolError
 from ..events import Event
 from ..protocol import describe, encode
-from .base import Claimed, Spool, make_dirs, open_file, unknown_ids
-
-FORMAT_VERSION = 1  # stored as PRAGMA user_version
-BUSY_TIMEOUT_S = 5.0  # how long a writer waits for another before SpoolError
+from . import sqlite_conn
+from .base import Claimed, Spool, unknown_ids
+from .sqlite_conn import BUSY_TIMEOUT_S, FORMAT_VERSION  # noqa: F401 (re-exported)
 
 SCHEMA = (
     """CREATE TABLE events (
@@ -61,87 +60,51 @@ SCHEMA = (
 # A fresh event is due at once (due = 0): only retries carry a wall-clock time, so a
 # clock that jumps backwards never holds back events that were never tried.
 INSERT = "INSERT INTO events (path, query, api_key, created, due) VALUES (?, ?, ?, ?, 0)"
-CLAIM = """UPDATE events SET lease = ?, attempts = attempts + 1
-    WHERE id IN (SELECT id FROM events WHERE lease IS NULL AND due <= ? {key_filter}
-                 ORDER BY id LIMIT ?)
-    RETURNING id, path, query, api_key, created, attempts"""
+# A claim gives its rows a lease no other claim has: ack, retry, release and
+# dead-letter then touch a row only while it carries the lease of the claim that sent it
+# (ids are reused once the table empties; a settle repeated after a spool error must not
+# touch a newer event that took an old id).
+CLAIMED = "SELECT id FROM events WHERE lease IS NULL AND due <= ? {key_filter} ORDER BY id LIMIT ?"
+CLAIM = ("UPDATE events SET lease = ?, attempts = attempts + 1 WHERE id IN (" + CLAIMED + ")"
+         " RETURNING id, path, query, api_key, created, attempts")
+# Before 3.35 (RHEL 9 has 3.34, Ubuntu 20.04 3.31) there is no RETURNING: the same
+# UPDATE, then the rows read back by their lease, in one transaction.
+CLAIM_NO_RETURNING = ("UPDATE events SET lease = ?, attempts = attempts + 1 WHERE id IN ("
+                      + CLAIMED + ")")
+LEASED = "SELECT id, path, query, api_key, created, attempts FROM events WHERE lease = ?"
+HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+IDS_PER_STATEMENT = 500  # under SQLITE_MAX_VARIABLE_NUMBER (999 before 3.32)
 
-
-# Connections a forked child inherited. SQLite forbids using them across fork(); closing
-# one would run SQLite's cleanup on state shared with the parent (its WAL index
-# mapping, its file descriptors), so they are kept, never used.
-_inherited: list[sqlite3.Connection] = []
+# Leases: unique within a spool's life (one shipper at a time, and recover() clears
+# them all when the next starts), random so that two shippers in turn never meet.
+_leases = itertools.count(secrets.randbits(52))
 
 
 class SqliteSpool(Spool):
     """A spool in one SQLite file; safe across threads, processes and forks."""
 
     def __init__(self, path: Path, *, durability: str = "normal",
-                 max_bytes: int | None = None, when_full: str = "error") -> None:
-        super().__init__(max_bytes=max_bytes, when_full=when_full)
+                 max_bytes: int | None = None, when_full: str = "error",
+                 use_returning: bool | None = None) -> None:
         # Resolved: a symlinked path must lead to the same lock file, or two shippers
-        # could work one spool at once.
+        # could work one spool at once, and to the process's one connection.
         self.path = Path(path).resolve()
-        self._synchronous = {"normal": "NORMAL", "full": "FULL"}[durability]
-        self._conn: sqlite3.Connection | None = None
-        self._pid = -1
-        self._connection()  # open now so a bad path fails at construction
+        self._durability = durability
+        self._use_returning = HAS_RETURNING if use_returning is None else use_returning
+        super().__init__(max_bytes=max_bytes, when_full=when_full)  # opens: fails early
 
     # --- connection -------------------------------------------------------------------
 
+    def _share(self) -> sqlite_conn.Connection:
+        return sqlite_conn.join(self.path, self._durability, SCHEMA)
+
     def _connection(self) -> sqlite3.Connection:
-        # A forked child must not share its parent's handle (SQLite forbids it): reopen.
-        if self._pid != os.getpid():
-            if self._conn is not None:
-                _inherited.append(self._conn)
-            self._conn = self._open()
-            self._pid = os.getpid()
-        return self._conn
-
-    def _open(self) -> sqlite3.Connection:
-        try:
-            make_dirs(self.path.parent)
-            # Created by us, with the spool's mode: SQLite would make it world-readable,
-            # and gives its -wal and -shm files the database file's mode.
-            os.close(open_file(self.path, os.O_RDWR | os.O_CREAT))
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > FORMAT_VERSION:
-                conn.close()
-                raise SpoolError(
-                    f"spool {self.path}: format {version} is newer than this kmagent "
-                    f"understands ({FORMAT_VERSION}); upgrade kmagent")
-            if version < FORMAT_VERSION:
-                self._create(conn)
-            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-            return conn
-        except sqlite3.Error as exc:
-            raise SpoolError(f"spool {self.path}: cannot open: {exc}") from None
-        except OSError as exc:
-            raise SpoolError(f"spool {self.path}: cannot open: {exc.strerror}") from None
-
-    @staticmethod
-    def _create(conn: sqlite3.Connection) -> None:
-        # Both must come before the first table: auto_vacuum lets the file shrink as
-        # delivered rows go (PRAGMA incremental_vacuum); WAL is persistent.
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("BEGIN IMMEDIATE")  # two processes creating at once: one wins
-        try:
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-                for statement in SCHEMA:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        return self._sharing().conn
 
     def _run(self, what: str, fn, *args):
         """Run ``fn(conn, *args)`` under the lock; sqlite3 errors become SpoolError."""
-        with self._lock:
-            conn = self._connection()
+        with self._holding() as shared:
+            conn = shared.conn
             try:
                 return fn(conn, *args)
             except BaseException as exc:
@@ -191,7 +154,7 @@ class SqliteSpool(Spool):
             raise
         finally:
             if sync:
-                conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+                conn.execute(f"PRAGMA synchronous = {self._sharing().synchronous}")
 
     def size_on_disk(self) -> int:
         # Live pages only: pages freed by delivered rows are reused (and given back to
@@ -212,40 +175,72 @@ class SqliteSpool(Spool):
     # --- shipper ------------------------------------------------------------------------
 
     def claim(self, limit: int, *, now: float, with_key_only: bool = False) -> list[Claimed]:
-        sql = CLAIM.format(key_filter="AND api_key IS NOT NULL" if with_key_only else "")
-        rows = self._run("claim", lambda c: c.execute(sql, (os.getpid(), now, limit)).fetchall())
-        rows.sort()  # by id: RETURNING has no defined order
-        return [Claimed(*row) for row in rows]
+        key_filter = "AND api_key IS NOT NULL" if with_key_only else ""
+        lease = next(_leases)
 
-    def _each(self, sql: str, ids: Iterable[Any]) -> None:
-        """One statement over a list of ids. Not executemany: each of its steps gives up
-        the GIL and must win it back from the busy sender threads (~ms each)."""
-        ids = list(ids)
-        if ids:
-            self._run("update", lambda c: c.execute(
-                sql + " WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)))
+        def take(conn: sqlite3.Connection) -> list[tuple]:
+            if self._use_returning:
+                return conn.execute(CLAIM.format(key_filter=key_filter),
+                                    (lease, now, limit)).fetchall()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(CLAIM_NO_RETURNING.format(key_filter=key_filter), (lease, now, limit))
+            rows = conn.execute(LEASED, (lease,)).fetchall()
+            conn.execute("COMMIT")
+            return rows
+        rows = self._run("claim", take)
+        rows.sort()  # by id: RETURNING has no defined order
+        # The id a claim hands out is (row id, lease): see CLAIM.
+        return [Claimed((row[0], lease), *row[1:]) for row in rows]
+
+    def _leased(self, sql: str, ids: Iterable[Any], *params: Any) -> None:
+        """``sql`` ("... WHERE") for the rows ``ids`` name, each only while it carries
+        its claim's lease. One statement per lease and chunk, not executemany: each of
+        its steps gives up the GIL and must win it back from the busy senders (~ms)."""
+        by_lease: dict[int, list[int]] = {}
+        for row_id, lease in ids:
+            by_lease.setdefault(lease, []).append(row_id)
+        if not by_lease:
+            return
+
+        statements = [(f"{sql} lease = ? AND id IN ({','.join('?' * len(chunk))})",
+                       (*params, lease, *chunk))
+                      for lease, row_ids in by_lease.items()
+                      for chunk in (row_ids[at:at + IDS_PER_STATEMENT]
+                                    for at in range(0, len(row_ids), IDS_PER_STATEMENT))]
+
+        def run(conn: sqlite3.Connection) -> None:
+            if len(statements) == 1:  # the common case: one autocommitted statement
+                conn.execute(*statements[0])
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in statements:
+                conn.execute(*statement)
+            conn.execute("COMMIT")
+        self._run("update", run)
 
     def ack(self, ids: Iterable[Any]) -> None:
-        self._each("DELETE FROM events", ids)
+        self._leased("DELETE FROM events WHERE", ids)
 
     def retry(self, entries: Iterable[tuple[Any, float, str | None]]) -> None:
-        self._many("UPDATE events SET lease = NULL, due = ?, last_error = ? WHERE id = ?",
-                   [(due, error, i) for i, due, error in entries])
+        self._many("UPDATE events SET lease = NULL, due = ?, last_error = ? "
+                   "WHERE id = ? AND lease = ?",
+                   [(due, error, *i) for i, due, error in entries])
 
     def release(self, ids: Iterable[Any]) -> None:
-        self._each("UPDATE events SET lease = NULL", ids)
+        self._leased("UPDATE events SET lease = NULL WHERE", ids)
 
     def dead_letter(self, ids: Iterable[Any], *, status: int | None, reason: str,
                     now: float) -> None:
-        rows = [(now, status, reason, i) for i in ids]
+        rows = [(now, status, reason, *i) for i in ids]
 
         def run(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(
                 "INSERT INTO dead (path, query, api_key, created, attempts, failed_at, "
                 "status, reason) SELECT path, query, api_key, created, attempts, ?, ?, ? "
-                "FROM events WHERE id = ?", rows)
-            conn.executemany("DELETE FROM events WHERE id = ?", [(r[3],) for r in rows])
+                "FROM events WHERE id = ? AND lease = ?", rows)
+            conn.executemany("DELETE FROM events WHERE id = ? AND lease = ?",
+                             [r[3:] for r in rows])
             conn.execute("COMMIT")
         if rows:
             self._run("dead-letter", run)
@@ -347,11 +342,4 @@ class SqliteSpool(Spool):
         return self._run("stats", read)
 
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                if self._pid == os.getpid():
-                    self._conn.close()
-                else:
-                    _inherited.append(self._conn)
-            self._conn = None
-            self._pid = -1
+        sqlite_conn.leave(self._shared)

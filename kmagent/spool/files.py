@@ -1,0 +1,91 @@
+"""File helpers every spool uses: modes, appends, flocks, atomic replacement."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+# Spool files are never world-readable (they hold events, maybe API keys); the group
+# may write, so that app users in the spool's group can append (see the README).
+FILE_MODE = 0o660
+DIR_MODE = 0o770
+
+
+def open_file(path: Path, flags: int) -> int:
+    """os.open; a file it creates gets the spool's mode whatever the umask, so that in a
+    shared spool directory every app user of the group can append to it."""
+    flags |= os.O_CLOEXEC
+    if flags & os.O_CREAT:
+        try:
+            fd = os.open(path, flags | os.O_EXCL, FILE_MODE)
+        except FileExistsError:
+            pass
+        else:
+            try:
+                os.fchmod(fd, FILE_MODE)
+            except OSError:
+                pass
+            return fd
+    return os.open(path, flags, FILE_MODE)
+
+
+def append_to(path: Path, data: bytes, *, sync: bool = False) -> None:
+    """Append ``data`` to ``path`` (created with the spool's mode) in one write. A short
+    write (disk full) is undone and raised: a half record must not stand for a whole."""
+    fd = open_file(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, "short write (disk full?)")
+            if sync:
+                os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
+
+
+def flocked(path: Path, *, create: bool = False, wait: bool = True) -> int:
+    """``path`` open (created with the spool's mode if ``create``) and held under an
+    exclusive flock; closing the descriptor releases it. BlockingIOError if another
+    holds it and not ``wait``."""
+    fd = open_file(path, os.O_RDWR | os.O_CREAT) if create else open_file(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def make_dirs(path: Path) -> None:
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)

@@ -1,0 +1,75 @@
+"""What the handles of one spool share within a process, and how fork() treats it.
+
+Every ``Spool`` handle works under a ``Shared``: a lock, the queue of appends waiting
+for a group commit, and the backend's per-process state (SQLite: the process's one
+connection to the file). Around fork() every such lock is held, so the child inherits
+none half-taken, and in the child each one is marked stale: it belongs to the parent,
+and the child's handles make or find their own on next use.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections import deque
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+class Shared:
+    """What every handle of one spool in one process shares: the lock that serialises
+    them (re-entrant, so that a thread already inside the spool, in a signal handler or
+    a logging hook, is noticed instead of deadlocking on itself), the appends waiting
+    for a group commit, and whether its owner is in the middle of a write."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        # Records waiting to be written: [record, error, written]. Appends and pops of a
+        # deque are atomic, so queueing takes no lock; only the lock holder pops.
+        self.waiting: deque[list[Any]] = deque()
+        self.busy = False  # the lock holder is inside a write or a transaction
+        self.stale = False  # set in a forked child: this is the parent's
+        _live.add(self)
+
+    @contextmanager
+    def held(self) -> Iterator["Shared"]:
+        """The lock, marked busy while held (restored after, for a nested holder)."""
+        with self.lock:
+            was, self.busy = self.busy, True
+            try:
+                yield self
+            finally:
+                self.busy = was
+
+
+_live: "weakref.WeakSet[Shared]" = weakref.WeakSet()
+_held_at_fork: list[threading.RLock] = []
+
+
+def _before_fork() -> None:
+    # Hold every spool's lock across fork(): then no thread is inside SQLite or in the
+    # middle of a write for a spool at the instant of the fork, so the child inherits
+    # no lock (SQLite's own mutexes included) held by a thread it does not have.
+    # Our code never holds two spool locks at once, so taking them all cannot deadlock.
+    for shared in list(_live):
+        shared.lock.acquire()
+        _held_at_fork.append(shared.lock)
+
+
+def _after_fork() -> None:
+    while _held_at_fork:
+        _held_at_fork.pop().release()
+
+
+def _after_fork_in_child() -> None:
+    # Everything shared belongs to the parent now: appends that other threads of the
+    # parent had queued are the parent's to write (written here too, they would be
+    # stored twice), and each handle makes or finds the child's own on its next use.
+    for shared in list(_live):
+        shared.waiting.clear()
+        shared.stale = True
+    _after_fork()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork,
+                    after_in_child=_after_fork_in_child)

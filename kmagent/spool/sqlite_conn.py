@@ -1,0 +1,160 @@
+"""One SQLite connection per process per spool file, shared by every handle.
+
+SQLite locks the database with POSIX advisory locks, and those belong to the process:
+closing *any* descriptor of the file drops every lock the process holds on it, a live
+connection's included ("How To Corrupt An SQLite Database File", 2.2). A connection
+that lost its lock writes into a WAL that another process may checkpoint and delete
+under it. So nothing here opens or closes the database, -wal or -shm files but SQLite
+itself, and a process has exactly one connection to a spool file however many
+``Client``s, ``KM``s, ``status()`` calls or compat instances it makes: two would be
+safe for SQLite, but one is cheaper and lets them all group-commit together.
+
+fork(): the child inherits the parent's connection and SQLite's per-process lock
+bookkeeping, but not the kernel's locks. A new connection in the child would trust that
+bookkeeping and believe it holds locks it does not. So the child never uses what it
+inherited: before it opens the file itself, it closes its inherited copy, which clears
+that bookkeeping (closing takes no lock from the parent: locks are per process, and
+SQLite deletes the WAL on close only when no other process holds the database).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+from ..errors import SpoolError
+from .files import FILE_MODE, make_dirs
+from .shared import Shared
+
+FORMAT_VERSION = 1  # stored as PRAGMA user_version
+BUSY_TIMEOUT_S = 5.0  # how long a writer waits for another before SpoolError
+SYNC_LEVELS = {"normal": "NORMAL", "full": "FULL"}
+
+
+class Connection(Shared):
+    """This process's connection to one spool file, and the handles using it."""
+
+    def __init__(self, path: Path, schema: tuple[str, ...]) -> None:
+        super().__init__()
+        self.path = path
+        self.users = 0
+        self.synchronous = "NORMAL"
+        self.conn = _connect(path, schema)
+
+    def want(self, synchronous: str) -> None:
+        """The strongest durability any handle asked for applies to all of them."""
+        if synchronous == "FULL" and self.synchronous != "FULL":
+            with self.held():
+                self.conn.execute("PRAGMA synchronous = FULL")
+                self.synchronous = "FULL"
+
+
+_open: dict[str, Connection] = {}  # path -> this process's connection
+_inherited: list[Connection] = []  # a forked child's copies of its parent's
+_registry = threading.Lock()
+
+
+def join(path: Path, durability: str, schema: tuple[str, ...]) -> Connection:
+    """The process's connection to ``path`` (opened on first use), counted as used."""
+    with _registry:
+        shared = _open.get(str(path))
+        if shared is None:
+            _close_inherited(path)
+            shared = _open[str(path)] = Connection(path, schema)
+        shared.users += 1
+    shared.want(SYNC_LEVELS[durability])
+    return shared
+
+
+def leave(shared: Connection) -> None:
+    """A handle is done; the last one closes the connection."""
+    with _registry:
+        if shared.stale or _open.get(str(shared.path)) is not shared:
+            return  # a parent's, or already closed
+        shared.users -= 1
+        if shared.users > 0:
+            return
+        del _open[str(shared.path)]
+    with shared.lock:
+        shared.conn.close()
+
+
+def _close_inherited(path: Path) -> None:
+    for shared in [s for s in _inherited if s.path == path]:
+        _inherited.remove(shared)
+        try:
+            shared.conn.close()
+        except sqlite3.Error:
+            pass
+
+
+def _connect(path: Path, schema: tuple[str, ...]) -> sqlite3.Connection:
+    try:
+        make_dirs(path.parent)
+        created = not path.exists()
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                               check_same_thread=False)
+        if created:
+            # The spool's mode whatever the umask, set by name (opening the file would
+            # risk the locks, above), before SQLite makes the -wal and -shm files:
+            # it gives them the database file's mode.
+            try:
+                os.chmod(path, FILE_MODE)
+            except OSError:
+                pass
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > FORMAT_VERSION:
+                raise SpoolError(
+                    f"spool {path}: format {version} is newer than this kmagent "
+                    f"understands ({FORMAT_VERSION}); upgrade kmagent")
+            if version < FORMAT_VERSION:
+                _create(conn, schema)
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+    except sqlite3.Error as exc:
+        raise SpoolError(f"spool {path}: cannot open: {exc}") from None
+    except OSError as exc:
+        raise SpoolError(f"spool {path}: cannot open: {exc.strerror}") from None
+
+
+def _create(conn: sqlite3.Connection, schema: tuple[str, ...]) -> None:
+    # Both must come before the first table: auto_vacuum lets the file shrink as
+    # delivered rows go (PRAGMA incremental_vacuum); WAL is persistent.
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("BEGIN IMMEDIATE")  # two processes creating at once: one wins
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            for statement in schema:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _before_fork() -> None:
+    _registry.acquire()  # runs before shared.py's hook, which takes the spools' locks
+
+
+def _after_fork_in_parent() -> None:
+    _registry.release()
+
+
+def _after_fork_in_child() -> None:
+    # Runs after shared.py's hook has marked every connection stale. Kept, not closed,
+    # until this process opens the same file itself (see the module's description).
+    _inherited.extend(_open.values())
+    _open.clear()
+    _registry.release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)

@@ -1,0 +1,139 @@
+"""record() never hangs: called again by the thread that is already inside the spool (a
+signal handler, a logging hook), it stores the event or raises SpoolError at once.
+And acks touch only their own rows: a row is settled only while it carries the lease
+of the claim that sent it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from conftest import stored_rows
+
+from kmagent.errors import SpoolError
+from kmagent.events import make_event
+from kmagent.spool import open_spool
+
+
+@pytest.fixture(params=["sqlite", "jsonl"])
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def store(spool_path, backend):
+    spool = open_spool(spool_path, backend=backend)
+    yield spool
+    spool.close()
+
+
+def event(n: int):
+    return make_event(f"person{n}", "Did", {"n": n}, now=1_700_000_000 + n)
+
+
+def within(seconds: float, fn) -> None:
+    """Run ``fn`` in a thread; fail (rather than hang the suite) if it does not end."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "hung"
+    if errors:
+        raise errors[0]
+
+
+def test_a_record_from_inside_a_write_raises_at_once_and_the_outer_one_is_stored(
+        store, monkeypatch):
+    real_write = store._write
+    nested: list[str] = []
+
+    def write_interrupted_by_a_handler(records, *, sync):
+        if not nested:
+            try:
+                store.append(event(2))  # what a signal handler would do, right here
+                nested.append("returned")
+            except SpoolError as exc:
+                nested.append(f"refused: {exc}")
+        return real_write(records, sync=sync)
+
+    monkeypatch.setattr(store, "_write", write_interrupted_by_a_handler)
+    within(10, lambda: store.append(event(1)))
+    assert nested[0].startswith("refused") and "signal handler" in nested[0]
+    assert [q.split("&")[0] for _, q, _ in stored_rows(store.path)] == ["_p=person1"]
+
+
+def test_a_record_from_a_thread_holding_the_lock_between_writes_is_stored(store):
+    def nested() -> None:
+        with store._lock:  # the thread is inside the spool, but no write is under way
+            store.append(event(1))
+    within(10, nested)
+    assert len(stored_rows(store.path)) == 1
+
+
+SIGNALS = textwrap.dedent("""
+    import os, signal, sys
+    from kmagent import Client, SpoolError
+    client = Client(config=sys.argv[1])
+    returned, refused = [], []
+    def handler(signum, frame):
+        n = len(returned) + len(refused)
+        try:
+            client.record("handler", "Signal", {"n": n})
+            returned.append(n)
+        except SpoolError:
+            refused.append(n)
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)
+    for n in range(int(sys.argv[2])):
+        client.record("main", "Loop", {"n": n})
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    print(len(returned), len(refused))
+""")
+
+
+def test_records_from_a_signal_handler_never_hang(write_config, spool_path):
+    result = subprocess.run([sys.executable, "-c", SIGNALS, str(write_config()), "3000"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    returned, refused = map(int, result.stdout.split())
+    rows = stored_rows(spool_path)
+    from_handler = [q for _, q, _ in rows if q.startswith("_p=handler")]
+    assert len(rows) - len(from_handler) == 3000
+    assert len(from_handler) == returned and returned > 0
+
+
+def test_a_repeated_ack_never_touches_an_event_that_reused_an_id(store):
+    for n in range(3):
+        store.append(event(n))
+    first = store.claim(3, now=time.time())
+    store.ack([item.id for item in first])
+    for n in range(3, 6):
+        store.append(event(n))  # SQLite: the table emptied, so the ids come back
+    store.ack([item.id for item in first])  # a settle repeated after a spool error
+    store.release([item.id for item in first])
+    store.retry([(item.id, time.time() + 60, "again") for item in first])
+    store.dead_letter([first[0].id], status=400, reason="again", now=time.time())
+    assert store.stats(time.time())["pending"] == 3
+    assert store.stats(time.time())["dead"] == 0
+    again = store.claim(3, now=time.time())
+    assert [i.query.split("&")[0] for i in again] == [f"_p=person{n}" for n in range(3, 6)]
+
+
+def test_a_settle_of_an_older_claim_never_touches_the_newer_claim(store):
+    store.append(event(1))
+    [old] = store.claim(1, now=time.time())
+    store.release([old.id])
+    [new] = store.claim(1, now=time.time())
+    store.retry([(old.id, time.time() + 3600, "stale")])  # late news of the old claim
+    store.release([new.id])
+    assert [i.query for i in store.claim(1, now=time.time())] == [new.query]
