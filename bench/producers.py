@@ -40,6 +40,32 @@ def kmagent_client(path: Path, backend: str, durability: str):
                                                          {"Plan": "Pro", "Amount": n})
 
 
+class _Clients:
+    """Several Clients of one spool in one process (they share its one connection)."""
+
+    def __init__(self, path: Path, backend: str, durability: str, count: int) -> None:
+        from kmagent.client import Client
+        from kmagent.config import Config
+        config = Config(spool_backend=backend, spool_path=path, durability=durability)
+        self.clients = [Client(config=config) for _ in range(count)]
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+def kmagent_clients(path: Path, backend: str, durability: str, count: int = 4):
+    """Each worker records through the process's ``count`` Clients in turn."""
+    def per_worker(shared: _Clients):
+        clients = shared.clients
+
+        def record(n: int) -> None:
+            clients[n % count].record("bob@example.com", "Signed Up",
+                                      {"Plan": "Pro", "Amount": n})
+        return record
+    return lambda: _Clients(path, backend, durability, count), per_worker
+
+
 def bare_sqlite(path: Path, synchronous: str):
     """A plain WAL table, one connection per thread, one autocommitted INSERT per event."""
     conn = sqlite3.connect(path)
@@ -110,6 +136,10 @@ def run() -> str:
               measure(tmp, "bare-normal.db", bare_sqlite, "NORMAL")),
              ("kmagent record(), SQLite, durability=normal",
               measure(tmp, "km-normal.db", kmagent_client, "sqlite", "normal"))),
+            (("bare sqlite3 INSERT, WAL, synchronous=NORMAL",
+              measure(tmp, "bare-normal-2.db", bare_sqlite, "NORMAL")),
+             ("kmagent record(), SQLite, normal, 4 Clients in one process",
+              measure(tmp, "km-normal-4.db", kmagent_clients, "sqlite", "normal"))),
             (("bare os.write of a JSON line",
               measure(tmp, "bare-normal.jsonl", bare_write, False)),
              ("kmagent record(), jsonl, durability=normal",
@@ -138,11 +168,12 @@ def run() -> str:
         rows.append([base_name] + [cell(base[s], None) for s in SHAPES])
         rows.append([ours_name] + [cell(ours[s], base[s]) for s in SHAPES])
     sqlite_normal = groups[0][1][1]
-    for key, (_, figures) in zip(("bare_sqlite", "bare_write", "bare_sqlite_full", "bare_fdatasync"),
-                                 (group[0] for group in groups)):
+    keys = ("bare_sqlite", "bare_sqlite_again", "bare_write", "bare_sqlite_full",
+            "bare_fdatasync")
+    for key, (_, figures) in zip(keys, (group[0] for group in groups)):
         FIGURES[key] = figures["1 thread"]
-    for key, (_, figures) in zip(("sqlite", "jsonl", "sqlite_full", "jsonl_full"),
-                                 (group[1] for group in groups)):
+    for key, (_, figures) in zip(("sqlite", "sqlite_4_clients", "jsonl", "sqlite_full",
+                                  "jsonl_full"), (group[1] for group in groups)):
         FIGURES[key] = figures["1 thread"]
         FIGURES[key + "_8_threads"] = figures["8 threads"]
     FIGURES["segment"] = others.get("segment_track_enqueue", {}).get("1 thread", float("nan"))
