@@ -279,6 +279,84 @@ def test_a_moved_line_counts_as_before_a_mark_and_its_request_never_changes(spoo
     spool.close()
 
 
+KILLED_WHILE_MOVING = textwrap.dedent("""
+    import os, signal, sys, time
+    from kmagent.events import make_event
+    from kmagent.spool import open_spool
+    path, point = sys.argv[1:3]
+    spool = open_spool(path, backend="jsonl")
+    for n in range(3000):
+        spool.append(make_event(f"person{n}", "Did", {"n": n}, now=1700000000 + n))
+    real_write = os.write
+
+    def write(fd, data):  # the shipper writing person0's line again: killed there
+        if b'"_p":"person0"' in data:
+            if point == "before the copy":
+                os.kill(os.getpid(), signal.SIGKILL)
+            written = real_write(fd, data)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_write(fd, data)
+    os.write = write
+    while True:  # person0 keeps failing; the rest is delivered
+        items = spool.claim(64, now=time.time())
+        spool.retry([(i.id, 0.0, "HTTP 503") for i in items if "person0&" in i.query])
+        spool.ack([i.id for i in items if "person0&" not in i.query])
+""")
+
+
+@pytest.mark.parametrize("point", ["before the copy", "after the copy"])
+def test_a_shipper_killed_while_moving_a_line_neither_loses_nor_doubles_it(
+        host, write_config, spool_path, point):
+    config = write_config(host)
+    child = subprocess.run([sys.executable, "-c", KILLED_WHILE_MOVING, str(spool_path), point],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -9, child.stderr
+    assert run_kmagent("flush", "--timeout", "30", "--config", str(config)).returncode == 0
+    sent = collections.Counter(dict(r.params)["_p"] for r in host.received)
+    assert sent["person0"] == 1 and max(sent.values()) == 1, sent.most_common(3)
+    assert status(config)["pending"] == 0
+
+
+def test_a_move_cut_short_by_a_full_disk_neither_loses_nor_doubles_a_line(spool_path,
+                                                                        monkeypatch):
+    """Two lines that keep failing are moved together, in one write; the disk fills
+    up after the first copy. That one has moved, the other stays where it was: each is
+    still there once, and nothing torn is left behind."""
+    spool = open_jsonl(spool_path)
+    for n in range(3000):
+        spool.append(event(n))
+    stuck = ("_p=person0&", "_p=person1&")
+    real = os.write
+
+    def full_after_one_copy(fd: int, data: bytes) -> int:
+        if b'"_o"' in data:
+            monkeypatch.setattr(os, "write", real)
+            return real(fd, data[:data.index(b"\n") + 10])  # one copy and a bit
+        return real(fd, data)
+    monkeypatch.setattr(os, "write", full_after_one_copy)
+    failed = False
+    for _ in range(100):
+        try:  # by 100s: the read-ahead goes from under half full to past it at once
+            items = spool.claim(100, now=time.time())
+        except SpoolError:
+            failed = True
+            break
+        spool.retry([(i.id, time.time() + 3600, "HTTP 503") for i in items
+                     if i.query.startswith(stuck)])
+        spool.ack([i.id for i in items if not i.query.startswith(stuck)])
+    assert failed and os.write is real
+    spool.expedite()
+    claimed = collections.Counter()
+    while items := spool.claim(64, now=time.time()):
+        claimed.update(i.query.split("&")[0] for i in items)
+        spool.ack([i.id for i in items])
+    assert claimed["_p=person0"] == 1 and claimed["_p=person1"] == 1
+    assert max(claimed.values()) == 1
+    figures = spool.stats(time.time())
+    assert (figures["pending"], figures["bad_lines"]) == (0, 0)
+    spool.close()
+
+
 def test_a_deeply_nested_line_is_a_bad_line_not_a_crash(host, write_config, spool_path):
     config = write_config(host)
     spool_path.mkdir(parents=True)

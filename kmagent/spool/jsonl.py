@@ -26,7 +26,9 @@ checkpoint has moved past it.
 A line that keeps failing is moved out of the reader's way: copied to the end of the
 active file with its origin (``_o``: where it was first written), and its old copy
 settled. A mark (``kmagent flush``) counts such a copy as the line it was first: before
-the mark if the original was.
+the mark if the original was. The move is recorded in the checkpoint before the copy is
+written, so one that a crash cuts short is finished by the next shipper, which looks
+for the copy: the line is neither lost nor doubled.
 """
 
 from __future__ import annotations
@@ -171,6 +173,9 @@ class _Checkpoint:
     bad_lines: int = 0
     in_flight: int = 0
     lines: dict[int, int] = field(default_factory=dict)  # seq -> lines, sealed files
+    # A move begun (see _Shipping._move): {"after": position, "from": [positions],
+    # "origins": [their origins]}; None when none is under way.
+    moving: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, path: Path) -> "_Checkpoint":
@@ -188,14 +193,15 @@ class _Checkpoint:
                    ahead=[tuple(p) for p in data.get("ahead", [])],
                    bad_lines=data.get("bad_lines", 0),
                    in_flight=data.get("in_flight", 0),
-                   lines={int(k): v for k, v in data.get("lines", {}).items()})
+                   lines={int(k): v for k, v in data.get("lines", {}).items()},
+                   moving=data.get("moving"))
 
     def dump(self) -> bytes:
         return json.dumps({
             "v": CHECKPOINT_VERSION, "seq": self.seq, "ino": self.ino, "head": self.head,
             "offset": self.offset,
             "ahead": self.ahead, "bad_lines": self.bad_lines,
-            "in_flight": self.in_flight, "lines": self.lines,
+            "in_flight": self.in_flight, "lines": self.lines, "moving": self.moving,
         }, separators=(",", ":")).encode()
 
 
@@ -308,11 +314,26 @@ class JsonlSpool(Spool):
             total -= view.checkpoint.offset
         return total
 
-    def _requeue(self, raw: bytes) -> None:
-        """Append a line the shipper read before, as it was, and sync it (the caller
-        then settles the old copy, so the new one must be on disk first)."""
-        fd = self._append_bytes(raw if raw.endswith(b"\n") else raw + b"\n")
+    def _requeue(self, data: bytes) -> None:
+        """Append the copies of lines the shipper moves (whole lines) and sync them: the
+        caller settles the old copies next, so the new ones must be on disk first."""
+        fd = self._append_bytes(data)
         os.fdatasync(fd)
+
+    def _active_end(self) -> tuple[int, int]:
+        """(inode, size) of events.jsonl, measured under its lock, so that no short
+        write is cut back below it: whatever is appended next lies at or after it."""
+        while True:
+            fd = self._active_fd()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                size = self._held_size(fd)
+                if size is not None:
+                    return self._held[0], size
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)  # sealed under us: reopen events.jsonl
+            self._fd, self._end = None, -1
 
     def _append_bytes(self, data: bytes) -> int:
         """Append ``data`` (one or more whole lines) to events.jsonl in one write().
@@ -360,10 +381,13 @@ class JsonlSpool(Spool):
         return self._shipping
 
     def recover(self) -> int:
-        if self._shipping is not None:
-            self._shipping.close()
-        self._shipping = _Shipping(self)
-        return 0  # claims live only in the shipper's memory: nothing to give back
+        def start() -> int:
+            if self._shipping is not None:
+                self._shipping.close()
+                self._shipping = None  # not used again, even if the next cannot start
+            self._shipping = _Shipping(self)  # finishes a move a crash cut short
+            return 0  # claims live only in the shipper's memory: nothing to give back
+        return self._guard("recover", start)
 
     def claim(self, limit: int, *, now: float, with_key_only: bool = False) -> list[Claimed]:
         return self._guard("claim", lambda: self._ship().claim(limit, now, with_key_only))
@@ -723,6 +747,12 @@ class _Shipping:
         # Where reading stopped at an unfinished line in the active file, and the file's
         # size then: no new complete line can exist until that size changes.
         self.stalled: tuple[int, int] | None = None
+        if self.ckpt.moving is not None:  # a shipper died in the middle of a move
+            try:
+                self._finish_move()
+            except BaseException:
+                self.close()
+                raise
 
     # --- files ---
 
@@ -889,20 +919,95 @@ class _Shipping:
         """Keep the checkpoint moving past lines that wait long (a transient failure
         that never ends, events with no key while the agent has none): once the lines
         read ahead of the oldest unsettled one fill half the read-ahead, that line is
-        written again at the end of the active file (synced; the same line, so the same
-        request) and its old copy settled. Without this, one such line would stop the
-        reader, and sealed files would pile up."""
-        while len(self.order) >= MAX_AHEAD // 2 and self.order:
-            head = self.order[0]
-            if head.settled:
-                self.order.popleft()
-                continue
-            if head.id in self.in_flight or head.item is None or head.id in self.keyless:
-                # Being sent: it settles soon. Waiting for a key: nothing moves it on but
-                # configuring one (requeueing would only go round in circles).
-                return
-            self.spool._requeue(with_origin(head.raw, origin_of(head.raw) or head.id))
-            self.settle([head.id])
+        moved (see _move): written again at the end of the active file, the same line
+        plus its origin, so the same request. Without this, one such line would stop
+        the reader, and sealed files would pile up. The lines to move at once (the
+        oldest, as long as half the read-ahead stays full) move together."""
+        if self.ckpt.moving is not None:
+            self._finish_move()  # one a failed write left unfinished: finished first
+        stuck, left = [], len(self.order)
+        for line in self.order:
+            if left < MAX_AHEAD // 2:
+                break
+            if not line.settled:
+                if line.id in self.in_flight or line.item is None or line.id in self.keyless:
+                    # Being sent: it settles soon. Waiting for a key: nothing moves it on
+                    # but configuring one (moving it would only go round in circles).
+                    break
+                stuck.append(line)
+            left -= 1
+        if stuck:
+            self._move(stuck)
+
+    def _move(self, lines: list[_Line]) -> None:
+        """Write ``lines`` again at the end of the active file, then settle their old
+        copies, so that a crash at any point neither loses nor doubles one: the move is
+        recorded in the checkpoint first (which lines, and a position the copies will
+        lie past), then the copies are written and synced, then the old ones settled.
+        A move found unfinished (by the next shipper, or after a write that failed) is
+        finished by _finish_move: a line whose copy is there whole is settled, the
+        others stay where they were."""
+        origins = [origin_of(line.raw) or line.id for line in lines]
+        self.ckpt.moving = {"after": list(self._end_now()),
+                            "from": [list(line.id) for line in lines],
+                            "origins": [list(origin) for origin in origins]}
+        self._save()
+        try:
+            self.spool._requeue(b"".join(with_origin(line.raw, origin)
+                                         for line, origin in zip(lines, origins)))
+        except OSError:
+            self._finish_move()  # the copies written whole (a short write) count
+            raise
+        self.ckpt.moving = None
+        self.settle([line.id for line in lines])
+
+    def _end_now(self) -> Position:
+        """A position that whatever is appended from now on lies at or after."""
+        ino, size = self.spool._active_end()
+        self._discover_active()
+        active = self._active()
+        if active is not None and active.ino == ino:
+            return (active.seq, size)
+        # events.jsonl is a file not known yet (replaced by hand): it comes after all.
+        return (max(self.files, default=self.ckpt.seq), 0)
+
+    def _finish_move(self) -> None:
+        """Finish the move the checkpoint records (see _move): look past its position
+        for the copies; the old copy of each line whose new copy is there whole is
+        settled (once the new one is synced), and the move forgotten."""
+        moving = self.ckpt.moving
+        after = tuple(moving["after"])
+        sources = {tuple(origin): tuple(source)
+                   for source, origin in zip(moving["from"], moving["origins"])}
+        moved = set(sources.values())
+        self._discover_active()
+        done, synced = [], []
+        for seq in sorted(s for s in self.files if s >= after[0]):
+            entry = self.files[seq]
+            start = after[1] if seq == after[0] else 0
+            found, _ = copies_in(entry.fd, start, os.fstat(entry.fd).st_size)
+            for offset, origin in found:
+                pos = (seq, offset)
+                if origin in sources and pos not in moved and not self._settled(pos):
+                    done.append(sources.pop(origin))
+                    if entry not in synced:
+                        synced.append(entry)
+        for entry in synced:
+            os.fdatasync(entry.fd)
+        for pos in done:
+            if pos not in self.lines:
+                self.settled_ahead.add(pos)  # not read yet (a shipper starting)
+        self.ckpt.moving = None
+        if done:
+            self.settle(done)
+        else:
+            self._save()
+
+    def _settled(self, pos: Position) -> bool:
+        """Whether the line at ``pos`` is settled, as far as this shipper knows."""
+        if pos in self.settled_ahead:
+            return True
+        return pos < self.read_pos and pos not in self.lines  # read: unsettled are kept
 
     def _take(self, line: _Line) -> Claimed:
         item = line.item
