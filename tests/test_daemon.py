@@ -162,7 +162,7 @@ def test_a_producer_killed_mid_stream_keeps_every_event_record_returned_for(
 
 
 def test_flush_beside_a_running_daemon_never_sends_twice(host, write_config, spool_path):
-    host.delay = 0.01
+    host.delay = 0.05  # 300 events take the daemon ~4 s: the flushes start well before
     config = write_config(host, extra="[ship]\nconcurrency = 4\n")
     record_many(config, 300)
     daemon = start_daemon(config)
