@@ -169,3 +169,17 @@ def test_a_new_spool_file_gets_the_spool_mode_whatever_the_umask(spool_path):
     finally:
         os.umask(old)
     assert os.stat(spool_path).st_mode & 0o777 == 0o660
+
+
+def test_a_handle_used_after_close_opens_afresh_and_others_keep_theirs(spool_path):
+    first, second = open_spool(spool_path), open_spool(spool_path)
+    first.close()
+    first.close()  # twice: harmless
+    first.append(_event())  # used again: it joins the process's connection again
+    second.close()
+    first.append(_event())
+    assert first.stats(0)["pending"] == 2
+    first.close()
+    third = open_spool(spool_path)
+    assert third.stats(0)["pending"] == 2
+    third.close()

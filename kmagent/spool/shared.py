@@ -43,6 +43,11 @@ class Shared:
 
 
 _live: "weakref.WeakSet[Shared]" = weakref.WeakSet()
+
+CLOSED = Shared()
+"""What a closed handle holds: stale, so that a handle used again after close() makes
+or finds its process's shared state afresh instead of using a closed connection."""
+CLOSED.stale = True
 _held_at_fork: list[threading.RLock] = []
 
 

@@ -27,6 +27,7 @@ from ..events import Event
 from ..protocol import describe, encode
 from . import sqlite_conn
 from .base import Claimed, Spool, unknown_ids
+from .shared import CLOSED
 from .sqlite_conn import BUSY_TIMEOUT_S, FORMAT_VERSION  # noqa: F401 (re-exported)
 
 SCHEMA = (
@@ -342,4 +343,6 @@ class SqliteSpool(Spool):
         return self._run("stats", read)
 
     def close(self) -> None:
-        sqlite_conn.leave(self._shared)
+        shared, self._shared = self._shared, CLOSED
+        if shared is not CLOSED:
+            sqlite_conn.leave(shared)
