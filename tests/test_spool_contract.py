@@ -334,3 +334,67 @@ def test_appends_in_a_write_that_was_interrupted_are_never_written_twice(store, 
     assert sorted(o.split(":")[0] for o in outcomes.values()) == ["interrupted", "refused"]
     assert any("may or may not be stored" in o for o in outcomes.values())
     assert sorted(q.split("&")[0] for _, q, _, _ in store.requests()) == ["_p=person1", "_p=person2"]
+
+
+class OneAnswer:
+    """A sender that answers every request the same, at once."""
+
+    api_key = "k"
+
+    def __init__(self, outcome) -> None:
+        self.outcome = outcome
+
+    def send(self, item):
+        return self.outcome
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_settle_repeated_after_a_spool_error_touches_only_its_own_claim(store,
+                                                                         monkeypatch):
+    """ack, retry, release and dead_letter apply to an event only while it carries the
+    lease of the claim that sent it. After a spool error the shipper records the same
+    outcomes again: by then the event may have been claimed anew, and neither that
+    repeat nor a stale ack may touch the new claim."""
+    from kmagent.sender import TRANSIENT, Outcome
+    from kmagent.shipper import Shipper
+    store.append(event(1))
+    store.append(event(2))
+    shipper = Shipper(store, OneAnswer(Outcome(TRANSIENT, 503, "HTTP 503")), concurrency=2,
+                      max_backoff=1, clock=lambda: T0)  # retries due long ago: at once
+    try:
+        assert shipper.fill() == 2
+        deadline = time.monotonic() + 10
+        while len(shipper._done) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        real_retry = store.retry
+
+        def retry_then_fail(entries):
+            real_retry(entries)  # recorded, then the spool fails (as a full disk would)
+            raise SpoolError("injected: disk full")
+        monkeypatch.setattr(store, "retry", retry_then_fail)
+        with pytest.raises(SpoolError, match="injected"):
+            shipper.settle()  # the shipper keeps the outcomes, to record them again
+        monkeypatch.undo()
+        first = {item.query: item for item in shipper._in_flight.values()}
+        again = store.claim(10, now=time.time())  # the retried events, claimed anew
+        assert sorted(i.query for i in again) == sorted(first)
+        assert all(i.id != first[i.query].id for i in again)  # each under a new lease
+        shipper.settle()  # the outcomes recorded again: the retries of the old claims
+        stale = [first[i.query].id for i in again]
+        store.ack(stale[:1])  # late news of an old claim
+        store.release(stale)
+        store.dead_letter(stale[1:], status=400, reason="stale", now=time.time())
+        figures = store.stats(time.time())
+        assert (figures["pending"], figures["in_flight"], figures["dead"]) == (2, 2, 0)
+        assert store.claim(10, now=time.time()) == []  # both still the new claims'
+        store.ack([again[0].id])
+        store.ack([again[0].id])  # repeated: harmless
+        store.retry([(again[1].id, time.time() + 3600, "HTTP 503")])
+        store.retry([(again[1].id, 0.0, "HTTP 503")])  # repeated: changes nothing
+        assert store.stats(time.time())["pending"] == 1
+        assert store.claim(10, now=time.time()) == []  # waits out the first retry
+        assert store.next_due() == pytest.approx(time.time() + 3600, abs=60)
+    finally:
+        shipper.shutdown(0)

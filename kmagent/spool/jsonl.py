@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import heapq
+import itertools
 import json
 import os
 import re
@@ -45,7 +46,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from ..config import DEFAULT_ROTATE_BYTES, DEFAULT_ROTATE_SECONDS
 from ..errors import SpoolError
@@ -77,6 +78,23 @@ Position = tuple[int, int]  # (file sequence number, byte offset)
 # fragment invalid JSON whatever it holds, so it is set aside as a bad line; a bare
 # newline could make a whole line of an object that lacked only its newline.
 TORN_END = b"\x00\n"
+
+
+class ClaimId(NamedTuple):
+    """What a claim hands out as ``Claimed.id``: the line and the claim's lease. Each
+    claim gives its line a fresh lease, and a settle applies only while the line still
+    carries it, so that late or repeated news of an older claim never touches a newer
+    one. Shown as the line's position, as its dead letter is."""
+
+    pos: Position
+    lease: int
+
+    def __str__(self) -> str:
+        return f"{self.pos[0]}:{self.pos[1]}"
+
+
+# Leases, never the same twice in a process (a shipper started anew included).
+_leases = itertools.count(1)
 
 
 def sealed_name(seq: int) -> str:
@@ -161,6 +179,7 @@ class _Line:
     item: Claimed | None = None  # None until parsed
     due: float = 0.0
     settled: bool = False
+    lease: int = 0  # that of its latest claim
 
 
 @dataclass
@@ -392,18 +411,21 @@ class JsonlSpool(Spool):
     def claim(self, limit: int, *, now: float, with_key_only: bool = False) -> list[Claimed]:
         return self._guard("claim", lambda: self._ship().claim(limit, now, with_key_only))
 
+    # ack, retry, release and dead_letter take claim ids (ClaimId) and touch a line
+    # only while it carries that claim's lease.
+
     def ack(self, ids: Iterable[Any]) -> None:
-        self._guard("ack", lambda: self._ship().settle(list(ids)))
+        self._guard("ack", lambda: self._ship().ack(ids))
 
     def retry(self, entries: Iterable[tuple[Any, float, str | None]]) -> None:
-        self._guard("retry", lambda: self._ship().wait([(i, due) for i, due, _ in entries]))
+        self._guard("retry", lambda: self._ship().give_back([(i, due) for i, due, _ in entries]))
 
     def release(self, ids: Iterable[Any]) -> None:
-        self._guard("release", lambda: self._ship().wait([(i, 0.0) for i in ids]))
+        self._guard("release", lambda: self._ship().give_back([(i, 0.0) for i in ids]))
 
     def dead_letter(self, ids: Iterable[Any], *, status: int | None, reason: str,
                     now: float) -> None:
-        self._guard("dead-letter", lambda: self._ship().dead_letter(list(ids), status, reason, now))
+        self._guard("dead-letter", lambda: self._ship().dead_letter(ids, status, reason, now))
 
     def expedite(self) -> int:
         return self._guard("expedite", lambda: self._ship().expedite())
@@ -879,7 +901,7 @@ class _Shipping:
         try:
             self._claim_into(out, limit, now, with_key_only)
         except BaseException:
-            self.wait([(item.id, 0.0) for item in out])  # nothing taken is left behind
+            self.wait([(item.id.pos, 0.0) for item in out])  # nothing taken is left behind
             raise
         return out
 
@@ -1011,10 +1033,31 @@ class _Shipping:
 
     def _take(self, line: _Line) -> Claimed:
         item = line.item
-        line.item = item = Claimed(item.id, item.path, item.query, item.api_key,
-                                   item.created, item.attempts + 1)
+        line.lease = next(_leases)
+        line.item = item = Claimed(ClaimId(line.id, line.lease), item.path, item.query,
+                                   item.api_key, item.created, item.attempts + 1)
         self.in_flight.add(line.id)
         return item
+
+    def _held(self, claim_id: Any) -> bool:
+        """Whether the line ``claim_id`` names is in flight under that claim's lease.
+        Once settled, given back or claimed anew, it is no longer that claim's."""
+        pos, lease = claim_id
+        line = self.lines.get(pos)
+        return line is not None and line.lease == lease and pos in self.in_flight
+
+    def leased(self, ids: Iterable[Any]) -> list[Position]:
+        """The lines of these claim ids that still carry their claim's lease."""
+        return list(dict.fromkeys(cid[0] for cid in ids if self._held(cid)))
+
+    def ack(self, ids: Iterable[Any]) -> None:
+        self.settle(self.leased(ids))
+
+    def give_back(self, entries: list[tuple[Any, float]]) -> None:
+        """retry and release: pending again, due at ``due``, if still the claim's."""
+        for claim_id, due in entries:
+            if self._held(claim_id):
+                self.wait([(claim_id[0], due)])
 
     def _set_aside(self, line: _Line, reason: str) -> None:
         record = {"file": sealed_name(line.id[0]), "offset": line.id[1], "reason": reason,
@@ -1031,11 +1074,15 @@ class _Shipping:
             line.due = due
             heapq.heappush(self.ready, (due, pos))
 
-    def dead_letter(self, ids: list[Position], status: int | None, reason: str,
+    def dead_letter(self, ids: Iterable[Any], status: int | None, reason: str,
                     now: float) -> None:
+        """(claim ids) Moved to dead.jsonl, if still their claims'."""
+        ids = self.leased(ids)
+        if not ids:
+            return
         records = [{"id": f"{pos[0]}:{pos[1]}", "status": status, "reason": reason,
                     "failed_at": now, "line": json.loads(self.lines[pos].raw)}
-                   for pos in ids if pos in self.lines]
+                   for pos in ids]
         with self.spool._dead_locked():
             # Synced before the lines are settled (after which they may be deleted).
             append_to(self.dir / DEAD, b"".join(_dump_line(r) for r in records), sync=True)
