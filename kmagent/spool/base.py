@@ -109,7 +109,9 @@ class Spool(abc.ABC):
             raise SpoolFull(f"spool {self.path} is at its max_bytes ({self.max_bytes} "
                             "bytes): is the daemon running and the host reachable?")
         record = self._record(event)
-        shared = self._sharing()
+        shared = self._shared
+        if shared.stale:
+            shared = self._sharing()
         lock = shared.lock
         if lock._is_owned():
             return self._append_reentrant(shared, record)
