@@ -31,6 +31,14 @@ _MAX_INT_BITS = int(MAX_INT_DIGITS * 3.3219)  # log2(10): a cheap bound on the d
 _SMALL_INT = 2**63  # ints below this need no digit check
 # Past 2106 a "timestamp" is almost surely milliseconds; refuse rather than mis-date.
 LATEST_TIME = 2**32 - 1
+# The whole request line an event makes (``GET``, the target with ``_k``, ``HTTP/1.1``),
+# in bytes: Apache's LimitRequestLine (nginx's default buffers are 8 KiB). Hosts refuse
+# a longer one, or drop it unanswered, so it would be retried forever.
+MAX_REQUEST_LINE = 8190
+# An event without a key of its own is sent with the agent's, which the producer may not
+# know: it is counted as long as a Kissmetrics API key (40 hex characters). A longer
+# configured key is caught when sending (sender.py): the event is dead-lettered.
+ASSUMED_KEY_CHARS = 40
 # Parameters the agent owns; a property may never override them.
 RESERVED_NAMES = frozenset({"_k", "_p", "_n"})
 # Parameters accepted as properties but meaning "the event's time" (the seed's style).
@@ -155,31 +163,65 @@ def _check_d(value: Any) -> None:
     raise InvalidEvent("_d", "only 1 is accepted: kmagent always sends the event's own time")
 
 
-# Property names already found valid and neither reserved nor a time: an app uses the
-# same few names over and over, so each is checked once (bounded, for apps that do not).
-_plain_names: set[str] = set()
+# The request line is measured from a bound on each text's percent-encoded length: 3
+# characters per ASCII character, 12 per other (4 UTF-8 bytes, each as %XX). Almost
+# every event is far below the limit by this bound; one that is not is encoded and
+# measured exactly (_check_request_line), so the bound costs only a few additions.
+_QUOTED_PER_CHAR = 12
+# A non-str value as sent: at most 26 characters (a float's repr, its "+" as %2B),
+# except an int of 2**63 or more (counted as printed; any digit needs no escape).
+_QUOTED_SCALAR = 26
+# What the bound leaves for the texts: the limit less what every request line has,
+# "GET /e?_k=&_p=&_n=&_t=&_d=1 HTTP/1.1", _t's 10 digits (times end in 2106) and a key
+# of ASSUMED_KEY_CHARS (an event's own key is counted on top of that).
+_ROOM = MAX_REQUEST_LINE - len("GET /e?_k=&_p=&_n=&_t=&_d=1 HTTP/1.1") - 10 - ASSUMED_KEY_CHARS
+
+
+def _quoted_bound(text: str) -> int:
+    return (3 if text.isascii() else _QUOTED_PER_CHAR) * len(text)
+
+
+def _quoted_value_bound(value: Value) -> int:
+    """At least the length of a checked value as encoded (protocol.format_value)."""
+    if type(value) is str:
+        return _quoted_bound(value)
+    if type(value) is int and not -_SMALL_INT < value < _SMALL_INT:
+        return len(repr(value))
+    return _QUOTED_SCALAR
+
+
+# Property names already found valid and neither reserved nor a time, with the bound
+# on their encoded length (+2 for "&" and "="): an app uses the same few names over and
+# over, so each is checked once (bounded, for apps that do not).
+_plain_names: dict[str, int] = {}
 _PLAIN_NAMES_MAX = 4096
 
 
-def _check_property_name(name: Any) -> None:
+def _check_property_name(name: Any) -> int:
     check_name("property name", name)
     if name in RESERVED_NAMES:
         raise InvalidEvent(f"property {name!r}", "reserved: _k, _p and _n are set by kmagent")
+    size = 2 + _quoted_bound(name)
     if name not in TIME_NAMES and len(_plain_names) < _PLAIN_NAMES_MAX:
-        _plain_names.add(name)
+        _plain_names[name] = size
+    return size
 
 
-def _properties(props: Any, timestamp: Any, now: float) -> tuple[tuple[tuple[str, Value], ...], int]:
-    """Validate props; split out ``_t``/``_d``; return (properties, frozen time)."""
+def _properties(props: Any, timestamp: Any,
+                now: float) -> tuple[tuple[tuple[str, Value], ...], int, int]:
+    """Validate props; split out ``_t``/``_d``; return (properties, frozen time, a bound
+    on the properties' encoded length, ``&name=value`` each)."""
     if props is None:
         props = {}
     elif type(props) is not dict and not isinstance(props, Mapping):
         raise InvalidEvent("props", f"must be a mapping, not {type(props).__name__}")
     pairs = []
     time_prop = None
+    size = 0
     for name, value in props.items():
-        if name not in _plain_names:
-            _check_property_name(name)
+        name_size = _plain_names.get(name)
+        if name_size is None:
+            name_size = _check_property_name(name)
         if value is None:
             continue  # Kissmetrics has no null: leave the property out
         if name in TIME_NAMES:
@@ -188,12 +230,38 @@ def _properties(props: Any, timestamp: Any, now: float) -> tuple[tuple[tuple[str
             else:
                 _check_d(value)
             continue
-        pairs.append((name, check_value(name, value)))
+        # check_value's own fast path, inline (it runs for nearly every value), where
+        # the bound on the encoded value is one multiplication.
+        kind = type(value)
+        if kind is str and len(value) <= DOCUMENTED_VALUE_CHARS and value.isascii():
+            size += name_size + 3 * len(value)
+        elif kind is int and -_SMALL_INT < value < _SMALL_INT:
+            size += name_size + _QUOTED_SCALAR
+        else:
+            value = check_value(name, value)
+            size += name_size + _quoted_value_bound(value)
+        pairs.append((name, value))
     if timestamp is not None:
         if time_prop is not None:
             raise InvalidEvent("timestamp", "given twice (as timestamp= and as _t): give it once")
         time_prop = unix_seconds("timestamp", timestamp)
-    return tuple(pairs), int(now) if time_prop is None else time_prop
+    return tuple(pairs), int(now) if time_prop is None else time_prop, size
+
+
+def _check_request_line(event: Event) -> Event:
+    """``event``, if its request line (the key counted as events.py says) is at most
+    MAX_REQUEST_LINE bytes; InvalidEvent, naming the size and the limit, if not."""
+    from .protocol import encode, quote_param, request_line_length  # it imports this module
+    key = event.api_key
+    size = request_line_length(*encode(event), ASSUMED_KEY_CHARS if key is None
+                               else len(quote_param(key)))
+    if size > MAX_REQUEST_LINE:
+        with_key = (f"with a {ASSUMED_KEY_CHARS}-character API key" if key is None
+                    else "with its API key")
+        raise InvalidEvent("request line", f"{size:,} bytes {with_key}; at most "
+                           f"{MAX_REQUEST_LINE:,} (Apache's LimitRequestLine), as hosts "
+                           "refuse longer ones: shorten the properties")
+    return event
 
 
 def make_event(person: Any, name: Any, props: Any = None, *, timestamp: Any = None,
@@ -201,22 +269,35 @@ def make_event(person: Any, name: Any, props: Any = None, *, timestamp: Any = No
     """An ``e`` request: ``person`` did ``name``; time frozen at ``now`` unless given."""
     check_name("person", person)
     check_name("event", name)
-    pairs, t = _properties(props, timestamp, now)
-    return Event(EVENT, person, name, t, pairs, api_key)
+    pairs, t, size = _properties(props, timestamp, now)
+    event = Event(EVENT, person, name, t, pairs, api_key)
+    # The request line: a bound first (cheap), measured exactly only if it is too long.
+    if size + _QUOTED_PER_CHAR * (len(person) + len(name) + (
+            0 if api_key is None else len(api_key))) > _ROOM or not 0 <= t <= LATEST_TIME:
+        _check_request_line(event)
+    return event
 
 
 def make_set(person: Any, props: Any, *, timestamp: Any = None,
              api_key: str | None = None, now: float) -> Event:
     """An ``s`` request: properties of ``person``; at least one is required."""
     check_name("person", person)
-    pairs, t = _properties(props, timestamp, now)
+    pairs, t, size = _properties(props, timestamp, now)
     if not pairs:
         raise InvalidEvent("props", "a set needs at least one property (None values are left out)")
-    return Event(SET, person, None, t, pairs, api_key)
+    event = Event(SET, person, None, t, pairs, api_key)
+    if size + _QUOTED_PER_CHAR * (len(person) + (
+            0 if api_key is None else len(api_key))) > _ROOM or not 0 <= t <= LATEST_TIME:
+        _check_request_line(event)
+    return event
 
 
 def make_alias(person: Any, identity: Any, *, api_key: str | None = None) -> Event:
     """An ``a`` request: ``person`` and ``identity`` are the same person."""
     check_name("person", person)
     check_name("identity", identity)
-    return Event(ALIAS, person, identity, None, (), api_key)
+    event = Event(ALIAS, person, identity, None, (), api_key)
+    if _QUOTED_PER_CHAR * (len(person) + len(identity) + (
+            0 if api_key is None else len(api_key))) > _ROOM:
+        _check_request_line(event)
+    return event

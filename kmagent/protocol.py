@@ -4,7 +4,9 @@
 aliases), ``_t``, ``_d=1`` (events and sets), then the properties in the order given.
 UTF-8, percent-encoded, space as ``%20``. The query (without ``_k``) is computed once,
 when the event is produced, and stored: every resend is the same bytes, which is what
-lets Kissmetrics drop it as a duplicate (KISSMETRICS.md, "Duplicates").
+lets Kissmetrics drop it as a duplicate (KISSMETRICS.md, "Duplicates"). The whole
+request line, ``request_line_length``, is at most ``events.MAX_REQUEST_LINE`` bytes:
+make_event/make_set/make_alias refuse longer events, and the sender never sends one.
 """
 
 from __future__ import annotations
@@ -75,6 +77,20 @@ def encode(event: Event) -> tuple[str, str]:
 def request_target(path: str, query: str, api_key: str) -> str:
     """The request target for one stored event, with the key that will send it first."""
     return f"/{path}?_k={quote_param(api_key)}&{query}"
+
+
+# "GET " + request_target(...) + " HTTP/1.1", less the path, the key and the query.
+_REQUEST_LINE_FRAME = len("GET /?_k=& HTTP/1.1")
+
+
+def request_line_length(path: str, query: str, key_length: int) -> int:
+    """The exact bytes of the request line ``GET <target> HTTP/1.1`` (CRLF not counted,
+    as in Apache's LimitRequestLine) for a stored event sent with a key that is
+    ``key_length`` characters once percent-encoded (``len(quote_param(key))``; a
+    Kissmetrics key, 40 hex characters, is unchanged by it)."""
+    if path.isascii() and query.isascii():  # always, for what encode() makes
+        return _REQUEST_LINE_FRAME + len(path) + key_length + len(query)
+    return _REQUEST_LINE_FRAME + key_length + len((path + query).encode("utf-8", "surrogatepass"))
 
 
 def split_query(query: str) -> tuple[dict[str, str], dict[str, str]]:

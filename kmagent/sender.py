@@ -4,7 +4,10 @@ and the classification of what came back. Also the backoff a failure earns.
 Classification (the real host answers 200 even to bad parameters, which is why bad
 events are refused at record()): 2xx delivered; connection errors, timeouts, 408, 429
 and 5xx transient (retry); 3xx (never followed: the key would travel elsewhere) and
-every other 4xx permanent (dead letter).
+every other 4xx permanent (dead letter). An event whose request line would be over
+MAX_REQUEST_LINE bytes (the agent's key longer than the 40 characters record() counted,
+an endpoint with a path, an event stored before the limit) is never sent, as hosts
+refuse or drop such a request unanswered: it is permanent, not retried forever.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import certifi
 
 from . import __version__
 from .logs import redact
-from .protocol import request_target
+from .events import MAX_REQUEST_LINE
+from .protocol import quote_param, request_line_length, request_target
 from .spool import Claimed
 
 log = logging.getLogger("kmagent.sender")
@@ -190,6 +194,13 @@ class Sender:
         key = item.api_key or self.api_key
         if key is None:
             return Outcome(TRANSIENT, None, "no API key: set api_key or api_key_file")
+        size = len(self._prefix) + request_line_length(item.path, item.query,
+                                                       len(quote_param(key)))
+        if size > MAX_REQUEST_LINE:
+            whose = "its own" if item.api_key else "the agent's"
+            return Outcome(PERMANENT, None, f"not sent: its request line would be {size:,} "
+                           f"bytes with {whose} API key; at most {MAX_REQUEST_LINE:,} "
+                           "(Apache's LimitRequestLine), as hosts refuse longer ones")
         answer = self._get(request_target(item.path, item.query, key), key)
         if isinstance(answer, Outcome):
             return answer

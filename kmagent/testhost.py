@@ -6,7 +6,9 @@ slow; ``fail_first`` makes the first N requests fail; ``fail_rate`` answers that
 of requests with 503 and ``reset_rate`` resets that share of connections (TCP RST, no
 answer), at random. ``outage(seconds)`` fails every request for a while;
 ``retry_after`` adds that Retry-After header to every failure; ``answer_for`` picks
-the status per request target (e.g. 400 for some events).
+the status per request target (e.g. 400 for some events). Like Apache (LimitRequestLine),
+it answers a request line over 8,190 bytes with ``414 Request-URI Too Long`` and closes
+the connection; such a request is kept too, with status 414.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 from urllib.parse import parse_qsl, urlsplit
+
+from .events import MAX_REQUEST_LINE
 
 # The 1x1 transparent GIF the real host answers with.
 PIXEL = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00"
@@ -105,6 +110,24 @@ class StandInHost:
                                       self.headers.get("User-Agent")))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def parse_request(self) -> bool:
+                # http.server itself refuses only lines over 64 KiB; real hosts, 8 KiB.
+                if len(self.raw_requestline.rstrip(b"\r\n")) > MAX_REQUEST_LINE:
+                    self.requestline = self.request_version = self.command = ""
+                    self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                    return False
+                return super().parse_request()
+
+            def send_error(self, code: int, message: str | None = None,
+                           explain: str | None = None) -> None:
+                if code == HTTPStatus.REQUEST_URI_TOO_LONG:  # ours, or http.server's
+                    words = self.raw_requestline.split(b" ", 2)
+                    target = words[1].decode("iso-8859-1") if len(words) > 1 else ""
+                    with host._lock:
+                        host.started += 1
+                    host._record(Received(target, time.time(), int(code)))
+                super().send_error(code, message, explain)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass  # requests are reported through on_request instead

@@ -98,3 +98,26 @@ def test_what_py_kissmetrics_accepted_is_accepted(spool_path):
         ("Plan=Pro", "first-key"), ("Age=30", "second-key")]
     compat = KM("k", spool=spool_path)
     assert compat.log_file() == "/tmp/kissmetrics_error.log" and compat.now().tzinfo is None
+
+
+def test_the_request_line_limit_counts_the_key_given_and_a_key_changed_later(spool_path):
+    km = Client("app-key", spool=spool_path)
+    frame = len("GET /e?_k=app-key&_p=bob&_n=Big&_t=1700000000&_d=1&pad= HTTP/1.1")
+    fits = {"pad": "a" * (8190 - frame)}
+    km.record("bob", "Big", fits, timestamp=1700000000)
+    with pytest.raises(InvalidEvent, match=r"^request line: 8,191 bytes with its API key; "
+                                           r"at most 8,190 "):
+        km.record("bob", "Big", {"pad": "a" * (8191 - frame)}, timestamp=1700000000)
+    km.key = "app-key-2"  # two characters more
+    with pytest.raises(InvalidEvent, match=r"^request line: 8,192 bytes"):
+        km.record("bob", "Big", fits, timestamp=1700000000)
+    compat = KM("app-key", spool=spool_path)
+    compat.identify("bob")
+    with pytest.raises(InvalidEvent, match=r"^request line: "):
+        compat.set({"pad": "é" * 1400})  # 8,400 characters on the wire
+    km.key = "🔑" * 255  # 3,060 characters on the wire: an alias can be too long too
+    with pytest.raises(InvalidEvent, match=r"^request line: 9,207 bytes"):
+        km.alias("😀" * 255, "😀" * 255)
+    assert [(p, k) for p, _, k in stored_rows(spool_path)] == [("e", "app-key")]
+    km.close()
+    compat.client.close()

@@ -1,6 +1,7 @@
 """The wire format (INTERFACE.md "Wire format", KISSMETRICS.md "Hosts and requests"):
-``kmagent.protocol.encode`` and ``request_target``, byte for byte, and a property test
-that whatever ``Client.record`` accepts is stored as exactly what was given."""
+``kmagent.protocol.encode``, ``request_target`` and ``request_line_length``, byte for
+byte; property tests that whatever ``Client.record`` accepts is stored as exactly what
+was given, and that an event is refused exactly when its request line is too long."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import pytest
 import hypothesis
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 import kmagent
 from kmagent.events import Event, make_alias, make_event, make_set
-from kmagent.protocol import encode, request_target
+from kmagent.protocol import encode, quote_param, request_line_length, request_target
 
 T = 1262304000  # the spec examples' _t
 
@@ -205,6 +206,15 @@ def _name_ok(name) -> bool:
     return isinstance(name, str) and 1 <= len(name) <= 255 and _utf8_ok(name)
 
 
+def spec_line(path: str, params: list[tuple[str, str]], key: str | None) -> bytes:
+    """The request line, from the wire format's rules (UTF-8, every byte but RFC 3986's
+    unreserved ones as %XX), not from kmagent.protocol; no key: 40 characters, as a
+    Kissmetrics key has (the length record() counts for the agent's own key)."""
+    key_text = "k" * 40 if key is None else quote(key, safe="")
+    query = "&".join(f"{quote(name, safe='')}={quote(value, safe='')}" for name, value in params)
+    return f"GET /{path}?_k={key_text}&{query} HTTP/1.1".encode()
+
+
 def expected_properties(props) -> list[tuple[str, str]] | None:
     """The oracle: the decoded properties, or None when the event must be refused."""
     if props is None:
@@ -284,7 +294,9 @@ PROPS = mostly(
 @given(person=NAMES, event=NAMES, props=PROPS)
 def test_client_record_refuses_or_stores_exactly_what_was_given(person, event, props):
     expected_props = expected_properties(props)
-    valid = _name_ok(person) and _name_ok(event) and expected_props is not None
+    valid = _name_ok(person) and _name_ok(event) and expected_props is not None and len(
+        spec_line("e", [("_p", person), ("_n", event), ("_t", "1" * 10), ("_d", "1"),
+                        *expected_props], None)) <= 8190
     hypothesis.event("valid" if valid else "invalid")
     with tempfile.TemporaryDirectory() as tmp:
         spool = Path(tmp) / "spool.db"
@@ -318,3 +330,108 @@ def test_client_record_refuses_or_stores_exactly_what_was_given(person, event, p
     assert got[2][0] == "_t" and before <= int(got[2][1]) <= after
     assert got[3] == ("_d", "1")
     assert got[4:] == expected_props
+
+
+# --- the request line: at most 8,190 bytes --------------------------------------------
+
+def sent_line(path: str, query: str, key: str) -> bytes:
+    return f"GET {request_target(path, query, key)} HTTP/1.1".encode()
+
+
+@pytest.mark.parametrize("event", [
+    make_event("bob", "Signed Up", {"gender": "male"}, now=T),
+    make_set("José", {"ñ": "😀", "n": 1e20}, now=T),
+    make_alias("User 12345", "bob@bob.com"),
+], ids=["event", "set", "alias"])
+@pytest.mark.parametrize("key", ["KEY", "0123456789abcdef0123456789abcdef01234567",
+                                 "k e/y&", "clé 🔑"])
+def test_request_line_length_is_the_bytes_of_get_target_http_1_1(event, key):
+    path, query = encode(event)
+    assert request_line_length(path, query, len(quote_param(key))) == len(
+        sent_line(path, query, key))
+
+
+def test_request_line_length_of_the_spec_example_and_of_a_non_ascii_stored_query():
+    line = b"GET /e?_k=KEY&_p=bob&_n=Signed%20Up&_t=1262304000&_d=1&gender=male HTTP/1.1"
+    assert request_line_length("e", "_p=bob&_n=Signed%20Up&_t=1262304000&_d=1&gender=male",
+                               3) == len(line) == 75
+    # encode() never makes one; a query that is not ASCII counts its UTF-8 bytes.
+    assert request_line_length("e", "_p=José", 3) == len(b"GET /e?_k=KEY&_p=Jos\xc3\xa9 HTTP/1.1")
+
+
+# Texts from characters of every width on the wire: 1 (unreserved), 3 (other ASCII),
+# 6, 9 and 12 (2-, 3- and 4-byte UTF-8).
+UNITS = ["a", "-", " ", "&", "é", "€", "😀"]
+LINE_NAME = st.text(alphabet=st.sampled_from(UNITS), min_size=1, max_size=255)
+LINE_VALUE = st.lists(st.tuples(st.sampled_from(UNITS), st.integers(1, 2500)), max_size=3).map(
+    lambda runs: "".join(unit * count for unit, count in runs)).filter(
+    lambda value: len(value.encode()) <= 8192)
+LINE_PROPS = st.lists(st.tuples(LINE_NAME, LINE_VALUE), max_size=4, unique_by=lambda p: p[0])
+LINE_KEY = st.one_of(st.none(), LINE_NAME)
+
+
+def make(kind: str, person: str, name: str, props: dict, key: str | None) -> Event:
+    if kind == "e":
+        return make_event(person, name, props, api_key=key, now=T)
+    if kind == "s":
+        return make_set(person, props, api_key=key, now=T)
+    return make_alias(person, name, api_key=key)
+
+
+def params_of(kind: str, person: str, name: str, props: list) -> list[tuple[str, str]]:
+    if kind == "a":
+        return [("_p", person), ("_n", name)]
+    return [("_p", person), *([("_n", name)] if kind == "e" else []), ("_t", str(T)),
+            ("_d", "1"), *props]
+
+
+def key_chars(key: str | None) -> int:
+    return 40 if key is None else len(quote(key, safe=""))
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(["e", "s", "a"]), person=LINE_NAME, name=LINE_NAME,
+       props=LINE_PROPS, key=LINE_KEY)
+def test_an_event_is_refused_exactly_when_its_request_line_is_over_8190_bytes(
+        kind, person, name, props, key):
+    if kind == "s" and not props:
+        props = [("p", "v")]
+    size = len(spec_line(kind, params_of(kind, person, name, props), key))
+    hypothesis.event("too long" if size > 8190 else "fits")
+    try:
+        event = make(kind, person, name, dict(props), key)
+    except kmagent.InvalidEvent as exc:
+        assert size > 8190, f"refused a request line of {size} bytes: {exc}"
+        assert exc.field == "request line" and f"{size:,} bytes" in exc.rule
+    else:
+        assert size <= 8190, f"accepted a request line of {size} bytes"
+        assert request_line_length(*encode(event), key_chars(key)) == size
+
+
+@settings(max_examples=200, deadline=None)
+@given(kind=st.sampled_from(["e", "s"]), person=LINE_NAME, name=LINE_NAME,
+       props=LINE_PROPS, key=LINE_KEY, unit=st.sampled_from(UNITS))
+def test_for_any_event_a_request_line_of_8190_bytes_is_accepted_and_8191_refused(
+        kind, person, name, props, key, unit):
+    frame = len(spec_line(kind, params_of(kind, person, name, [*props, ("fill", "")]), key))
+    hypothesis.assume(frame <= 8190)
+    room = 8190 - frame
+    width = len(quote(unit, safe=""))
+    fill = unit * (room // width) + "a" * (room % width)  # exactly ``room`` on the wire
+    event = make(kind, person, name, {**dict(props), "fill": fill}, key)
+    assert request_line_length(*encode(event), key_chars(key)) == 8190
+    with pytest.raises(kmagent.InvalidEvent, match=r"^request line: 8,191 bytes .*8,190"):
+        make(kind, person, name, {**dict(props), "fill": fill + "a"}, key)
+
+
+def test_a_time_of_more_than_10_digits_is_measured_not_assumed():
+    # The time comes from ``now`` when none is given; Unix seconds have 10 digits
+    # until 2286, but a far-off ``now`` must be counted as it is. (4-byte characters:
+    # the bound record() tries first is exact for them.)
+    def line(t: int) -> int:
+        return len(spec_line("e", [("_p", "😀"), ("_n", "😀"), ("_t", str(t)), ("_d", "1"),
+                                   ("😀", "😀" * 600)], None))
+    make_event("😀", "😀", {"😀": "😀" * 600}, now=T)
+    assert line(T) < 8190 < line(10 ** 1000)
+    with pytest.raises(kmagent.InvalidEvent, match=f"^request line: {line(10 ** 1000):,} bytes"):
+        make_event("😀", "😀", {"😀": "😀" * 600}, now=10 ** 1000)
