@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench install clean
+.PHONY: run test torture bench install clean
 
 $(BIN)/kmagent: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,15 @@ run: $(BIN)/kmagent  ## the agent, in the foreground, on the default SQLite spoo
 
 test: $(BIN)/kmagent  ## the whole test suite
 	$(BIN)/pytest -q
+
+# The torture suite at length (tests/torture.py; `make test` runs its short mode):
+# make torture SEED=123 SECONDS=120 [BACKEND=sqlite|jsonl|both] [PATTERNS=a,b] [FAULTS=x,y|none]
+SECONDS ?= 120
+BACKEND ?= both
+torture: $(BIN)/kmagent  ## apps, faults and operators at once for SECONDS, then the oracle
+	$(BIN)/python tests/torture.py --seconds $(SECONDS) --backend $(BACKEND) \
+		$(if $(SEED),--seed $(SEED)) $(if $(PATTERNS),--patterns $(PATTERNS)) \
+		$(if $(FAULTS),--faults $(FAULTS))
 
 PEERS := bench/.venv-peers/bin/python
 
