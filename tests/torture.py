@@ -34,7 +34,8 @@ App patterns (PATTERNS; ``--patterns`` runs a subset, each can run alone):
 
 Faults (FAULTS, in two lanes that overlap; ``--faults`` picks, ``none`` for none):
   process lane: kill_producer (SIGKILL a live app process), kill_daemon (SIGKILL and
-                restart), term_daemon (SIGTERM, must exit 0, restart), sighup_daemon
+                restart), term_daemon (SIGTERM, must exit 0, restart), sighup_daemon,
+                stop_producer / stop_daemon (SIGSTOP for a while, then SIGCONT)
   host lane:    host_flaky (fail_rate/reset_rate), host_outage (503s or resets),
                 host_slow, host_refuses (400 for some events: dead letters),
                 host_retry_after
@@ -617,6 +618,7 @@ def pat_gunicorn(app: App) -> None:
         n = child_app.rng.randint(1, 2)
         run_threads(child_app, n, lambda i, trng: child_app.loop(api, trng, 1 / n))
     workers = [fork_child(app, f"w{i}", worker) for i in range(rng.randint(2, 3))]
+    app.register("master")  # records no more: the engine's stall watch leaves it be
     time.sleep(max(0.0, (app.end - time.time()) * rng.uniform(0.1, 0.6)))
     app.selfkill()
     reap(workers, app.end + 60)  # not reached
@@ -1099,6 +1101,9 @@ class Run:
         # machine may be shared: a busy one gets longer.
         busy = max(0.0, os.getloadavg()[0] - (os.cpu_count() or 1))
         self.hang_grace = (12.0 if short else 20.0) + min(30.0, 2 * busy)
+        self.stall_limit = 15.0 + min(30.0, 2 * busy)
+        self.stalled: set[int] = set()
+        self.watch_stop = threading.Event()
         self.shutdown_timeout = 3.0
 
     def rerun_command(self) -> str:
@@ -1260,7 +1265,25 @@ class Run:
                 if not i["done"] and i["role"] != "pool" and i["end"] > time.time() + 0.3
                 and alive(i["pid"], i["start"])]
 
+    def silent_for(self, info: dict[str, Any]) -> float:
+        """Seconds since the app process last wrote its ledger (or registered)."""
+        last = 0.0
+        for path in (self.workdir / "ledger" / f"{info['pid']}.ledger",
+                     self.workdir / "procs" / f"{info['pid']}.json"):
+            try:
+                last = max(last, path.stat().st_mtime)
+            except OSError:
+                pass
+        return time.time() - last
+
     def kill(self, info: dict[str, Any]) -> None:
+        silent = self.silent_for(info)
+        if info["role"] not in ("pool", "master") and silent > 8 + self.stall_limit - 15:
+            # Hung already: say so before the kill hides it.
+            self.stalled.add(info["pid"])
+            self.fail(f"hang: app process {info['proc']} ({info['pattern']}, pid "
+                      f"{info['pid']}) had recorded nothing for {silent:.0f} s when a fault "
+                      f"came to kill it\n{dump_stacks(info['pid'])}")
         with self._lock:
             self.killed.add((info["pid"], info["start"]))
         try:
@@ -1269,6 +1292,38 @@ class Run:
             return
         self.kills[info["pattern"]] += 1
         self.note(f"SIGKILL {info['proc']} ({info['pattern']}, pid {info['pid']})")
+
+    def watch_stalls(self) -> None:
+        """An app process whose ledger stops growing before its end is hung (a hang
+        may hold a lock that stalls everyone else): report it with its stacks, then
+        kill it, so that the rest of the run still means something."""
+        seen: dict[int, tuple[int, float]] = {}
+        while not self.watch_stop.wait(1.0):
+            now = time.time()
+            for info in self.registry():
+                pid = info["pid"]
+                if (info["role"] in ("pool", "master") or info["done"] or now > info["end"]
+                        or (pid, info["start"]) in self.killed or pid in self.stalled
+                        or not alive(pid, info["start"])):
+                    continue
+                try:
+                    size = (self.workdir / "ledger" / f"{pid}.ledger").stat().st_size
+                except OSError:
+                    size = -1
+                before = seen.get(pid)
+                if before is None or before[0] != size:
+                    seen[pid] = (size, now)
+                    continue
+                if now - before[1] < self.stall_limit:
+                    continue
+                self.stalled.add(pid)
+                stacks = dump_stacks(pid)
+                self.fail(f"hang: app process {info['proc']} ({info['pattern']}, pid {pid}) "
+                          f"recorded nothing for {now - before[1]:.0f} s before its end "
+                          f"(killed now)\n{stacks}")
+                with self._lock:
+                    self.killed.add((pid, info["start"]))
+                kill_hung(pid)
 
     # -- lanes
     def lane(self, events: list[tuple[float, str]], seed_label: str) -> None:
@@ -1360,6 +1415,8 @@ class Run:
         lanes = [threading.Thread(target=self.lane, args=(events, lane), daemon=True)
                  for lane, events in self.lanes.items()]
         lanes.append(threading.Thread(target=self.operators, daemon=True))
+        watcher = threading.Thread(target=self.watch_stalls, daemon=True)
+        watcher.start()
         for thread in lanes:
             thread.start()
         for item in sorted(self.schedule, key=lambda i: i["at"]):
@@ -1367,9 +1424,9 @@ class Run:
             self.launch(item)
         time.sleep(max(0.0, self.t0 + self.seconds - time.time()))
         self.stopping.set()
+        self.watch_stop.set()
+        watcher.join(60)
         for thread in lanes:
-            thread.join(120)
-        for thread in self.op_threads:
             thread.join(120)
         self.healthy_host()
 
@@ -1425,6 +1482,8 @@ class Run:
 
     def finish(self) -> None:
         self.wait_for_apps()
+        for thread in self.op_threads:  # operators still running (each has a timeout)
+            thread.join(120)
         reg = self.registry()
         killed = self.killed_pids(reg)
         crashed = self.crashed_pids()
@@ -1438,27 +1497,29 @@ class Run:
                       f"died without finishing, and nobody killed it:\n{tail(log)}")
         # Drain: dead letters back, then the daemon or a flush delivers everything.
         time.sleep(0.5)
-        for attempt in range(4):
+        budget = time.time() + (30 if self.short else 90)
+        quiet = "5" if self.short else "10"
+        figures = None
+        for attempt in range(3):
             self.kmagent(["dead", "retry", "--all"], 30, "final drain")
             if self.drain == "daemon":
                 self.daemon.start()
-                deadline = time.time() + 60
-                while time.time() < deadline:
+                while time.time() < budget:
                     figures = self.status()
                     if figures is None or (figures["pending"] == 0 and figures["dead"] == 0):
                         break
                     if figures["dead"]:
                         self.kmagent(["dead", "retry", "--all"], 30, "final drain")
                     time.sleep(0.5)
-                self.daemon.stop(signal.SIGTERM)
-            else:
-                self.daemon.stop(signal.SIGTERM)
-            code, out, err = self.kmagent(["flush", "--timeout", "10"], 180, "final flush")
+            self.daemon.stop(signal.SIGTERM)
+            code, out, err = self.kmagent(["flush", "--timeout", quiet], 120, "final flush")
             figures = self.status()
             if figures is None or (figures["pending"] == 0 and figures["dead"] == 0):
                 break
             self.note(f"drain round {attempt + 1} left {figures['pending']} pending, "
                       f"{figures['dead']} dead (flush: {code} {err.strip()[-200:]})")
+            if time.time() > budget:
+                break
         self.final_status = figures
         if figures is not None:
             if figures["pending"] != 0:
@@ -1471,6 +1532,7 @@ class Run:
     def cleanup(self) -> None:
         """Nothing may outlive the run: kill what is left (and say so)."""
         self.stopping.set()
+        self.watch_stop.set()
         self.daemon.stop(signal.SIGTERM)
         for info in self.registry():
             if alive(info["pid"], info["start"]):
@@ -1681,6 +1743,37 @@ def f_term_daemon(run: Run, rng: random.Random) -> None:
 @fault("sighup_daemon", lane="process", weight=0.5)
 def f_sighup_daemon(run: Run, rng: random.Random) -> None:
     run.daemon.signal(signal.SIGHUP)
+
+
+@fault("stop_producer", lane="process", weight=0.7)
+def f_stop_producer(run: Run, rng: random.Random) -> None:
+    """SIGSTOP a live app process for a while (a debugger, a freezer, a swap storm)."""
+    victims = sorted(run.live_apps(), key=lambda i: i["pid"])
+    if not victims:
+        return
+    victim = rng.choice(victims)
+    try:
+        os.kill(victim["pid"], signal.SIGSTOP)
+    except ProcessLookupError:
+        return
+    run.note(f"SIGSTOP {victim['proc']} ({victim['pattern']}, pid {victim['pid']})")
+    try:
+        time.sleep(rng.uniform(0.3, 2.5))
+    finally:
+        try:
+            os.kill(victim["pid"], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+@fault("stop_daemon", lane="process", weight=0.5)
+def f_stop_daemon(run: Run, rng: random.Random) -> None:
+    """SIGSTOP the daemon for a while: its requests and leases age meanwhile."""
+    run.daemon.signal(signal.SIGSTOP)
+    try:
+        time.sleep(rng.uniform(0.3, 2.5))
+    finally:
+        run.daemon.signal(signal.SIGCONT)
 
 
 @fault("host_flaky", lane="host", weight=2)
