@@ -83,6 +83,10 @@ class Gate:
     def leave(self, ticket: int, outcome: Outcome, rtt: float | None = None) -> None:
         """Account for a finished request started with ``ticket``, ``rtt`` s long."""
         with self._cond:
+            if not outcome.sent:  # refused before any request: it says nothing of the host
+                self.active -= 1
+                self._cond.notify_all()
+                return
             if self.adaptive is not None and not self.outage_level:
                 # (During an outage the probes say nothing about how many at once.)
                 self.adaptive.observe(rtt, pushed_back=pushed_back(outcome),

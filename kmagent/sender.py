@@ -55,6 +55,7 @@ class Outcome:
     error: str | None = None
     retry_after: float | None = None  # seconds the host asked us to wait
     timed_out: bool = False  # no answer within the connect or read timeout
+    sent: bool = True  # False: refused before any request (it says nothing of the host)
 
     @property
     def delivered(self) -> bool:
@@ -193,14 +194,16 @@ class Sender:
         """Send one event once. 2xx is delivered; anything else is not."""
         key = item.api_key or self.api_key
         if key is None:
-            return Outcome(TRANSIENT, None, "no API key: set api_key or api_key_file")
+            return Outcome(TRANSIENT, None, "no API key: set api_key or api_key_file",
+                           sent=False)
         size = len(self._prefix) + request_line_length(item.path, item.query,
                                                        len(quote_param(key)))
         if size > MAX_REQUEST_LINE:
             whose = "its own" if item.api_key else "the agent's"
             return Outcome(PERMANENT, None, f"not sent: its request line would be {size:,} "
                            f"bytes with {whose} API key; at most {MAX_REQUEST_LINE:,} "
-                           "(Apache's LimitRequestLine), as hosts refuse longer ones")
+                           "(Apache's LimitRequestLine), as hosts refuse longer ones",
+                           sent=False)
         answer = self._get(request_target(item.path, item.query, key), key)
         if isinstance(answer, Outcome):
             return answer

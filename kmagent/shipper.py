@@ -137,7 +137,8 @@ class Shipper:
                     # A bug (or an event no request can be built from) must neither lose
                     # the event nor retry it forever: it goes to the dead letters.
                     log.exception("sending event %s failed unexpectedly", item.id)
-                    outcome = Outcome(PERMANENT, None, f"could not be sent: {type(exc).__name__}")
+                    outcome = Outcome(PERMANENT, None, f"could not be sent: {type(exc).__name__}",
+                                      sent=False)
                 self.gate.leave(ticket, outcome, time.monotonic() - started)
             self._done.append((item, outcome))
             self.wake.set()

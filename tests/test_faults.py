@@ -113,6 +113,21 @@ def test_a_permanent_refusal_means_the_host_is_up():
     assert not gate.in_outage
 
 
+def test_an_event_refused_before_any_request_says_nothing_of_the_host():
+    """An oversized request line or a missing key never reaches the host: it must not
+    end an outage hold, nor count as a failure of the host."""
+    gate = Gate(4, 60, clock=Clock())
+    for _ in range(OUTAGE_AFTER):
+        gate.leave(gate.enter(), fail())
+    assert gate.in_outage
+    gate.leave(gate.enter(), Outcome(PERMANENT, None, "not sent: too long", sent=False))
+    assert gate.in_outage and not gate.recovered.is_set()
+    healthy = Gate(4, 60, clock=Clock())
+    for _ in range(OUTAGE_AFTER):
+        healthy.leave(healthy.enter(), Outcome(TRANSIENT, None, "no API key", sent=False))
+    assert not healthy.in_outage and healthy.active == 0
+
+
 # --- against a real daemon and host ----------------------------------------------------
 
 def test_retry_after_stops_every_new_request_until_it_expires(host, write_config, spool_path):
