@@ -1,5 +1,5 @@
 """The torture suite's short mode (tests/torture.py): a few app patterns, every fault,
-the whole oracle, on each backend, in about 20 s each.
+the whole oracle, on each backend: about 12 s each (up to ~25 s when something hangs).
 
 The seed comes from KMAGENT_TORTURE_SEED, else it is drawn at random; it is in the
 test's id and at the head of every failure, with the command that reruns it. For a

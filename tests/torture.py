@@ -2,7 +2,10 @@
 """kmagent's torture suite: real app processes, real daemons, real faults, one seed.
 
     python tests/torture.py --seed N --seconds S --backend sqlite|jsonl|both
-                            [--patterns a,b] [--faults x,y|none] [--keep] [--list]
+                            [--patterns a,b] [--faults x,y|none] [--short] [--keep] [--list]
+
+S is the length of the chaos phase (apps, faults, operators); the drain and the oracle
+follow. --short is the pytest mode's shape (fewer patterns, shorter hang waits).
 
 One integer seed decides everything random: the configuration (concurrency,
 durability, how the run drains), which app patterns run, when and how fast, which
@@ -49,8 +52,9 @@ drained (by the daemon, or by `kmagent flush`, as the seed says):
   2. every resend is byte-identical: all request targets of one id are one string;
   3. SQLite: PRAGMA integrity_check is ok (every kmagent process has exited); jsonl: no
      more bad lines than app processes were killed; both: status pending == 0, dead 0;
-  4. nothing hangs: apps, operators and daemons end within their timeouts (a hung one
-     is dumped with py-spy if installed, and by faulthandler, then SIGKILLed);
+  4. nothing hangs: apps, operators and daemons end within their timeouts, and an app
+     never stops recording before its end for long (a hung one is dumped with py-spy
+     if installed, and by faulthandler, then SIGKILLed);
   5. an id whose call raised a KmagentError never reached the host (except a SpoolError
      that says the event "may or may not" be stored); any other exception type, and
      InvalidEvent for these valid events, is a failure;
