@@ -137,3 +137,94 @@ def test_a_settle_of_an_older_claim_never_touches_the_newer_claim(store):
     store.retry([(old.id, time.time() + 3600, "stale")])  # late news of the old claim
     store.release([new.id])
     assert [i.query for i in store.claim(1, now=time.time())] == [new.query]
+
+
+def test_a_spool_opened_from_inside_an_open_is_refused_at_once(spool_path, monkeypatch):
+    """A signal handler that calls status() or makes a Client while its thread is
+    opening a spool must not wait for itself."""
+    from kmagent.spool import sqlite_conn
+    real_connect = sqlite_conn._connect
+    nested: list[str] = []
+
+    def connect_interrupted_by_a_handler(path, schema):
+        if not nested:
+            try:
+                open_spool(spool_path).close()
+                nested.append("opened")
+            except SpoolError as exc:
+                nested.append(f"refused: {exc}")
+        return real_connect(path, schema)
+
+    monkeypatch.setattr(sqlite_conn, "_connect", connect_interrupted_by_a_handler)
+    within(10, lambda: open_spool(spool_path).close())
+    assert nested[0].startswith("refused") and "signal handler" in nested[0]
+
+
+RAISING_HANDLER = textwrap.dedent("""
+    import signal, sys, threading
+    from kmagent import Client, KmagentError
+    client = Client(config=sys.argv[1])
+    class Timeout(Exception):
+        pass
+    armed = [False]
+    def handler(signum, frame):
+        if armed[0]:  # once per arming: never while the last one is being handled
+            armed[0] = False
+            raise Timeout("request took too long")  # a request-timeout decorator's way
+    foreign, others, stop = [], [0], threading.Event()
+    def worker(w):
+        while not stop.is_set():
+            try:
+                client.record("worker", "Work", {"w": w, "n": others[0]})
+                others[0] += 1
+            except KmagentError:
+                pass
+            except BaseException as exc:
+                foreign.append(type(exc).__name__)
+    workers = [threading.Thread(target=worker, args=(w,)) for w in range(3)]
+    [t.start() for t in workers]
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+    done = 0
+    while True:
+        try:  # the handler may raise anywhere in here
+            while done < 4000:
+                armed[0] = True
+                client.record("main", "Loop", {"n": done})
+                done += 1
+            armed[0] = False
+            break
+        except Timeout:
+            continue
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    stop.set()
+    [t.join(10) for t in workers]
+    lock = client._spool._lock
+    print(sum(t.is_alive() for t in workers), lock._is_owned(), len(foreign))
+""")
+
+
+def test_an_exception_from_a_signal_handler_is_its_threads_own(write_config):
+    """A handler that raises (a timeout decorator, Ctrl-C) must neither leave the lock
+    held, wedging the other threads, nor be handed to other threads' record()."""
+    result = subprocess.run([sys.executable, "-c", RAISING_HANDLER, str(write_config())],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "False", "0"]  # none hung, no lock, none foreign
+
+
+def test_a_spool_file_deleted_by_hand_is_followed_by_the_process(spool_path):
+    """An operator resets the spool (rm spool.db*) while an app runs: its next events
+    go to the new file, through old handles and new ones, never into the deleted one."""
+    from kmagent.spool.base import SIZE_CHECK_S
+    old = open_spool(spool_path, max_bytes=1 << 30)
+    old.append(event(1))
+    for suffix in ("", "-wal", "-shm"):
+        spool_path.with_name(spool_path.name + suffix).unlink(missing_ok=True)
+    new = open_spool(spool_path)  # a new Client finds the file that is there now
+    new.append(event(2))
+    time.sleep(SIZE_CHECK_S)
+    old.append(event(3))  # an old handle follows at its next size check
+    old.close(), new.close()
+    assert [q.split("&")[0] for _, q, _ in stored_rows(spool_path)] == [
+        "_p=person2", "_p=person3"]

@@ -245,7 +245,7 @@ def behind_a_busy_writer(store, appends) -> None:
     writer were busy, so that they queue in this order; then let them go."""
     import threading
     threads = [threading.Thread(target=append) for append in appends]
-    with store._lock:
+    with store._holding():  # the lock, marked busy: what a writer holds
         for n, thread in enumerate(threads, 1):
             thread.start()
             deadline = time.monotonic() + 10

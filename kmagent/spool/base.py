@@ -115,10 +115,13 @@ class Spool(abc.ABC):
         lock = shared.lock
         if lock._is_owned():
             return self._append_reentrant(shared, record)
-        if lock.acquire(blocking=False):
-            # Nobody is writing: nobody to group with; the common case, kept cheap.
-            try:
+        # Only ever `with lock`: a signal handler that raises can run between any two
+        # calls, and would leak a lock taken by acquire() before its try (the with
+        # statement takes it and arms the release in one step).
+        if not shared.busy:
+            with lock:
                 if not shared.waiting:
+                    # Nobody was writing: nobody to group with; the common case, cheap.
                     shared.busy = True
                     try:
                         self._size += self._write([record], sync=False)
@@ -128,9 +131,8 @@ class Spool(abc.ABC):
                 slot = [record, None, False]
                 shared.waiting.append(slot)
                 self._write_waiting(shared, slot)
-            finally:
-                lock.release()
         else:
+            # Somebody is writing: queue, so that the next holder writes us with its own.
             slot = [record, None, False]
             shared.waiting.append(slot)
             with lock:
@@ -165,12 +167,13 @@ class Spool(abc.ABC):
         except PartialWrite as exc:
             for n, entry in enumerate(batch):
                 entry[1] = None if n < exc.stored else exc
-        except Exception as exc:
+        except SpoolError as exc:  # the write failed: for every append in it
             for entry in batch:
                 entry[1] = exc
         except BaseException:
-            # Interrupted (a signal handler raising) once the write may have begun: the
-            # others must not write theirs again, nor believe it surely stored.
+            # Anything else is this thread's own (a signal handler raising, even an
+            # ordinary Exception), never the others': once the write may have begun,
+            # they must not write theirs again, nor believe it surely stored.
             if started:
                 for entry in batch:
                     entry[1] = SpoolError(f"spool {self.path}: interrupted while writing; "
@@ -195,6 +198,7 @@ class Spool(abc.ABC):
     def _full_now(self) -> bool:
         now = time.monotonic()
         if now - self._size_at >= SIZE_CHECK_S:
+            self._follow()
             self._size = self.size_on_disk()
             self._size_at = now
         return self._size >= self.max_bytes
@@ -216,6 +220,9 @@ class Spool(abc.ABC):
             return os.stat(self.drops_path).st_size
         except FileNotFoundError:
             return 0
+
+    def _follow(self) -> None:
+        """Now and then (with the size check): notice a spool file replaced by hand."""
 
     @abc.abstractmethod
     def _record(self, event: Event) -> Any:

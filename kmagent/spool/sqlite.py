@@ -99,6 +99,9 @@ class SqliteSpool(Spool):
     def _share(self) -> sqlite_conn.Connection:
         return sqlite_conn.join(self.path, self._durability, SCHEMA)
 
+    def _follow(self) -> None:
+        sqlite_conn.follow(self._shared)
+
     def _connection(self) -> sqlite3.Connection:
         return self._sharing().conn
 

@@ -42,6 +42,7 @@ class Connection(Shared):
         self.users = 0
         self.synchronous = "NORMAL"
         self.conn = _connect(path, schema)
+        self.identity = _identity(path)
 
     def want(self, synchronous: str) -> None:
         """The strongest durability any handle asked for applies to all of them."""
@@ -53,13 +54,33 @@ class Connection(Shared):
 
 _open: dict[str, Connection] = {}  # path -> this process's connection
 _inherited: list[Connection] = []  # a forked child's copies of its parent's
-_registry = threading.Lock()
+# Connections to a file deleted or replaced since (an operator's rm): never used again,
+# and kept open rather than closed under a thread that may still be writing to them.
+_retired: list[Connection] = []
+# Re-entrant so that a signal handler opening a spool while its thread is in here is
+# refused at once (SpoolError) instead of waiting for itself forever.
+_registry = threading.RLock()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names now (by name: nothing is opened)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def join(path: Path, durability: str, schema: tuple[str, ...]) -> Connection:
     """The process's connection to ``path`` (opened on first use), counted as used."""
+    if _registry._is_owned():
+        raise SpoolError(f"spool {path}: opened from a signal handler while this thread "
+                         "was opening or closing it; nothing done")
     with _registry:
         shared = _open.get(str(path))
+        if shared is not None and _identity(path) != shared.identity:
+            _retire(shared)  # the file was deleted or replaced: open what is there now
+            shared = None
         if shared is None:
             _close_inherited(path)
             shared = _open[str(path)] = Connection(path, schema)
@@ -68,11 +89,30 @@ def join(path: Path, durability: str, schema: tuple[str, ...]) -> Connection:
     return shared
 
 
+def follow(shared: Connection) -> None:
+    """If the file ``shared`` has open is no longer the one its path names (deleted or
+    replaced by hand), retire it: its handles then join the file that is there now."""
+    if shared.stale or _registry._is_owned():
+        return
+    if _identity(shared.path) != shared.identity:
+        with _registry:
+            if _open.get(str(shared.path)) is shared:
+                _retire(shared)
+
+
+def _retire(shared: Connection) -> None:
+    shared.stale = True
+    del _open[str(shared.path)]
+    _retired.append(shared)
+
+
 def leave(shared: Connection) -> None:
     """A handle is done; the last one closes the connection."""
+    if _registry._is_owned():
+        return  # from a signal handler inside join or leave: the count stays up, harmless
     with _registry:
         if shared.stale or _open.get(str(shared.path)) is not shared:
-            return  # a parent's, or already closed
+            return  # a parent's, retired, or already closed
         shared.users -= 1
         if shared.users > 0:
             return
