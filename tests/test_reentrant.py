@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import stored_rows
+from conftest import record_many, start_daemon, status, stop, stored_rows, wait_for
 
 from kmagent.errors import SpoolError
 from kmagent.events import make_event
@@ -84,11 +84,13 @@ SIGNALS = textwrap.dedent("""
     import os, signal, sys
     from kmagent import Client, SpoolError
     client = Client(config=sys.argv[1])
+    # The handler's own Client, or the one the main thread is inside.
+    theirs = Client(config=sys.argv[1]) if sys.argv[3] == "another" else client
     returned, refused = [], []
     def handler(signum, frame):
         n = len(returned) + len(refused)
         try:
-            client.record("handler", "Signal", {"n": n})
+            theirs.record("handler", "Signal", {"n": n})
             returned.append(n)
         except SpoolError:
             refused.append(n)
@@ -96,14 +98,17 @@ SIGNALS = textwrap.dedent("""
     signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)
     for n in range(int(sys.argv[2])):
         client.record("main", "Loop", {"n": n})
+    theirs.close()
     signal.setitimer(signal.ITIMER_REAL, 0)
     print(len(returned), len(refused))
 """)
 
 
-def test_records_from_a_signal_handler_never_hang(write_config, spool_path):
-    result = subprocess.run([sys.executable, "-c", SIGNALS, str(write_config()), "3000"],
-                            capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("through", ["the same client", "another"])
+def test_records_from_a_signal_handler_never_hang(write_config, spool_path, through):
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNALS, str(write_config()), "3000", through],
+        capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     returned, refused = map(int, result.stdout.split())
     rows = stored_rows(spool_path)
@@ -228,3 +233,42 @@ def test_a_spool_file_deleted_by_hand_is_followed_by_the_process(spool_path):
     old.close(), new.close()
     assert [q.split("&")[0] for _, q, _ in stored_rows(spool_path)] == [
         "_p=person2", "_p=person3"]
+
+
+HOLD_THE_ACTIVE_FILE = textwrap.dedent("""
+    import fcntl, os, sys, time
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a writer stopped while it held the file
+    print("held", flush=True)
+    time.sleep(120)
+""")
+
+
+def test_a_writer_stopped_holding_the_jsonl_file_neither_hangs_nor_stops_shipping(
+        host, write_config, spool_path, backend):
+    if backend != "jsonl":
+        pytest.skip("jsonl only: SQLite's own busy timeout bounds the wait")
+    config = write_config(host)
+    with open(config, "a") as fh:
+        fh.write("rotate_bytes = 4096\n")  # the daemon wants to rotate at once
+    record_many(config, 100)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_ACTIVE_FILE,
+                               str(spool_path / "events.jsonl")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        daemon = start_daemon(config)
+        try:
+            wait_for(lambda: status(config)["pending"] == 0, timeout=30)
+        finally:
+            started = time.monotonic()
+            assert stop(daemon) == 0
+            assert time.monotonic() - started < 10
+        started = time.monotonic()
+        with pytest.raises(SpoolError, match="stayed locked"):
+            record_many(config, 1)
+        assert time.monotonic() - started < 15
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len({r.target for r in host.delivered()}) == 100

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 from pathlib import Path
 
 # Spool files are never world-readable (they hold events, maybe API keys); the group
@@ -89,3 +90,28 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 def make_dirs(path: Path) -> None:
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+
+
+# How long a writer waits for another to let go of a file's flock before giving up: a
+# writer that is stopped (SIGSTOP, a debugger) must not hang every other one for good.
+FLOCK_WAIT_S = 5.0
+
+
+def flock_within(fd: int, seconds: float = FLOCK_WAIT_S) -> bool:
+    """An exclusive flock on ``fd``, waiting at most ``seconds``; False if another
+    still holds it then. Uncontended, it costs one flock()."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        pass
+    deadline, pause = time.monotonic() + seconds, 0.0001
+    while time.monotonic() < deadline:
+        time.sleep(pause)
+        pause = min(pause * 2, 0.01)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            continue
+    return False

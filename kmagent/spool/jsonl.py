@@ -54,6 +54,8 @@ from ..events import Event
 from ..protocol import describe, encode
 from .base import (Claimed, PartialWrite, Spool, append_to, flocked, fsync_dir, make_dirs,
                    open_file, unknown_ids, write_atomically)
+from .files import FLOCK_WAIT_S, flock_within
+from .shared import Shared, shared_for
 from .jsonl_line import (ORIGIN_KEY, BadLine, created_of, from_line, origin_of, to_line,
                          with_origin)
 
@@ -241,8 +243,8 @@ class JsonlSpool(Spool):
                  rotate_bytes: int = DEFAULT_ROTATE_BYTES,
                  rotate_seconds: float = DEFAULT_ROTATE_SECONDS,
                  max_bytes: int | None = None, when_full: str = "error") -> None:
-        super().__init__(max_bytes=max_bytes, when_full=when_full)
         self.path = Path(path).resolve()  # one lock file per spool, whatever the path
+        super().__init__(max_bytes=max_bytes, when_full=when_full)
         self._full = durability == "full"
         self.rotate_bytes = rotate_bytes
         self.rotate_seconds = rotate_seconds
@@ -260,6 +262,12 @@ class JsonlSpool(Spool):
                 self._active_fd()  # open now so a bad path fails at construction
         except OSError as exc:
             raise SpoolError(f"spool {self.path}: cannot open: {exc.strerror}") from None
+
+    def _share(self) -> Shared:
+        # One lock for every handle of this directory in the process, so that a signal
+        # handler recording through another Client is seen as re-entrant: with locks of
+        # their own, its flock of events.jsonl would wait for its own thread's.
+        return shared_for(str(self.path))
 
     @property
     def lock_path(self) -> Path:
@@ -343,8 +351,7 @@ class JsonlSpool(Spool):
         """(inode, size) of events.jsonl, measured under its lock, so that no short
         write is cut back below it: whatever is appended next lies at or after it."""
         while True:
-            fd = self._active_fd()
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fd = self._locked_active_fd()
             try:
                 size = self._held_size(fd)
                 if size is not None:
@@ -353,6 +360,13 @@ class JsonlSpool(Spool):
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)  # sealed under us: reopen events.jsonl
             self._fd, self._end = None, -1
+
+    def _locked_active_fd(self) -> int:
+        fd = self._active_fd()
+        if not flock_within(fd):
+            raise SpoolError(f"spool {self.path}: {ACTIVE} stayed locked by another "
+                             f"writer for {FLOCK_WAIT_S:g} s (a stopped process?); not stored")
+        return fd
 
     def _append_bytes(self, data: bytes) -> int:
         """Append ``data`` (one or more whole lines) to events.jsonl in one write().
@@ -365,8 +379,7 @@ class JsonlSpool(Spool):
         next writer ends it with TORN_END, which makes it a bad line: a write that
         raised never becomes a line that is sent."""
         while True:
-            fd = self._active_fd()
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fd = self._locked_active_fd()
             try:
                 size = self._held_size(fd)
                 if size is not None:
@@ -816,7 +829,10 @@ class _Shipping:
             return
         fd = os.open(self.dir / ACTIVE, os.O_RDWR | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # producers hold it for microseconds
+            # Producers hold it for microseconds; one that holds it longer (stopped)
+            # must not stop shipping: rotate on a later turn.
+            if not flock_within(fd, 0.05):
+                return
             if os.fstat(fd).st_ino == active.ino:
                 os.rename(self.dir / ACTIVE, self.dir / sealed_name(active.seq))
                 fsync_dir(self.dir)

@@ -51,7 +51,23 @@ CLOSED.stale = True
 _held_at_fork: list[threading.RLock] = []
 
 
+_by_key: dict[str, Shared] = {}  # backends that share one per spool (jsonl's directory)
+_by_key_lock = threading.RLock()
+
+
+def shared_for(key: str) -> Shared:
+    """The process's one Shared for ``key`` (made on first use, and anew after fork)."""
+    if _by_key_lock._is_owned():
+        return Shared()  # a signal handler interrupting this very call: its own, at once
+    with _by_key_lock:
+        shared = _by_key.get(key)
+        if shared is None or shared.stale:
+            shared = _by_key[key] = Shared()
+        return shared
+
+
 def _before_fork() -> None:
+    _by_key_lock.acquire()
     # Hold every spool's lock across fork(): then no thread is inside SQLite or in the
     # middle of a write for a spool at the instant of the fork, so the child inherits
     # no lock (SQLite's own mutexes included) held by a thread it does not have.
@@ -64,6 +80,7 @@ def _before_fork() -> None:
 def _after_fork() -> None:
     while _held_at_fork:
         _held_at_fork.pop().release()
+    _by_key_lock.release()
 
 
 def _after_fork_in_child() -> None:
