@@ -14,8 +14,8 @@ $(BIN)/kmagent: pyproject.toml
 run: $(BIN)/kmagent  ## the agent, in the foreground, on the default SQLite spool
 	$(BIN)/kmagent run
 
-test: $(BIN)/kmagent  ## the whole test suite
-	$(BIN)/pytest -q
+test: $(BIN)/kmagent  ## the whole test suite (4 workers: it mostly waits on processes)
+	$(BIN)/pytest -q -n 4
 
 # The torture suite at length (tests/torture.py; `make test` runs its short mode):
 # make torture SEED=123 SECONDS=120 [BACKEND=sqlite|jsonl|both] [PATTERNS=a,b] [FAULTS=x,y|none]

@@ -21,6 +21,14 @@ from kmagent.testhost import StandInHost
 API_KEY = "test-key"
 
 
+def pytest_configure(config) -> None:
+    """One torture seed for the whole run, drawn once: the workers of ``pytest -n``
+    inherit it, so they collect the same tests (the seed is in the test ids)."""
+    import random
+    os.environ.setdefault("KMAGENT_TORTURE_SEED",
+                          str(random.SystemRandom().randrange(1, 10**6)))
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path, monkeypatch):
     """No test ever reads the machine's config or writes the user's state directory."""

@@ -116,10 +116,12 @@ def test_a_permanent_refusal_means_the_host_is_up():
 def test_an_event_refused_before_any_request_says_nothing_of_the_host():
     """An oversized request line or a missing key never reaches the host: it must not
     end an outage hold, nor count as a failure of the host."""
-    gate = Gate(4, 60, clock=Clock())
+    clock = Clock()
+    gate = Gate(4, 60, clock=clock)
     for _ in range(OUTAGE_AFTER):
         gate.leave(gate.enter(), fail())
     assert gate.in_outage
+    clock.now = gate.hold_until  # the probe's turn
     gate.leave(gate.enter(), Outcome(PERMANENT, None, "not sent: too long", sent=False))
     assert gate.in_outage and not gate.recovered.is_set()
     healthy = Gate(4, 60, clock=Clock())
