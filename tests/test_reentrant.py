@@ -272,3 +272,62 @@ def test_a_writer_stopped_holding_the_jsonl_file_neither_hangs_nor_stops_shippin
         holder.kill()
         holder.wait()
     assert len({r.target for r in host.delivered()}) == 100
+
+
+def test_a_handler_raising_as_the_jsonl_flock_is_taken_leaves_it_free(
+        spool_path, backend, monkeypatch):
+    if backend != "jsonl":
+        pytest.skip("jsonl only: the flock of events.jsonl")
+    import fcntl
+    import os
+    from kmagent.spool import jsonl
+    store = open_spool(spool_path, backend="jsonl")
+    real = jsonl.flock_within
+
+    def taken_then_interrupted(fd, *args):
+        real(fd, *args)
+        raise KeyboardInterrupt  # a handler raising the instant the flock is held
+    monkeypatch.setattr(jsonl, "flock_within", taken_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.append(event(1))
+    other = os.open(spool_path / "events.jsonl", os.O_RDWR)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+    finally:
+        os.close(other)
+        store.close()
+
+
+def test_a_handler_raising_inside_the_fork_hook_leaves_no_lock_held(store):
+    """Python reports and ignores an exception raised in an at-fork hook, and forks
+    anyway: the locks the hook took must still be released after."""
+    import threading
+    from kmagent.spool import shared as shared_module
+
+    class InterruptedAfterTaking:
+        def __init__(self) -> None:
+            self.inner = threading.RLock()
+
+        def acquire(self) -> None:
+            self.inner.acquire()
+            raise KeyboardInterrupt  # between taking it and anything after
+
+        def release(self) -> None:
+            self.inner.release()
+
+    class Fake:
+        lock = InterruptedAfterTaking()
+    fake = Fake()
+    real_live = shared_module._live
+    live = list(real_live) + [fake]
+    shared_module._live = live
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            shared_module._before_fork()
+        shared_module._after_fork()
+    finally:
+        shared_module._live = real_live
+    within(10, lambda: store.append(event(1)))
+    free: list[bool] = []
+    within(10, lambda: free.append(fake.lock.inner.acquire(blocking=False)))
+    assert free == [True]  # another thread can take it: nobody holds it

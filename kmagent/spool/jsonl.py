@@ -351,8 +351,9 @@ class JsonlSpool(Spool):
         """(inode, size) of events.jsonl, measured under its lock, so that no short
         write is cut back below it: whatever is appended next lies at or after it."""
         while True:
-            fd = self._locked_active_fd()
-            try:
+            fd = self._active_fd()
+            try:  # locked inside the try: a handler raising right after must not leak it
+                self._lock_active(fd)
                 size = self._held_size(fd)
                 if size is not None:
                     return self._held[0], size
@@ -361,12 +362,11 @@ class JsonlSpool(Spool):
             os.close(fd)  # sealed under us: reopen events.jsonl
             self._fd, self._end = None, -1
 
-    def _locked_active_fd(self) -> int:
-        fd = self._active_fd()
+    def _lock_active(self, fd: int) -> None:
+        """flock ``fd`` (the caller's finally unlocks it, held or not: harmless)."""
         if not flock_within(fd):
             raise SpoolError(f"spool {self.path}: {ACTIVE} stayed locked by another "
                              f"writer for {FLOCK_WAIT_S:g} s (a stopped process?); not stored")
-        return fd
 
     def _append_bytes(self, data: bytes) -> int:
         """Append ``data`` (one or more whole lines) to events.jsonl in one write().
@@ -379,8 +379,9 @@ class JsonlSpool(Spool):
         next writer ends it with TORN_END, which makes it a bad line: a write that
         raised never becomes a line that is sent."""
         while True:
-            fd = self._locked_active_fd()
-            try:
+            fd = self._active_fd()
+            try:  # locked inside the try: a handler raising right after must not leak it
+                self._lock_active(fd)
                 size = self._held_size(fd)
                 if size is not None:
                     line = data

@@ -67,20 +67,24 @@ def shared_for(key: str) -> Shared:
 
 
 def _before_fork() -> None:
-    _by_key_lock.acquire()
     # Hold every spool's lock across fork(): then no thread is inside SQLite or in the
     # middle of a write for a spool at the instant of the fork, so the child inherits
     # no lock (SQLite's own mutexes included) held by a thread it does not have.
     # Our code never holds two spool locks at once, so taking them all cannot deadlock.
-    for shared in list(_live):
-        shared.lock.acquire()
-        _held_at_fork.append(shared.lock)
+    # Each lock is listed before it is taken: a signal handler raising in here (Python
+    # reports and ignores it, and the fork goes on) must leave none held for good.
+    for lock in [_by_key_lock, *(shared.lock for shared in list(_live))]:
+        _held_at_fork.append(lock)
+        lock.acquire()
 
 
 def _after_fork() -> None:
     while _held_at_fork:
-        _held_at_fork.pop().release()
-    _by_key_lock.release()
+        lock = _held_at_fork.pop()
+        try:
+            lock.release()
+        except RuntimeError:
+            pass  # listed, but the handler raised before it was taken
 
 
 def _after_fork_in_child() -> None:
