@@ -331,3 +331,33 @@ def test_a_handler_raising_inside_the_fork_hook_leaves_no_lock_held(store):
     free: list[bool] = []
     within(10, lambda: free.append(fake.lock.inner.acquire(blocking=False)))
     assert free == [True]  # another thread can take it: nobody holds it
+
+
+BUSY_UNDER_AN_ITIMER = textwrap.dedent("""
+    import signal, sqlite3, subprocess, sys, time
+    from kmagent.spool import open_spool
+    from kmagent.events import make_event
+    path = sys.argv[1]
+    spool = open_spool(path)
+    holder = subprocess.Popen([sys.executable, "-c", f'''
+    import sqlite3, time
+    c = sqlite3.connect({path!r}, isolation_level=None); c.execute("BEGIN IMMEDIATE")
+    print("held", flush=True); time.sleep(1.0); c.execute("COMMIT")'''],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    signal.signal(signal.SIGALRM, lambda *a: None)  # a sampling profiler's way
+    signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+    spool.append(make_event("p", "Waited", {}, now=1_700_000_000))
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    holder.wait()
+    print("stored", spool.stats(0)["pending"])
+""")
+
+
+def test_a_writer_busy_for_a_second_is_waited_for_even_under_an_itimer(spool_path, backend):
+    if backend != "sqlite":
+        pytest.skip("SQLite's busy wait")
+    result = subprocess.run([sys.executable, "-c", BUSY_UNDER_AN_ITIMER, str(spool_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["stored", "1"]

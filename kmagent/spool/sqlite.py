@@ -28,7 +28,7 @@ from ..protocol import describe, encode
 from . import sqlite_conn
 from .base import Claimed, Spool, unknown_ids
 from .shared import CLOSED
-from .sqlite_conn import BUSY_TIMEOUT_S, FORMAT_VERSION  # noqa: F401 (re-exported)
+from .sqlite_conn import BUSY_TIMEOUT_S, FORMAT_VERSION  # noqa: F401 (FORMAT re-exported)
 
 SCHEMA = (
     """CREATE TABLE events (
@@ -81,6 +81,14 @@ IDS_PER_STATEMENT = 500  # under SQLITE_MAX_VARIABLE_NUMBER (999 before 3.32)
 _leases = itertools.count(secrets.randbits(52))
 
 
+def _busy(exc: BaseException) -> bool:
+    """SQLite gave up waiting for another writer. Its busy handler counts its sleeps,
+    not the time gone, and a signal (a profiler's itimer) cuts every sleep short: so the
+    wait is bounded here again, by the clock."""
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "locked" in str(exc) or "busy" in str(exc))
+
+
 class SqliteSpool(Spool):
     """A spool in one SQLite file; safe across threads, processes and forks."""
 
@@ -109,14 +117,18 @@ class SqliteSpool(Spool):
         """Run ``fn(conn, *args)`` under the lock; sqlite3 errors become SpoolError."""
         with self._holding() as shared:
             conn = shared.conn
-            try:
-                return fn(conn, *args)
-            except BaseException as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise SpoolError(f"spool {self.path}: {what} failed: {exc}") from None
-                raise
+            deadline = time.monotonic() + BUSY_TIMEOUT_S
+            while True:
+                try:
+                    return fn(conn, *args)
+                except BaseException as exc:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    if _busy(exc) and time.monotonic() < deadline:
+                        continue  # rolled back whole: the same transaction again
+                    if isinstance(exc, sqlite3.Error):
+                        raise SpoolError(f"spool {self.path}: {what} failed: {exc}") from None
+                    raise
 
     def _many(self, sql: str, rows: list[tuple]) -> None:
         def run(conn: sqlite3.Connection) -> None:
@@ -133,13 +145,18 @@ class SqliteSpool(Spool):
 
     def _write(self, records: list[tuple[str, str, str | None, float]], *, sync: bool) -> int:
         conn = self._connection()
-        try:
-            if len(records) == 1 and not sync:
-                conn.execute(INSERT, records[0])  # alone: one autocommitted statement
-            else:
-                self._insert_together(conn, records, sync)
-        except sqlite3.Error as exc:
-            raise SpoolError(f"spool {self.path}: cannot append: {exc}") from None
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                if len(records) == 1 and not sync:
+                    conn.execute(INSERT, records[0])  # alone: one autocommitted statement
+                else:
+                    self._insert_together(conn, records, sync)
+                break
+            except sqlite3.Error as exc:
+                if _busy(exc) and time.monotonic() < deadline:
+                    continue  # nothing was stored: try again
+                raise SpoolError(f"spool {self.path}: cannot append: {exc}") from None
         # The rows and their index entries, roughly.
         return len(records[0][1]) + 40 if len(records) == 1 else \
             sum(len(record[1]) + 40 for record in records)
