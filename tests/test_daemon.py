@@ -179,7 +179,7 @@ def test_flush_beside_a_running_daemon_never_sends_twice(host, write_config, spo
 
 
 def test_run_waits_for_a_flush_that_holds_the_spool(host, write_config, spool_path):
-    host.delay = 0.01
+    host.delay = 0.05  # the flush takes ~5 s: the daemon starts well before it ends
     config = write_config(host, extra="[ship]\nconcurrency = 2\n")
     record_many(config, 200)
     flush = start_kmagent("flush", "--config", str(config))
