@@ -361,3 +361,20 @@ def test_a_writer_busy_for_a_second_is_waited_for_even_under_an_itimer(spool_pat
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["stored", "1"]
+
+
+def test_a_spool_directory_removed_by_hand_gives_spool_errors_only(spool_path, backend):
+    """record() raises only kmagent's own errors, even once an operator has run
+    rm -r on a jsonl spool (or removed the SQLite file's directory)."""
+    import shutil
+    from kmagent.spool.base import SIZE_CHECK_S
+    store = open_spool(spool_path, backend=backend, max_bytes=1 << 30)
+    store.append(event(1))
+    shutil.rmtree(spool_path.parent)
+    time.sleep(SIZE_CHECK_S + 0.1)
+    for n in range(3):
+        try:
+            store.append(event(n + 2))
+        except SpoolError:
+            pass
+    store.close()

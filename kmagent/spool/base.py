@@ -199,7 +199,11 @@ class Spool(abc.ABC):
         now = time.monotonic()
         if now - self._size_at >= SIZE_CHECK_S:
             self._follow()
-            self._size = self.size_on_disk()
+            try:
+                self._size = self.size_on_disk()
+            except OSError as exc:  # the spool's directory removed by hand, say
+                raise SpoolError(f"spool {self.path}: cannot measure its size: "
+                                 f"{exc.strerror or exc}") from None
             self._size_at = now
         return self._size >= self.max_bytes
 
