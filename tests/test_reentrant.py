@@ -378,3 +378,53 @@ def test_a_spool_directory_removed_by_hand_gives_spool_errors_only(spool_path, b
         except SpoolError:
             pass
     store.close()
+
+
+FORKS_UNDER_A_RAISING_HANDLER = textwrap.dedent("""
+    import os, signal, sys, threading, time
+    from kmagent import Client
+    client = Client(config=sys.argv[1])
+    class Boom(Exception):
+        pass
+    armed = [False]
+    def handler(*_):
+        if armed[0]:
+            raise Boom()  # wherever it lands, the fork hooks included
+    signal.signal(signal.SIGALRM, handler)
+    last = [time.monotonic()]
+    stop = threading.Event()
+    def worker():
+        while not stop.is_set():
+            client.record("worker", "Work", {})
+            last[0] = time.monotonic()
+    threading.Thread(target=worker, daemon=True).start()
+    signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+    end, forks = time.monotonic() + 3, 0
+    while time.monotonic() < end:
+        try:
+            armed[0] = True
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            armed[0] = False
+            os.waitpid(pid, 0)
+            forks += 1
+        except Boom:
+            armed[0] = False
+        if time.monotonic() - last[0] > 2:
+            armed[0] = False
+            print("hung", flush=True)
+            os._exit(1)
+    armed[0] = False
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    stop.set()
+    print("ok", forks, flush=True)
+    os._exit(0)
+""")
+
+
+def test_a_handler_raising_while_the_app_forks_never_wedges_other_threads(write_config):
+    result = subprocess.run(
+        [sys.executable, "-c", FORKS_UNDER_A_RAISING_HANDLER, str(write_config())],
+        capture_output=True, text=True, timeout=60)
+    assert result.stdout.split()[:1] == ["ok"], (result.stdout, result.stderr[-2000:])

@@ -10,11 +10,12 @@ and the child's handles make or find their own on next use.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import weakref
 from collections import deque
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 class Shared:
     """What every handle of one spool in one process shares: the lock that serialises
@@ -66,14 +67,35 @@ def shared_for(key: str) -> Shared:
         return shared
 
 
+_fork_locks: list[Any] = []  # other module-level locks to hold across fork()
+_in_child: list[Callable[[], None]] = []  # and what their modules do in the child
+_mask_at_fork: set[signal.Signals] | None = None
+
+
+def hold_across_fork(lock: Any, in_child: Callable[[], None] | None = None) -> None:
+    """Hold ``lock`` across fork() too, taken after the registry locks and before the
+    spools' (the order their users take them in); ``in_child`` runs in the child, with
+    every lock still held. One hook for all, so that signals are blocked throughout."""
+    _fork_locks.append(lock)
+    if in_child is not None:
+        _in_child.append(in_child)
+
+
 def _before_fork() -> None:
     # Hold every spool's lock across fork(): then no thread is inside SQLite or in the
     # middle of a write for a spool at the instant of the fork, so the child inherits
     # no lock (SQLite's own mutexes included) held by a thread it does not have.
     # Our code never holds two spool locks at once, so taking them all cannot deadlock.
-    # Each lock is listed before it is taken: a signal handler raising in here (Python
-    # reports and ignores it, and the fork goes on) must leave none held for good.
-    for lock in [_by_key_lock, *(shared.lock for shared in list(_live))]:
+    # Signals are blocked from here to the end of the after-fork hook: a handler that
+    # raises in a hook is reported and ignored by Python, and the fork goes on, so a
+    # raise between taking a lock and releasing it would leave it held for good. (The
+    # mask is read before it is changed, so a raise in between changes nothing.)
+    global _mask_at_fork
+    _mask_at_fork = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    # Each lock is listed before it is taken (a signal tripped before the mask was set
+    # may still run its handler in here): one listed but not taken is skipped below.
+    for lock in [_by_key_lock, *_fork_locks, *(shared.lock for shared in list(_live))]:
         _held_at_fork.append(lock)
         lock.acquire()
 
@@ -85,6 +107,10 @@ def _after_fork() -> None:
             lock.release()
         except RuntimeError:
             pass  # listed, but the handler raised before it was taken
+    global _mask_at_fork
+    mask, _mask_at_fork = _mask_at_fork, None  # None: nothing blocked, nothing to undo
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _after_fork_in_child() -> None:
@@ -94,6 +120,8 @@ def _after_fork_in_child() -> None:
     for shared in list(_live):
         shared.waiting.clear()
         shared.stale = True
+    for step in _in_child:
+        step()
     _after_fork()
 
 

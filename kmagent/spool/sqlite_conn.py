@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import SpoolError
 from .files import FILE_MODE, make_dirs
-from .shared import Shared
+from .shared import Shared, hold_across_fork
 
 FORMAT_VERSION = 1  # stored as PRAGMA user_version
 BUSY_TIMEOUT_S = 5.0  # how long a writer waits for another before SpoolError
@@ -180,21 +180,11 @@ def _create(conn: sqlite3.Connection, schema: tuple[str, ...]) -> None:
         raise
 
 
-def _before_fork() -> None:
-    _registry.acquire()  # runs before shared.py's hook, which takes the spools' locks
-
-
-def _after_fork_in_parent() -> None:
-    _registry.release()
-
-
-def _after_fork_in_child() -> None:
-    # Runs after shared.py's hook has marked every connection stale. Kept, not closed,
-    # until this process opens the same file itself (see the module's description).
+def _in_child() -> None:
+    # Every connection is stale by now (shared.py). Kept, not closed, until this
+    # process opens the same file itself (see the module's description).
     _inherited.extend(_open.values())
     _open.clear()
-    _registry.release()
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                    after_in_child=_after_fork_in_child)
+hold_across_fork(_registry, _in_child)
