@@ -109,7 +109,7 @@ def stored_rows(spool_path) -> list[tuple[str, str, str | None]]:
     SQLite spool, or every valid line of a jsonl spool's files."""
     if Path(spool_path).is_dir():
         from kmagent.protocol import encode
-        from kmagent.spool.jsonl_line import BadLine, from_line
+        from kmagent.spool.jsonl.line import BadLine, from_line
         rows = []
         files = sorted(Path(spool_path).glob("events.*.jsonl")) + [
             Path(spool_path) / "events.jsonl"]

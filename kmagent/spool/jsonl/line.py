@@ -28,8 +28,8 @@ import math
 from json.encoder import encode_basestring
 from typing import Any
 
-from ..errors import InvalidEvent
-from ..events import ALIAS, EVENT, Event, check_name, make_alias, make_event, make_set
+from ...errors import InvalidEvent
+from ...events import ALIAS, EVENT, Event, check_name, make_alias, make_event, make_set
 
 FORMAT_VERSION = 1
 FIELDS = frozenset({"_p", "_n", "_p2", "_t", "_c", "_k", "_v", "_d", "_o"})
