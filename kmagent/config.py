@@ -61,6 +61,9 @@ class Config:
     durability: str = DEFAULT_DURABILITY
     max_bytes: int = DEFAULT_MAX_BYTES
     when_full: str = DEFAULT_WHEN_FULL
+    # Free space producers leave on the spool's filesystem: bytes, a share ("10%"), or
+    # None: 5 % of the filesystem, at most 64 MiB (spool/space.py).
+    keep_free: int | str | None = None
     rotate_bytes: int = DEFAULT_ROTATE_BYTES
     rotate_seconds: float = DEFAULT_ROTATE_SECONDS
     concurrency: int = DEFAULT_CONCURRENCY
@@ -116,6 +119,21 @@ def _number(low: float, high: float, *, integer: bool = False) -> Callable[[Any,
             raise ValueError(f"must be {kind} from {low:g} to {high:g}")
         return value if integer else float(value)
     return check
+
+
+def _keep_free(value: Any, base: Path) -> int | str:
+    """Bytes (an integer), or a share of the filesystem ("10%")."""
+    if isinstance(value, str) and value.endswith("%"):
+        try:
+            share = float(value[:-1])
+        except ValueError:
+            share = -1.0
+        if 0 <= share <= 50:
+            return value
+    elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2**50:
+        return value
+    raise ValueError('must be a number of bytes (e.g. 67108864) or a share of the '
+                     'filesystem from "0%" to "50%"')
 
 
 def is_loopback(host: str) -> bool:
@@ -194,6 +212,7 @@ KEYS: dict[tuple[str, str], tuple[str, Callable[[Any, Path], Any]]] = {
     ("spool", "durability"): ("durability", _choice("normal", "full")),
     ("spool", "max_bytes"): ("max_bytes", _number(64 * 1024, 2**50, integer=True)),
     ("spool", "when_full"): ("when_full", _choice("error", "drop")),
+    ("spool", "keep_free"): ("keep_free", _keep_free),
     ("spool", "rotate_bytes"): ("rotate_bytes", _number(4096, 2**40, integer=True)),
     ("spool", "rotate_seconds"): ("rotate_seconds", _number(1, 30 * 86400)),
     ("ship", "concurrency"): ("concurrency", _concurrency),

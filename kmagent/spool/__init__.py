@@ -20,7 +20,7 @@ BACKENDS = ("sqlite", "jsonl")
 def open_spool(path: str | os.PathLike, *, backend: str = "sqlite",
                durability: str = "normal", **options: Any) -> Spool:
     """Open (creating if missing) the spool at ``path``: a file for SQLite, a directory
-    for jsonl. ``options``: ``max_bytes``, ``when_full``; jsonl's ``rotate_bytes`` and
+    for jsonl. ``options``: ``max_bytes``, ``when_full``, ``keep_free``; jsonl's ``rotate_bytes`` and
     ``rotate_seconds``."""
     if backend == "sqlite":
         from .sqlite import SqliteSpool
@@ -41,7 +41,8 @@ def open_configured(config: "Config", path: str | os.PathLike | None = None) -> 
         backend = "jsonl"
     elif Path(path).is_file():
         backend = "sqlite"
-    options: dict[str, Any] = {"max_bytes": config.max_bytes, "when_full": config.when_full}
+    options: dict[str, Any] = {"max_bytes": config.max_bytes, "when_full": config.when_full,
+                               "keep_free": config.keep_free}
     if backend == "jsonl":
         options.update(rotate_bytes=config.rotate_bytes, rotate_seconds=config.rotate_seconds)
     return open_spool(path, backend=backend, durability=config.durability, **options)

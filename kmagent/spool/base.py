@@ -23,9 +23,12 @@ from ..events import Event
 from .files import (DIR_MODE, FILE_MODE, append_to, flocked, fsync_dir,  # noqa: F401 (re-exported)
                     make_dirs, open_file, write_atomically)
 from .shared import Shared
+from .space import free_bytes, keep_free_bytes
 
-# How often a producer re-measures the spool's size for max_bytes; in between it adds
-# what it wrote itself (other processes may overshoot the cap by what they write then).
+# How often a producer re-measures the spool's size (max_bytes) and the filesystem's
+# free space (keep_free); in between it adds what it wrote itself, and measures again
+# early once that nears the room left (other processes may overshoot by what they
+# write meanwhile: the reserve is there for that, among others).
 SIZE_CHECK_S = 0.5
 
 
@@ -69,11 +72,19 @@ class Spool(abc.ABC):
     """
 
     path: Path
+    # What one write adds on disk at least, whatever its records' size (SQLite: a WAL
+    # frame), for the free-space estimate between measurements.
+    WRITE_COST = 0
 
-    def __init__(self, *, max_bytes: int | None = None, when_full: str = "error") -> None:
+    def __init__(self, *, max_bytes: int | None = None, when_full: str = "error",
+                 keep_free: int | str | None = None) -> None:
         self.max_bytes = max_bytes
         self.when_full = when_full
+        self._keep_free_setting = keep_free
+        self._keep_free: int | None = None  # resolved once the directory exists
         self._size = 0
+        self._room = 0  # free bytes above the reserve, when last measured
+        self._written = 0  # bytes this handle wrote since then
         self._size_at = -SIZE_CHECK_S  # monotonic time of the last measurement
         self._shared = self._share()
 
@@ -102,12 +113,12 @@ class Spool(abc.ABC):
     def append(self, event: Event) -> None:
         """Store one event durably (per ``durability``) before returning; at
         ``max_bytes`` raise SpoolFull or, with ``when_full = "drop"``, drop and count."""
-        if self.max_bytes is not None and self._full_now():
+        full = self._full_now()
+        if full:
             if self.when_full == "drop":
                 self._count_drop()
                 return
-            raise SpoolFull(f"spool {self.path} is at its max_bytes ({self.max_bytes} "
-                            "bytes): is the daemon running and the host reachable?")
+            raise SpoolFull(f"{full}: is the daemon running and the host reachable?")
         record = self._record(event)
         shared = self._shared
         if shared.stale:
@@ -124,7 +135,7 @@ class Spool(abc.ABC):
                     # Nobody was writing: nobody to group with; the common case, cheap.
                     shared.busy = True
                     try:
-                        self._size += self._write([record], sync=False)
+                        self._wrote(self._write([record], sync=False))
                     finally:
                         shared.busy = False
                     return
@@ -149,7 +160,7 @@ class Spool(abc.ABC):
             raise SpoolError(f"spool {self.path}: record() called while this thread was "
                              "writing to the spool (from a signal handler?); not stored")
         with shared.held():
-            self._size += self._write([record], sync=False)
+            self._wrote(self._write([record], sync=False))
 
     def _write_waiting(self, shared: Shared, own: list[Any]) -> None:
         batch: list[list[Any]] = []
@@ -163,7 +174,7 @@ class Spool(abc.ABC):
                 # handler raising): ours to write now.
                 batch.append(own)
             started = True
-            self._size += self._write([entry[0] for entry in batch], sync=False)
+            self._wrote(self._write([entry[0] for entry in batch], sync=False))
         except PartialWrite as exc:
             for n, entry in enumerate(batch):
                 entry[1] = None if n < exc.stored else exc
@@ -188,24 +199,55 @@ class Spool(abc.ABC):
     def append_many(self, events: list[Event]) -> None:
         """Store ``events`` together and durably (synced to disk, whatever
         ``durability`` says) before returning: for imports, whose source is removed next."""
-        if events and self.max_bytes is not None and self._full_now():
-            raise SpoolFull(f"spool {self.path} is at its max_bytes ({self.max_bytes} bytes)")
-        if events:
-            records = [self._record(event) for event in events]
-            with self._holding():
-                self._size += self._write(records, sync=True)
+        if not events:
+            return
+        full = self._full_now()
+        if full:
+            raise SpoolFull(full)
+        records = [self._record(event) for event in events]
+        with self._holding():
+            self._wrote(self._write(records, sync=True))
 
-    def _full_now(self) -> bool:
+    def _wrote(self, added: int) -> None:
+        self._size += added
+        self._written += added + self.WRITE_COST
+
+    @property
+    def keep_free(self) -> int:
+        """The reserve, in bytes: free space on the spool's filesystem that producers
+        never take (``[spool] keep_free``; see ``space``)."""
+        if self._keep_free is None:
+            self._keep_free = keep_free_bytes(self._keep_free_setting, self.spool_dir)
+        return self._keep_free
+
+    def _full_now(self) -> str | None:
+        """Why a new event must be refused now (max_bytes, or the reserve), or None."""
         now = time.monotonic()
-        if now - self._size_at >= SIZE_CHECK_S:
+        if now - self._size_at >= SIZE_CHECK_S or 2 * self._written >= self._room:
             self._follow()
             try:
-                self._size = self.size_on_disk()
+                if self.max_bytes is not None:
+                    self._size = self.size_on_disk()
+                self._room = free_bytes(self.spool_dir) - self.keep_free
             except OSError as exc:  # the spool's directory removed by hand, say
                 raise SpoolError(f"spool {self.path}: cannot measure its size: "
                                  f"{exc.strerror or exc}") from None
+            self._written = 0
             self._size_at = now
-        return self._size >= self.max_bytes
+        if self.max_bytes is not None and self._size >= self.max_bytes:
+            return f"spool {self.path} is at its max_bytes ({self.max_bytes} bytes)"
+        if self._written >= self._room:
+            return (f"spool {self.path}: its filesystem is down to the {self.keep_free} "
+                    "bytes it keeps free ([spool] keep_free)")
+        return None
+
+    def space_low(self) -> bool:
+        """Whether the filesystem is near the reserve (under twice it): time for the
+        shipper to give back what it can (seal files, vacuum)."""
+        try:
+            return free_bytes(self.spool_dir) < 2 * self.keep_free
+        except OSError:
+            return True
 
     @property
     def drops_path(self) -> Path:
@@ -320,6 +362,16 @@ class Spool(abc.ABC):
     def watch_target(self) -> tuple[Path, str]:
         """The directory to watch and the prefix of the spool's file names in it."""
         return self.path.parent, self.path.name
+
+    @property
+    def spool_dir(self) -> Path:
+        """The directory holding the spool's files (its filesystem is the one measured)."""
+        return self.path.parent
+
+    @property
+    def ballast_path(self) -> Path:
+        """The shipper's spare room on the spool's filesystem (see ``space.Ballast``)."""
+        return self.path.with_name(self.path.name + ".ballast")
 
     @property
     def lock_path(self) -> Path:

@@ -94,13 +94,15 @@ class SqliteSpool(Spool):
 
     def __init__(self, path: Path, *, durability: str = "normal",
                  max_bytes: int | None = None, when_full: str = "error",
+                 keep_free: int | str | None = None,
                  use_returning: bool | None = None) -> None:
         # Resolved: a symlinked path must lead to the same lock file, or two shippers
         # could work one spool at once, and to the process's one connection.
         self.path = Path(path).resolve()
         self._durability = durability
         self._use_returning = HAS_RETURNING if use_returning is None else use_returning
-        super().__init__(max_bytes=max_bytes, when_full=when_full)  # opens: fails early
+        super().__init__(max_bytes=max_bytes, when_full=when_full,  # opens: fails early
+                         keep_free=keep_free)
 
     # --- connection -------------------------------------------------------------------
 

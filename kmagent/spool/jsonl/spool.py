@@ -44,9 +44,10 @@ class JsonlSpool(Spool):
     def __init__(self, path: Path, *, durability: str = "normal",
                  rotate_bytes: int = DEFAULT_ROTATE_BYTES,
                  rotate_seconds: float = DEFAULT_ROTATE_SECONDS,
-                 max_bytes: int | None = None, when_full: str = "error") -> None:
+                 max_bytes: int | None = None, when_full: str = "error",
+                 keep_free: int | str | None = None) -> None:
         self.path = Path(path).resolve()  # one lock file per spool, whatever the path
-        super().__init__(max_bytes=max_bytes, when_full=when_full)
+        super().__init__(max_bytes=max_bytes, when_full=when_full, keep_free=keep_free)
         self._full = durability == "full"
         self.rotate_bytes = rotate_bytes
         self.rotate_seconds = rotate_seconds
@@ -74,6 +75,14 @@ class JsonlSpool(Spool):
     @property
     def lock_path(self) -> Path:
         return self.path / "shipper.lock"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.path
+
+    @property
+    def ballast_path(self) -> Path:
+        return self.path / "ballast"
 
     @property
     def watch_target(self) -> tuple[Path, str]:
