@@ -76,14 +76,31 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory.
+
+    Only a temp file written whole and synced is renamed: on a nearly full disk write()
+    stores part of the data and says so, and a part renamed into place would replace a
+    good file with one nobody can parse. A write that stops (ENOSPC, or storing nothing)
+    removes the temp file and raises OSError(ENOSPC); ``path`` is left as it was."""
     tmp = path.with_name(path.name + ".tmp")
     fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
-        os.write(fd, data)
+        view, written = memoryview(data), 0
+        while written < len(data):
+            count = os.write(fd, view[written:])
+            if count <= 0:
+                raise OSError(errno.ENOSPC, f"cannot write {path.name}: no space left "
+                              f"after {written} of {len(data)} bytes")
+            written += count
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
