@@ -6,12 +6,22 @@ never lost; whatever cannot be told apart is sent again rather than dropped."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
+import time
 
 import pytest
+from conftest import run_kmagent, status
 
+from kmagent import Client
+from kmagent.errors import SpoolError
+from kmagent.events import make_event
+from kmagent.spool import open_spool
 from kmagent.spool.files import write_atomically
+from kmagent.spool.jsonl import CHECKPOINT
+
+T0 = 1_700_000_000
 
 
 @pytest.fixture
@@ -30,6 +40,30 @@ def small_disk(tmp_path):
         pytest.skip("cannot mount a small filesystem here (needs root)")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def open_jsonl(path, **options):
+    return open_spool(path, backend="jsonl", **options)
+
+
+def event(n: int, api_key: str | None = None, **props):
+    return make_event(f"person{n}", "Did", {"n": n, **props}, api_key=api_key, now=T0 + n)
+
+
+def drain(spool, *, with_key_only: bool = False, rounds: int = 10_000) -> list:
+    """Claim and ack until nothing more comes; the claimed items, in order."""
+    claimed = []
+    for _ in range(rounds):
+        items = spool.claim(256, now=time.time(), with_key_only=with_key_only)
+        if not items:
+            break
+        claimed += items
+        spool.ack([i.id for i in items])
+    return claimed
+
+
+def persons(items) -> list[str]:
+    return [i.query.split("&")[0][3:] for i in items]
 
 
 def fill(directory, leave: int = 0, name: str = "filler") -> None:
@@ -84,3 +118,100 @@ def test_short_writes_are_continued_and_a_write_of_nothing_is_a_full_disk(
     assert raised.value.errno == errno.ENOSPC
     assert target.read_bytes() == b"y" * 4500
     assert [p.name for p in target.parent.iterdir()] == ["f"]
+
+
+# --- 2. a damaged checkpoint is a resend, never a stop -------------------------------
+
+DAMAGED = {
+    "truncated": b'{"v":1,"seq":1,"ino":12,"head":null,"off',
+    "garbage": b"\x00\x00\x00\x00" * 2048,
+    "empty object": b"{}",
+    "a list": b"[]",
+    "empty file": b"",
+    "seq a string": b'{"v":1,"seq":"1","offset":0}',
+    "offset negative": b'{"v":1,"seq":1,"offset":-5}',
+    "offset missing": b'{"v":1,"seq":1}',
+    "ahead not positions": b'{"v":1,"seq":1,"offset":0,"ahead":[[1]]}',
+    "lines not counts": b'{"v":1,"seq":1,"offset":0,"lines":{"x":1}}',
+    "moving not a move": b'{"v":1,"seq":1,"offset":0,"moving":{"after":3}}',
+    "v a string": b'{"v":"1","seq":1,"offset":0}',
+    "bool for int": b'{"v":1,"seq":true,"offset":0}',
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED))
+def test_a_damaged_checkpoint_never_stops_producers_and_the_shipper_resends(
+        spool_path, damage):
+    shipper = open_jsonl(spool_path)
+    for n in range(5):
+        shipper.append(event(n))
+    assert len(drain(shipper)) == 5  # delivered, checkpointed
+    shipper.close()
+    producer = Client(spool=spool_path)  # open before the damage, as an app's is
+    (spool_path / CHECKPOINT).write_bytes(DAMAGED[damage])
+    producer.record("late", "After The Damage")  # reads the checkpoint (max_bytes)
+    producer.close()
+    reader = open_jsonl(spool_path, max_bytes=1 << 30)
+    assert reader.stats(time.time())["pending"] == 6  # nothing counted as settled
+    assert reader.size_on_disk() > 0
+    reader.append(event(5))
+    reader.close()
+
+    shipper = open_jsonl(spool_path)
+    shipper.recover()
+    again = drain(shipper)
+    assert persons(again) == [f"person{n}" for n in range(5)] + ["late", "person5"]
+    [kept] = spool_path.glob(CHECKPOINT + ".damaged-*")
+    assert kept.read_bytes() == DAMAGED[damage]  # kept aside, never deleted
+    figures = shipper.stats(time.time())
+    assert figures["pending"] == 0 and figures["checkpoint_rebuilt_at"] > time.time() - 60
+    shipper.close()
+    json.loads((spool_path / CHECKPOINT).read_bytes())  # a good one in its place
+
+
+def test_a_damaged_checkpoint_with_real_commands(host, write_config, spool_path):
+    config = write_config(host)
+    client = Client(config=config)
+    for n in range(20):
+        client.record(f"p{n}", "Before")
+    assert run_kmagent("flush", "--timeout", "30", "--config", str(config)).returncode == 0
+    (spool_path / CHECKPOINT).write_bytes(b'{"v":1,"seq":1,"offset":40')  # torn
+    client.record("p20", "After")  # the open client goes on
+    shown = run_kmagent("status", "--json", "--config", str(config))
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["pending"] == 21
+    flushed = run_kmagent("flush", "--timeout", "30", "--config", str(config))
+    assert flushed.returncode == 0, flushed.stderr
+    assert "damaged" in flushed.stderr and CHECKPOINT + ".damaged-" in flushed.stderr
+    names = [dict(r.params)["_p"] for r in host.delivered()]
+    assert sorted(names) == sorted([f"p{n}" for n in range(20)] * 2 + ["p20"])
+    figures = status(config)
+    assert figures["pending"] == 0 and figures["checkpoint_rebuilt_at"] is not None
+
+
+def test_a_newer_checkpoint_is_refused_not_rebuilt(spool_path):
+    spool_path.mkdir(parents=True)
+    (spool_path / CHECKPOINT).write_text('{"v": 99, "seq": "anything"}')
+    with pytest.raises(SpoolError, match="newer"):
+        open_jsonl(spool_path)
+    assert not list(spool_path.glob(CHECKPOINT + ".damaged-*"))
+
+
+def test_a_removed_checkpoint_is_a_resend_and_nothing_later_is_lost(spool_path):
+    shipper = open_jsonl(spool_path, rotate_bytes=4096)
+    for n in range(30):
+        shipper.append(event(n, pad="x" * 300))
+    drain(shipper)  # rotates along the way
+    for n in range(30, 40):
+        shipper.append(event(n, pad="x" * 300))
+    shipper.close()
+    (spool_path / CHECKPOINT).unlink()
+    for n in range(40, 45):
+        Client(spool=spool_path).record(f"person{n}", "Did")
+    shipper = open_jsonl(spool_path, rotate_bytes=4096)
+    shipper.recover()
+    got = persons(drain(shipper))
+    assert {f"person{n}" for n in range(30, 45)} <= set(got)
+    assert len(got) == len(set(got))
+    assert shipper.stats(time.time())["pending"] == 0
+    shipper.close()

@@ -33,13 +33,15 @@ for the copy: the line is neither lost nor doubled.
 One concept a module:
 
 - ``line``: the line format (Event ⇄ one JSON object);
-- ``layout``: the directory's files, the checkpoint, and what reads them raw;
+- ``layout``: the directory's files and what reads them raw;
+- ``checkpoint``: the checkpoint, checked field by field (damage is read as a resend);
 - ``spool``: ``JsonlSpool``, the Spool contract: appends, operations, dead letters;
 - ``view``: the spool as any process sees it on disk (status, flush's marks, export);
 - ``shipping``: the shipper's state, which exists only under the shipper lock.
 """
 
-from .layout import ACTIVE, CHECKPOINT
+from .checkpoint import CHECKPOINT
+from .layout import ACTIVE
 from .spool import JsonlSpool
 
 __all__ = ["ACTIVE", "CHECKPOINT", "JsonlSpool"]

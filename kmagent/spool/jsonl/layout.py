@@ -6,28 +6,25 @@ import json
 import os
 import re
 import zlib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
 
-from ...errors import SpoolError
+from .checkpoint import Position
 from .line import ORIGIN_KEY, origin_of
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 ACTIVE = "events.jsonl"
 SEALED = re.compile(r"^events\.(\d{10})\.jsonl$")
-CHECKPOINT = "checkpoint.json"
 DEAD = "dead.jsonl"
 DEAD_LOCK = "dead.lock"  # the shipper appends, `kmagent dead` rewrites: one at a time
 BAD = "bad.jsonl"
-CHECKPOINT_VERSION = 1
 
 # How many lines the shipper reads past the first unsettled one. Bounds its memory and
 # the checkpoint's size however long an outage lasts.
 MAX_AHEAD = 4096
 READ_CHUNK = 1 << 16
 MAX_LINE_BYTES = 16 * 1024 * 1024  # longer is garbage (a valid event is far smaller)
-
-Position = tuple[int, int]  # (file sequence number, byte offset)
 
 # What a writer puts before its line when the file does not end in a newline (a writer
 # killed mid-line, or a short write that could not be cut back): the NUL makes the torn
@@ -106,56 +103,13 @@ def file_head(fd: int) -> int | None:
     return None if end < 0 else zlib.crc32(first[:end + 1])
 
 
-def active_seq(ckpt: "Checkpoint", sealed: Iterable[int], active_ino: int,
+def active_seq(ckpt: Checkpoint, sealed: Iterable[int], active_ino: int,
                active_head: int | None) -> int:
     """The sequence number events.jsonl will be sealed under (only the shipper seals):
     the checkpoint's file if it is this one, else the next after every known file."""
     if ckpt.ino == active_ino and ckpt.head in (None, active_head):
         return ckpt.seq
     return max([s + 1 for s in sealed] + [ckpt.seq + (ckpt.ino is not None)])
-
-
-
-@dataclass
-class Checkpoint:
-    seq: int = 1
-    ino: int | None = None  # inode of file ``seq`` (None: not seen yet)
-    head: int | None = None  # and its fingerprint (file_head)
-    offset: int = 0
-    ahead: list[Position] = field(default_factory=list)
-    bad_lines: int = 0
-    in_flight: int = 0
-    lines: dict[int, int] = field(default_factory=dict)  # seq -> lines, sealed files
-    # A move begun (see Shipping._move): {"after": position, "from": [positions],
-    # "origins": [their origins]}; None when none is under way.
-    moving: dict[str, Any] | None = None
-
-    @classmethod
-    def load(cls, path: Path) -> "Checkpoint":
-        try:
-            data = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            return cls()
-        except ValueError as exc:
-            raise SpoolError(f"spool {path.parent}: {CHECKPOINT} is corrupt: {exc}") from None
-        if data.get("v", 0) > CHECKPOINT_VERSION:
-            raise SpoolError(f"spool {path.parent}: format {data['v']} is newer than this "
-                             f"kmagent understands ({CHECKPOINT_VERSION}); upgrade kmagent")
-        return cls(seq=data["seq"], ino=data.get("ino"), head=data.get("head"),
-                   offset=data["offset"],
-                   ahead=[tuple(p) for p in data.get("ahead", [])],
-                   bad_lines=data.get("bad_lines", 0),
-                   in_flight=data.get("in_flight", 0),
-                   lines={int(k): v for k, v in data.get("lines", {}).items()},
-                   moving=data.get("moving"))
-
-    def dump(self) -> bytes:
-        return json.dumps({
-            "v": CHECKPOINT_VERSION, "seq": self.seq, "ino": self.ino, "head": self.head,
-            "offset": self.offset,
-            "ahead": self.ahead, "bad_lines": self.bad_lines,
-            "in_flight": self.in_flight, "lines": self.lines, "moving": self.moving,
-        }, separators=(",", ":")).encode()
 
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
+import logging
 import os
 import time
 from collections import deque
@@ -18,12 +19,15 @@ from ...protocol import encode
 from ..base import Claimed, append_to, fsync_dir, write_atomically
 from ..files import flock_within
 from .line import BadLine, from_line, origin_of, with_origin
-from .layout import (ACTIVE, BAD, CHECKPOINT, DEAD, MAX_AHEAD, MAX_LINE_BYTES, READ_CHUNK,
-                     SEALED, Checkpoint, ClaimId, Position, active_seq, copies_in,
-                     count_lines, dump_line, file_head, sealed_name)
+from .checkpoint import CHECKPOINT, Checkpoint, DamagedCheckpoint, Position
+from .layout import (ACTIVE, BAD, DEAD, MAX_AHEAD, MAX_LINE_BYTES, READ_CHUNK, SEALED,
+                     ClaimId, active_seq, copies_in, count_lines, dump_line, file_head,
+                     sealed_name)
 
 if TYPE_CHECKING:
     from .spool import JsonlSpool
+
+log = logging.getLogger("kmagent.spool")
 
 # Leases, never the same twice in a process (a shipper started anew included).
 _leases = itertools.count(1)
@@ -57,7 +61,11 @@ class Shipping:
     def __init__(self, spool: JsonlSpool) -> None:
         self.spool = spool
         self.dir = spool.path
-        self.ckpt = Checkpoint.load(self.dir / CHECKPOINT)
+        self.unsaved = False  # the checkpoint in memory is ahead of the one on disk
+        try:
+            self.ckpt = Checkpoint.load(self.dir / CHECKPOINT)
+        except DamagedCheckpoint as exc:
+            self.ckpt = self._rebuilt(exc)
         self.files: dict[int, _File] = {}
         for name in sorted(os.listdir(self.dir)):
             match = SEALED.match(name)
@@ -87,6 +95,24 @@ class Shipping:
             except BaseException:
                 self.close()
                 raise
+
+    def _rebuilt(self, damage: DamagedCheckpoint) -> Checkpoint:
+        """A checkpoint in place of a damaged one: the damaged file kept aside (never
+        deleted: it is evidence), and delivery started again from the oldest file
+        present, at its start. Every line present is sent again rather than any lost;
+        Kissmetrics drops the identical requests."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.dir / f"{CHECKPOINT}.damaged-{stamp}"
+        for n in itertools.count(1):
+            if not aside.exists():
+                break
+            aside = self.dir / f"{CHECKPOINT}.damaged-{stamp}.{n}"
+        os.rename(self.dir / CHECKPOINT, aside)
+        log.error("%s; kept it as %s and rebuilt the checkpoint: every event still in the "
+                  "spool is sent again from the oldest file on (the host drops identical "
+                  "requests)", damage, aside.name)
+        self.unsaved = True  # saved with the first claim, once there is room
+        return Checkpoint(rebuilt_at=time.time())
 
     # --- files ---
 
@@ -209,6 +235,8 @@ class Shipping:
     # --- the Spool operations ---
 
     def claim(self, limit: int, now: float, with_key_only: bool) -> list[Claimed]:
+        if self.unsaved:
+            self._save()  # one that failed (a full disk): nothing else would retry it
         self._maybe_rotate(now)
         self._trim()
         self._unblock(with_key_only)
@@ -437,7 +465,9 @@ class Shipping:
         self.ckpt.ahead = ahead
         self.ckpt.in_flight = len(self.in_flight)
         self.ckpt.lines = {s: n for s, n in self.ckpt.lines.items() if s >= seq}
+        self.unsaved = True
         write_atomically(self.dir / CHECKPOINT, self.ckpt.dump())
+        self.unsaved = False
         for old in [s for s in self.files if s < seq and self.files[s].sealed]:
             entry = self.files.pop(old)
             os.close(entry.fd)

@@ -24,7 +24,8 @@ from ..base import (Claimed, PartialWrite, Spool, flocked, make_dirs, open_file,
 from ..files import FLOCK_WAIT_S, flock_within
 from ..shared import Shared, shared_for
 from .line import from_line, to_line
-from .layout import ACTIVE, CHECKPOINT, DEAD, DEAD_LOCK, TORN_END, Checkpoint, dump_line
+from .checkpoint import CHECKPOINT, Checkpoint
+from .layout import ACTIVE, DEAD, DEAD_LOCK, TORN_END, dump_line
 from .shipping import Shipping
 from .view import CopyIndex, DiskView
 
@@ -60,7 +61,7 @@ class JsonlSpool(Spool):
         self._shipping: Shipping | None = None
         try:
             make_dirs(self.path)
-            Checkpoint.load(self.path / CHECKPOINT)  # refuses a newer format at once
+            Checkpoint.read(self.path / CHECKPOINT)  # refuses a newer format at once
             with self._lock:
                 self._active_fd()  # open now so a bad path fails at construction
         except OSError as exc:
@@ -291,6 +292,7 @@ class JsonlSpool(Spool):
                 "dead": self._count_dead(),
                 "oldest_pending_age_s": None if created is None else max(0.0, now - created),
                 "bad_lines": view.checkpoint.bad_lines,
+                "checkpoint_rebuilt_at": view.checkpoint.rebuilt_at,
             }
         return self._guard("stats", lambda: self._viewed(read))
 

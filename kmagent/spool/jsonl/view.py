@@ -9,8 +9,8 @@ from typing import Any, Iterator
 
 from ...events import Event
 from .line import BadLine, created_of, from_line
-from .layout import (ACTIVE, CHECKPOINT, SEALED, Checkpoint, Position, active_seq,
-                     copies_in, count_lines, file_head)
+from .checkpoint import CHECKPOINT, Checkpoint, Position
+from .layout import ACTIVE, SEALED, active_seq, copies_in, count_lines, file_head
 
 class DiskView:
     """The spool as any process sees it on disk: files in order and the checkpoint.
@@ -18,7 +18,8 @@ class DiskView:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.checkpoint = Checkpoint.load(path / CHECKPOINT)
+        # Damaged: read as nothing settled yet (see checkpoint), never an error here.
+        self.checkpoint = Checkpoint.read(path / CHECKPOINT)
         self.files: list[tuple[int, Path, os.stat_result]] = []  # (seq, path, stat)
         for name in os.listdir(path):
             match = SEALED.match(name)
