@@ -19,7 +19,7 @@ from kmagent.errors import SpoolError
 from kmagent.events import make_event
 from kmagent.spool import open_spool
 from kmagent.spool.files import write_atomically
-from kmagent.spool.jsonl import CHECKPOINT
+from kmagent.spool.jsonl import ACTIVE, CHECKPOINT
 
 T0 = 1_700_000_000
 
@@ -215,3 +215,31 @@ def test_a_removed_checkpoint_is_a_resend_and_nothing_later_is_lost(spool_path):
     assert len(got) == len(set(got))
     assert shipper.stats(time.time())["pending"] == 0
     shipper.close()
+
+
+# --- 3. a bad line met while the disk is full is set aside later, never wedges -------
+
+def test_a_bad_line_met_on_a_full_disk_is_set_aside_once_there_is_room(small_disk):
+    path = small_disk / "spool"
+    spool = open_jsonl(path, keep_free=0)
+    spool.append(event(0))
+    with open(path / ACTIVE, "ab") as fh:
+        fh.write(b"not an event\n")
+    for n in range(1, 6001):
+        spool.append(event(n))
+    fill(small_disk)  # another program takes the last byte
+    failed = 0
+    for _ in range(5):
+        try:
+            drain(spool)
+        except SpoolError:
+            failed += 1
+    assert failed  # bad.jsonl (or the checkpoint) could not be written
+    os.unlink(small_disk / "filler")
+    delivered = persons(drain(spool))
+    assert len(set(delivered) & {f"person{n}" for n in range(1, 6001)}) == 6000
+    figures = spool.stats(time.time())
+    assert (figures["pending"], figures["bad_lines"]) == (0, 1)
+    [aside] = (path / "bad.jsonl").read_text().splitlines()
+    assert json.loads(aside)["line"] == "not an event\n"
+    spool.close()

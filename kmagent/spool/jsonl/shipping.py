@@ -86,6 +86,10 @@ class Shipping:
         self.ready: list[tuple[float, Position]] = []  # heap of (due, id), keyed lines
         self.keyless: set[Position] = set()  # waiting for an API key
         self.in_flight: set[Position] = set()
+        # Read, not yet parsed into a claimable item nor set aside: normally only for an
+        # instant, but a set-aside that failed (a full disk) leaves its line here, and
+        # every claim tries it again until it is written.
+        self.unclassified: dict[Position, _Line] = {}
         # Where reading stopped at an unfinished line in the active file, and the file's
         # size then: no new complete line can exist until that size changes.
         self.stalled: tuple[int, int] | None = None
@@ -224,6 +228,7 @@ class Shipping:
             line.settled = True  # delivered before a crash: never send it twice
         else:
             self.lines[pos] = line
+            self.unclassified[pos] = line
         return line
 
     def _trim(self) -> Position:
@@ -238,6 +243,9 @@ class Shipping:
         if self.unsaved:
             self._save()  # one that failed (a full disk): nothing else would retry it
         self._maybe_rotate(now)
+        for line in list(self.unclassified.values()):
+            if self._classify(line, with_key_only):
+                heapq.heappush(self.ready, (0.0, line.id))
         self._trim()
         self._unblock(with_key_only)
         out: list[Claimed] = []
@@ -263,22 +271,28 @@ class Shipping:
                 self.keyless.discard(pos)
                 out.append(self._take(self.lines[pos]))
         for line in self._read(limit - len(out)):
-            if line.settled:
-                continue
-            try:
-                if not line.raw.endswith(b"\n"):  # a sealed file's torn tail
-                    raise BadLine("torn: the file ends before this line's newline")
-                event, created = from_line(line.raw)
-            except BadLine as exc:
-                self._set_aside(line, str(exc))
-                self.settle([line.id])
-                continue
-            path, query = encode(event)
-            line.item = Claimed(line.id, path, query, event.api_key, created, 0)
-            if with_key_only and event.api_key is None:
-                self.keyless.add(line.id)
-            else:
+            if not line.settled and self._classify(line, with_key_only):
                 out.append(self._take(line))
+
+    def _classify(self, line: _Line, with_key_only: bool) -> bool:
+        """Parse a line just read: a bad one is set aside (an OSError leaves it to be
+        tried again), one without a key waits for one; True if it can be claimed."""
+        try:
+            if not line.raw.endswith(b"\n"):  # a sealed file's torn tail
+                raise BadLine("torn: the file ends before this line's newline")
+            event, created = from_line(line.raw)
+        except BadLine as exc:
+            self._set_aside(line, str(exc))  # raises, on a full disk: tried again later
+            del self.unclassified[line.id]
+            self.settle([line.id])
+            return False
+        path, query = encode(event)
+        line.item = Claimed(line.id, path, query, event.api_key, created, 0)
+        del self.unclassified[line.id]
+        if with_key_only and event.api_key is None:
+            self.keyless.add(line.id)
+            return False
+        return True
 
     def _unblock(self, with_key_only: bool) -> None:
         """Keep the checkpoint moving past lines that wait long (a transient failure
@@ -439,6 +453,7 @@ class Shipping:
             line = self.lines.pop(pos, None)
             self.in_flight.discard(pos)
             self.keyless.discard(pos)
+            self.unclassified.pop(pos, None)
             if line is not None:
                 line.settled = True
         self._save()
