@@ -8,11 +8,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import time
 
 import pytest
-from conftest import run_kmagent, status
+from conftest import run_kmagent, start_daemon, status, stop, wait_for
 
 from kmagent import Client
 from kmagent.errors import SpoolError
@@ -243,3 +244,90 @@ def test_a_bad_line_met_on_a_full_disk_is_set_aside_once_there_is_room(small_dis
     [aside] = (path / "bad.jsonl").read_text().splitlines()
     assert json.loads(aside)["line"] == "not an event\n"
     spool.close()
+
+
+# --- 4. events without a key wait without holding back those that have one ----------
+
+def test_one_keyless_event_does_not_stop_six_thousand_keyed_ones(spool_path):
+    spool = open_jsonl(spool_path)
+    spool.append(event(0))  # no key of its own, and the agent has none
+    for n in range(1, 6001):
+        spool.append(event(n, api_key="own"))
+    delivered = persons(drain(spool, with_key_only=True))
+    assert sorted(delivered) == sorted(f"person{n}" for n in range(1, 6001))
+    assert spool.stats(time.time())["pending"] == 1
+    assert persons(drain(spool)) == ["person0"]  # a key configured: it goes too
+    assert spool.stats(time.time())["pending"] == 0
+    spool.close()
+
+
+def test_keyless_events_interleaved_wait_and_go_once_a_key_is_configured(spool_path):
+    spool = open_jsonl(spool_path, rotate_bytes=256 * 1024)
+    keyless = {f"person{n}" for n in range(0, 10_100, 101)}
+    for n in range(10_100):
+        spool.append(event(n, api_key=None if f"person{n}" in keyless else "own"))
+    delivered = persons(drain(spool, with_key_only=True))
+    assert len(delivered) == 10_000 and not keyless & set(delivered)
+    assert spool.stats(time.time())["pending"] == 100
+    assert len(list(spool_path.glob("events.0*.jsonl"))) <= 2  # sealed files deleted
+    later = persons(drain(spool))
+    assert sorted(later) == sorted(keyless)
+    assert spool.stats(time.time())["pending"] == 0
+    spool.close()
+
+
+def test_past_half_the_read_ahead_keyless_events_wait_where_they_are(spool_path):
+    """The documented limit: past 2,048 keyless events, nothing more is shipped until
+    a key is configured; and waiting means waiting, not rewriting them in a loop."""
+    spool = open_jsonl(spool_path)
+    for n in range(3000):
+        spool.append(event(n))
+    for n in range(3000, 5000):
+        spool.append(event(n, api_key="own"))
+    for _ in range(50):
+        drain(spool, with_key_only=True)
+    size = os.path.getsize(spool_path / ACTIVE)
+    for _ in range(50):
+        assert drain(spool, with_key_only=True) == []
+    assert os.path.getsize(spool_path / ACTIVE) == size  # no moves going round
+    got = persons(drain(spool))
+    assert len(got) == len(set(got)) and spool.stats(time.time())["pending"] == 0
+    spool.close()
+
+
+def test_an_outage_rewrites_nothing(spool_path):
+    """Every event failing (the host down): moving the oldest out of the way would
+    free nothing, so nothing is moved, and the files stay as they are."""
+    spool = open_jsonl(spool_path)
+    for n in range(5000):
+        spool.append(event(n))
+    size = os.path.getsize(spool_path / ACTIVE)
+    for _ in range(40):
+        items = spool.claim(300, now=time.time())
+        spool.retry([(i.id, time.time() + 3600, "HTTP 503") for i in items])
+    assert os.path.getsize(spool_path / ACTIVE) == size
+    spool.expedite()  # the host is back
+    assert len(set(persons(drain(spool)))) == 5000
+    spool.close()
+
+
+def test_the_daemon_without_a_key_ships_keyed_events_past_a_keyless_one(
+        host, write_config, spool_path):
+    config = write_config(host, api_key=None, extra="[ship]\nconcurrency = 16\n")
+    Client(config=config).record("nokey", "Waits For A Key")
+    keyed = Client("own-key", config=config)
+    for n in range(4500):  # more than the read-ahead holds
+        keyed.record(f"p{n}", "Has A Key")
+    keyed.close()
+    daemon = start_daemon(config)
+    try:
+        wait_for(lambda: len(host.delivered()) >= 4500, timeout=60)
+        assert status(config)["pending"] == 1
+        write_config(host)  # now with the agent's key
+        daemon.send_signal(signal.SIGHUP)
+        wait_for(lambda: any(dict(r.params)["_p"] == "nokey" for r in host.delivered()),
+                 timeout=30)
+    finally:
+        assert stop(daemon) == 0, daemon.log
+    sent = [dict(r.params)["_p"] for r in host.delivered()]
+    assert len(sent) == len(set(sent)) == 4501

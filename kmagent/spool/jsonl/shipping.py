@@ -296,25 +296,37 @@ class Shipping:
 
     def _unblock(self, with_key_only: bool) -> None:
         """Keep the checkpoint moving past lines that wait long (a transient failure
-        that never ends, events with no key while the agent has none): once the lines
-        read ahead of the oldest unsettled one fill half the read-ahead, that line is
-        moved (see _move): written again at the end of the active file, the same line
-        plus its origin, so the same request. Without this, one such line would stop
-        the reader, and sealed files would pile up. The lines to move at once (the
-        oldest, as long as half the read-ahead stays full) move together."""
+        that never ends, an event with no key while the agent has none) while the
+        lines behind them flow: once at least half the read-ahead past the oldest
+        waiting line is delivered (or being sent), that line is moved (see _move):
+        written again at the end of the active file, the same line plus its origin, so
+        the same request. Without this, one such line would stop the reader for good,
+        and sealed files would pile up. The waiting lines at the front move together,
+        as long as half the read-ahead past each still flows.
+
+        Only lines that flow count: when everything waits (an outage, or past 2,048
+        events without a key), moving would free nothing and only rewrite the disk,
+        so nothing moves, and the reader stops once the read-ahead is full. Each move
+        of a line so needs that many deliveries past it: bounded, never a loop."""
         if self.ckpt.moving is not None:
             self._finish_move()  # one a failed write left unfinished: finished first
-        stuck, left = [], len(self.order)
+        if not self.order or self.order[0].settled or self.order[0].id in self.in_flight \
+                or len(self.order) <= MAX_AHEAD // 2:
+            return  # nothing waits at the front, or too little is read to tell
+        flowing = sum(1 for line in self.order
+                      if line.settled or line.id in self.in_flight)
+        stuck = []
         for line in self.order:
-            if left < MAX_AHEAD // 2:
+            if flowing < MAX_AHEAD // 2:
                 break
-            if not line.settled:
-                if line.id in self.in_flight or line.item is None or line.id in self.keyless:
-                    # Being sent: it settles soon. Waiting for a key: nothing moves it on
-                    # but configuring one (moving it would only go round in circles).
-                    break
-                stuck.append(line)
-            left -= 1
+            if line.settled:
+                flowing -= 1
+                continue
+            if line.id in self.in_flight or line.item is None:
+                break  # being sent, it settles soon; not parsed yet: next claim
+            if line.id in self.keyless and not with_key_only:
+                break  # a key is configured now: this claim takes it
+            stuck.append(line)
         if stuck:
             self._move(stuck)
 
