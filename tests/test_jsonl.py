@@ -19,6 +19,7 @@ from kmagent.errors import SpoolError
 from kmagent.events import make_event
 from kmagent.spool import open_spool
 from kmagent.spool.jsonl import ACTIVE, CHECKPOINT
+from kmagent.spool.jsonl.checkpoint import CHECKPOINT_VERSION
 
 T0 = 1_700_000_000
 
@@ -103,7 +104,7 @@ def test_checkpoint_is_replaced_atomically(spool_path):
     spool.append(event(1))
     spool.ack([i.id for i in spool.claim(1, now=time.time())])
     checkpoint = json.loads((spool_path / CHECKPOINT).read_text())
-    assert checkpoint["v"] == 1 and checkpoint["offset"] > 0
+    assert checkpoint["v"] == CHECKPOINT_VERSION and checkpoint["offset"] > 0
     assert not (spool_path / (CHECKPOINT + ".tmp")).exists()
     spool.close()
 

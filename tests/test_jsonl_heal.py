@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -20,7 +21,8 @@ from kmagent.errors import SpoolError
 from kmagent.events import make_event
 from kmagent.spool import open_spool
 from kmagent.spool.files import write_atomically
-from kmagent.spool.jsonl import ACTIVE, CHECKPOINT
+from kmagent.spool.jsonl import ACTIVE, CHECKPOINT, JsonlSpool
+from kmagent.spool.jsonl.line import to_line
 
 T0 = 1_700_000_000
 
@@ -331,3 +333,216 @@ def test_the_daemon_without_a_key_ships_keyed_events_past_a_keyless_one(
         assert stop(daemon) == 0, daemon.log
     sent = [dict(r.params)["_p"] for r in host.delivered()]
     assert len(sent) == len(set(sent)) == 4501
+
+
+
+# --- 5. what operators do to the files ----------------------------------------------
+
+@pytest.fixture
+def same_length_lines(monkeypatch):
+    """Every line written at the same instant: lines of equal content length have equal
+    length, so positions in one file fall on line starts in another."""
+    monkeypatch.setattr(JsonlSpool, "_record", lambda self, e: to_line(e, 1700000000.25))
+
+
+def delivered_persons(host) -> list[str]:
+    return [dict(r.params)["_p"] for r in host.delivered()]
+
+
+def spool_config(write_config, host, spool: str = "", ship: str = "max_backoff = 1\n"):
+    config = write_config(host, extra="[ship]\n" + ship)
+    with open(config, "a") as fh:
+        fh.write(spool)
+    return config
+
+
+def test_rm_of_events_jsonl_then_a_restart_loses_nothing_recorded_after(
+        host, write_config, spool_path, same_length_lines):
+    """The checkpoint waits in an older sealed file (one event keeps failing); the
+    active file is deleted by hand while the daemon runs, and the daemon restarts. The
+    new events.jsonl must never take the deleted file's sequence number: the deleted
+    file's settled positions would then mark the new file's lines as delivered."""
+    host.answer_for = lambda target: 503 if "_p=stuck" in target else None
+    config = spool_config(write_config, host, "rotate_bytes = 4096\n")
+    client = Client(config=config)
+    client.record("stuck", "Did", {"pad": "s" * 5000})  # alone over rotate_bytes: sealed
+    daemon = start_daemon(config)
+    try:
+        wait_for(lambda: list(spool_path.glob("events.0*.jsonl")))
+        for n in range(30):  # in one file: under rotate_bytes
+            client.record(f"a{n:03d}", "Did", {"pad": "x" * 40})
+        wait_for(lambda: len(host.delivered()) >= 30)
+        (spool_path / ACTIVE).unlink()
+        for n in range(10):
+            client.record(f"b{n:03d}", "Did", {"pad": "x" * 40})
+        wait_for(lambda: len(host.delivered()) >= 40)
+    finally:
+        assert stop(daemon) == 0, daemon.log
+    for n in range(10, 150):
+        client.record(f"b{n:03d}", "Did", {"pad": "x" * 40})
+    daemon = start_daemon(config)
+    try:
+        # Until every later event is delivered, or the spool says none is pending but
+        # the one that keeps failing.
+        wait_for(lambda: {f"b{n:03d}" for n in range(150)} <= set(delivered_persons(host))
+                 or status(config)["pending"] <= 1, timeout=30)
+        missing = {f"b{n:03d}" for n in range(150)} - set(delivered_persons(host))
+        assert not missing, f"{len(missing)} of 150 later events never delivered"
+        host.answer_for = None
+        wait_for(lambda: status(config)["pending"] == 0, timeout=30)
+    finally:
+        assert stop(daemon) == 0, daemon.log
+
+
+def test_a_reused_inode_is_a_new_file_whatever_its_first_line_length(spool_path):
+    """events.jsonl deleted while the daemon is down; the new file gets the same inode
+    number (or is made to look so) and its first line is longer than 4 KiB."""
+    first = open_jsonl(spool_path)
+    first.append(event(0, pad="x" * 5000))
+    for n in range(1, 100):
+        first.append(event(n))
+    drain(first)
+    first.close()
+    old_ino = os.stat(spool_path / ACTIVE).st_ino
+    (spool_path / ACTIVE).unlink()
+    producer = open_jsonl(spool_path)
+    producer.append(event(1000, pad="y" * 6000))
+    for n in range(1001, 1200):
+        producer.append(event(n))
+    producer.close()
+    if os.stat(spool_path / ACTIVE).st_ino != old_ino:  # the filesystem chose another
+        pretend_inode(spool_path, old_ino, os.stat(spool_path / ACTIVE).st_ino)
+    shipper = open_jsonl(spool_path)
+    shipper.recover()
+    got = persons(drain(shipper))
+    assert sorted(got) == sorted(f"person{n}" for n in range(1000, 1200))
+    shipper.close()
+
+
+def pretend_inode(spool_path, old: int, new: int) -> None:
+    """Rewrite the checkpoint as if the deleted file's inode were the new one's."""
+    text = (spool_path / CHECKPOINT).read_text()
+    (spool_path / CHECKPOINT).write_text(text.replace(str(old), str(new)))
+
+
+def test_logrotate_copytruncate_loses_nothing_recorded_after(
+        host, write_config, spool_path, tmp_path):
+    """Debian's logrotate with copytruncate: events.jsonl is copied, then truncated in
+    place (the same inode, shorter than where the shipper had read to)."""
+    if shutil.which("logrotate") is None:
+        pytest.skip("logrotate is not installed (apt-get install logrotate)")
+    config = spool_config(write_config, host)
+    client = Client(config=config)
+    for n in range(1000):
+        client.record(f"a{n:04d}", "Before Rotation")
+    daemon = start_daemon(config)
+    try:
+        wait_for(lambda: len(host.delivered()) >= 1000, timeout=30)
+        rules = tmp_path / "logrotate.conf"
+        rules.write_text(f"{spool_path / ACTIVE} {{\n    copytruncate\n    rotate 1\n"
+                         "    missingok\n    nocompress\n    su root root\n}\n")
+        rotated = subprocess.run(["logrotate", "-f", "-s", str(tmp_path / "state"),
+                                  str(rules)], capture_output=True, text=True, timeout=30)
+        assert rotated.returncode == 0, rotated.stderr
+        assert os.path.getsize(spool_path / ACTIVE) == 0
+        assert (spool_path / (ACTIVE + ".1")).exists()
+        for n in range(3000):
+            client.record(f"b{n:04d}", "After Rotation")
+        later = {f"b{n:04d}" for n in range(3000)}
+        try:
+            wait_for(lambda: later <= set(delivered_persons(host)), timeout=30)
+        except AssertionError:
+            missing = later - set(delivered_persons(host))
+            raise AssertionError(f"{len(missing)} of 3,000 later events never delivered")
+        wait_for(lambda: status(config)["pending"] == 0)
+    finally:
+        assert stop(daemon) == 0, daemon.log
+
+
+def test_operators_deleting_and_replacing_files_lose_nothing_recorded_after(
+        host, write_config, spool_path, tmp_path):
+    host.answer_for = lambda target: 503 if "_p=stuck" in target else None
+    config = spool_config(write_config, host, "rotate_bytes = 65536\n")
+    client = Client(config=config)
+    expected: set[str] = set()
+
+    def record(tag: str, count: int = 60) -> None:
+        for n in range(count):
+            client.record(f"{tag}{n:03d}", "Did", {"pad": "x" * 60})
+            expected.add(f"{tag}{n:03d}")
+
+    def delivered_all() -> bool:
+        return expected <= set(delivered_persons(host))
+
+    def wait_delivered(step: str, timeout: float = 20) -> None:
+        try:
+            wait_for(delivered_all, timeout=timeout)
+        except AssertionError:
+            missing = expected - set(delivered_persons(host))
+            raise AssertionError(f"{step}: {len(missing)} never delivered, e.g. "
+                                 f"{sorted(missing)[:5]}") from None
+
+    def other_writer_file(tag: str) -> None:
+        replacement = tmp_path / "replacement.jsonl"
+        replacement.write_text("".join(
+            json.dumps({"_p": f"{tag}{n:03d}", "_n": "Did", "_t": T0}) + "\n"
+            for n in range(20)))
+        expected.update(f"{tag}{n:03d}" for n in range(20))
+        os.replace(replacement, spool_path / ACTIVE)
+
+    client.record("stuck", "Did")  # keeps the checkpoint behind: the hard case
+    record("a")
+    daemon = start_daemon(config)
+    try:
+        wait_delivered("before")
+        (spool_path / ACTIVE).unlink()  # while it runs
+        record("b")
+        wait_delivered("rm while running")
+        other_writer_file("c")  # replaced while it runs
+        record("d")
+        wait_delivered("replaced while running")
+        (spool_path / CHECKPOINT).unlink()
+        record("e")
+        wait_delivered("checkpoint removed while running")
+    finally:
+        assert stop(daemon) == 0, daemon.log
+    (spool_path / ACTIVE).unlink()  # while it is stopped
+    record("f")
+    daemon = start_daemon(config)
+    try:
+        wait_delivered("rm while stopped")
+    finally:
+        assert stop(daemon) == 0, daemon.log
+    other_writer_file("g")  # replaced while it is stopped
+    record("h")
+    (spool_path / CHECKPOINT).unlink()
+    record("i")
+    daemon = start_daemon(config)
+    try:
+        wait_delivered("replaced and checkpoint removed while stopped")
+        host.answer_for = None
+        wait_for(lambda: status(config)["pending"] == 0, timeout=30)
+    finally:
+        assert stop(daemon) == 0, daemon.log
+
+
+def test_a_version_1_checkpoint_is_taken_up_where_it_left_off(spool_path):
+    """An upgrade: the checkpoint an older kmagent wrote (version 1: the file known by
+    its inode and the CRC of its first line) resumes delivery, sending nothing again."""
+    import zlib
+    spool = open_jsonl(spool_path)
+    for n in range(10):
+        spool.append(event(n))
+    spool.close()
+    data = (spool_path / ACTIVE).read_bytes()
+    starts = [0] + [i + 1 for i, b in enumerate(data) if b == 0x0A][:-1]
+    (spool_path / CHECKPOINT).write_text(json.dumps({
+        "v": 1, "seq": 1, "ino": os.stat(spool_path / ACTIVE).st_ino,
+        "head": zlib.crc32(data[:starts[1]]), "offset": starts[5],
+        "ahead": [[1, starts[7]]], "bad_lines": 0, "in_flight": 0, "lines": {},
+        "moving": None}))
+    spool = open_jsonl(spool_path)
+    spool.recover()
+    assert persons(drain(spool)) == ["person5", "person6", "person8", "person9"]
+    assert json.loads((spool_path / CHECKPOINT).read_text())["v"] == 2
+    spool.close()

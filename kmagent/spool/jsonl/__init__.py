@@ -21,7 +21,10 @@ line not yet settled (delivered, dead-lettered or set aside), plus the settled l
 beyond it, since acknowledgements arrive out of order. So after a crash only what was
 in flight is sent again. Each line's request is derived from the line alone by the
 pure encoder, so a resend is byte-identical. A sealed file is deleted once the
-checkpoint has moved past it.
+checkpoint has moved past it. Positions are (file number, offset), and a file number
+is never given to two files (the checkpoint keeps the highest given, and knows
+events.jsonl by its inode and the fingerprint of its first bytes), so no position
+settled in one file can ever be taken for a line of another.
 
 A line that keeps failing is moved out of the reader's way: copied to the end of the
 active file with its origin (``_o``: where it was first written), and its old copy
@@ -37,7 +40,9 @@ One concept a module:
 - ``checkpoint``: the checkpoint, checked field by field (damage is read as a resend);
 - ``spool``: ``JsonlSpool``, the Spool contract: appends, operations, dead letters;
 - ``view``: the spool as any process sees it on disk (status, flush's marks, export);
-- ``shipping``: the shipper's state, which exists only under the shipper lock.
+- ``shipping``: the shipper's state, which exists only under the shipper lock, and its
+  parts ``reading`` (which file is which; reading lines in order; what operators did to
+  events.jsonl) and ``moves`` (lines that wait long, out of the reader's way).
 """
 
 from .checkpoint import CHECKPOINT

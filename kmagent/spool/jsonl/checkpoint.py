@@ -23,9 +23,15 @@ from ...errors import SpoolError
 log = logging.getLogger("kmagent.spool")
 
 CHECKPOINT = "checkpoint.json"
-CHECKPOINT_VERSION = 1
+# 2: files are numbered for good (last_seq) and the active file is known by its inode
+# and a fingerprint of its first bytes (active); version 1 is read and upgraded.
+CHECKPOINT_VERSION = 2
 
 Position = tuple[int, int]  # (file sequence number, byte offset)
+# What tells a file from another that got its inode number: the CRC-32 of its first
+# ``length`` bytes (its first line, or its first 4 KiB if that line is longer), and
+# that length. Version 1 stored the CRC alone, of a first line within 4 KiB.
+Fingerprint = tuple[int, int]
 
 
 class DamagedCheckpoint(SpoolError):
@@ -34,17 +40,22 @@ class DamagedCheckpoint(SpoolError):
 
 @dataclass
 class Checkpoint:
-    seq: int = 1
-    ino: int | None = None  # inode of file ``seq`` (None: not seen yet)
-    head: int | None = None  # and its fingerprint (file_head)
-    offset: int = 0
-    ahead: list[Position] = field(default_factory=list)
+    seq: int = 1  # the first line not settled yet: file ``seq``...
+    offset: int = 0  # ...at this byte offset
+    ahead: list[Position] = field(default_factory=list)  # settled lines past it
     bad_lines: int = 0
     in_flight: int = 0
     lines: dict[int, int] = field(default_factory=dict)  # seq -> lines, sealed files
-    # A move begun (see Shipping._move): {"after": position, "from": [positions],
+    # A move begun (see moves.Moves._move): {"after": position, "from": [positions],
     # "origins": [their origins]}; None when none is under way.
     moving: dict[str, Any] | None = None
+    # The highest sequence number ever given to a file: a number is never given to
+    # two files, so a settled position can never be taken for a line of another file.
+    last_seq: int = 0
+    # (seq, inode, fingerprint) of the file last known as events.jsonl: the same
+    # file, found again at a start, keeps its number; any other gets a new one. The
+    # fingerprint is None while the file has no complete first line.
+    active: tuple[int, int, Fingerprint | int | None] | None = None
     # When the shipper last rebuilt the checkpoint from a damaged one (Unix time).
     rebuilt_at: float | None = None
     # Read from a damaged file (producers only: the shipper rebuilds instead).
@@ -71,13 +82,28 @@ class Checkpoint:
         problem = _shape_problem(data)
         if problem:
             raise DamagedCheckpoint(f"spool {path.parent}: {CHECKPOINT} is damaged: {problem}")
-        return cls(seq=data["seq"], ino=data.get("ino"), head=data.get("head"),
-                   offset=data["offset"],
+        ckpt = cls(seq=data["seq"], offset=data["offset"],
                    ahead=[(p[0], p[1]) for p in data.get("ahead", [])],
                    bad_lines=data.get("bad_lines", 0),
                    in_flight=data.get("in_flight", 0),
                    lines={int(k): v for k, v in data.get("lines", {}).items()},
                    moving=data.get("moving"), rebuilt_at=data.get("rebuilt_at"))
+        if data["v"] == 1:
+            # Version 1 knew file ``seq`` by its inode and the CRC of its first line
+            # (None: not seen yet, or a first line over 4 KiB), and numbered a new
+            # file after it.
+            ino = data.get("ino")
+            ckpt.last_seq = ckpt.seq if ino is not None else ckpt.seq - 1
+            if ino is not None:
+                ckpt.active = (ckpt.seq, ino, data.get("head"))
+        else:
+            ckpt.last_seq = data["last_seq"]
+            active = data.get("active")
+            if active is not None:
+                head = active[2]
+                ckpt.active = (active[0], active[1],
+                               tuple(head) if isinstance(head, list) else head)
+        return ckpt
 
     @classmethod
     def read(cls, path: Path) -> "Checkpoint":
@@ -95,14 +121,18 @@ class Checkpoint:
 
     def dump(self) -> bytes:
         record: dict[str, Any] = {
-            "v": CHECKPOINT_VERSION, "seq": self.seq, "ino": self.ino, "head": self.head,
-            "offset": self.offset,
+            "v": CHECKPOINT_VERSION, "seq": self.seq, "offset": self.offset,
             "ahead": self.ahead, "bad_lines": self.bad_lines,
             "in_flight": self.in_flight, "lines": self.lines, "moving": self.moving,
+            "last_seq": self.last_seq, "active": self.active,
         }
         if self.rebuilt_at is not None:
             record["rebuilt_at"] = self.rebuilt_at
         return json.dumps(record, separators=(",", ":")).encode()
+
+    def nothing_settled_in(self, seq: int) -> bool:
+        """Whether no line of file ``seq`` is recorded as settled."""
+        return (self.seq, self.offset) <= (seq, 0) and not any(p[0] == seq for p in self.ahead)
 
 
 _warned: set[str] = set()  # damaged checkpoints this process has logged already
@@ -135,13 +165,23 @@ def _is_time(value: Any) -> bool:
     return type(value) in (int, float) and value == value and value >= 0  # not NaN
 
 
+def _is_fingerprint(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and _is_int(value[0], 0) \
+        and _is_int(value[1], 1)
+
+
+def _is_active(value: Any) -> bool:
+    # A fingerprint, or version 1's CRC alone (kept until the file is seen again).
+    return isinstance(value, list) and len(value) == 3 and _is_int(value[0], 1) \
+        and _is_int(value[1], 0) and (value[2] is None or _is_fingerprint(value[2])
+                                      or _is_int(value[2], 0))
+
+
 # Each field: whether it is required, and the test its value must pass.
 _FIELDS: dict[str, tuple[bool, Any]] = {
     "v": (True, lambda v: _is_int(v, 1)),
     "seq": (True, lambda v: _is_int(v, 1)),
     "offset": (True, lambda v: _is_int(v, 0)),
-    "ino": (False, lambda v: v is None or _is_int(v, 0)),
-    "head": (False, lambda v: v is None or _is_int(v, 0)),
     "ahead": (False, _is_positions),
     "bad_lines": (False, lambda v: _is_int(v, 0)),
     "in_flight": (False, lambda v: _is_int(v, 0)),
@@ -149,13 +189,22 @@ _FIELDS: dict[str, tuple[bool, Any]] = {
     "moving": (False, lambda v: v is None or _is_move(v)),
     "rebuilt_at": (False, lambda v: v is None or _is_time(v)),
 }
+_FIELDS_BY_VERSION: dict[int, dict[str, tuple[bool, Any]]] = {
+    1: {"ino": (False, lambda v: v is None or _is_int(v, 0)),
+        "head": (False, lambda v: v is None or _is_int(v, 0))},
+    2: {"last_seq": (True, lambda v: _is_int(v, 0)),
+        "active": (False, lambda v: v is None or _is_active(v))},
+}
 
 
 def _shape_problem(data: Any) -> str | None:
     """What is wrong with a parsed checkpoint's shape, or None if nothing is."""
     if not isinstance(data, dict):
         return f"a JSON {type(data).__name__}, not an object"
-    for name, (required, valid) in _FIELDS.items():
+    version = data.get("v")
+    if version not in _FIELDS_BY_VERSION:
+        return f"'v' is not valid: {json.dumps(version)[:80]}"
+    for name, (required, valid) in {**_FIELDS, **_FIELDS_BY_VERSION[version]}.items():
         if name not in data:
             if required:
                 return f"{name!r} is missing"

@@ -6,9 +6,9 @@ import json
 import os
 import re
 import zlib
-from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Any, Collection, NamedTuple
 
-from .checkpoint import Position
+from .checkpoint import Fingerprint, Position
 from .line import ORIGIN_KEY, origin_of
 
 if TYPE_CHECKING:
@@ -95,22 +95,54 @@ def copies_in(fd: int, start: int, end: int) -> tuple[list[tuple[int, Position]]
     return found, offset
 
 
-def file_head(fd: int) -> int | None:
-    """A fingerprint of a file: the CRC of its first line (None until it has one).
-    With the inode it tells a file from a new one that reuses a deleted file's inode."""
-    first = os.pread(fd, 4096, 0)
-    end = first.find(b"\n")
-    return None if end < 0 else zlib.crc32(first[:end + 1])
+# How much of a file's start its fingerprint covers at most.
+HEAD_BYTES = 4096
 
 
-def active_seq(ckpt: Checkpoint, sealed: Iterable[int], active_ino: int,
-               active_head: int | None) -> int:
-    """The sequence number events.jsonl will be sealed under (only the shipper seals):
-    the checkpoint's file if it is this one, else the next after every known file."""
-    if ckpt.ino == active_ino and ckpt.head in (None, active_head):
-        return ckpt.seq
-    return max([s + 1 for s in sealed] + [ckpt.seq + (ckpt.ino is not None)])
+def fingerprint(fd: int) -> Fingerprint | None:
+    """What tells a file from another that got its inode number: the CRC of its first
+    line, or of its first HEAD_BYTES if that line is longer, with the length covered.
+    None while the file holds neither (empty, or a short first line being written).
+    Appends never change it, so a file keeps its fingerprint as it grows."""
+    return fingerprint_of(os.pread(fd, HEAD_BYTES, 0))
 
+
+def fingerprint_of(first: bytes) -> Fingerprint | None:
+    """The fingerprint of a file whose first HEAD_BYTES (or all, if fewer) are ``first``."""
+    end = first.find(b"\n", 0, HEAD_BYTES)
+    length = end + 1 if end >= 0 else HEAD_BYTES if len(first) >= HEAD_BYTES else 0
+    return (zlib.crc32(first[:length]), length) if length else None
+
+
+def same_head(fd: int, stored: Fingerprint | int) -> bool:
+    """Whether the file's first bytes are the ones ``stored`` was taken of (compared
+    over that length only); an int is version 1's CRC of a first line within 4 KiB."""
+    if isinstance(stored, int):
+        now = fingerprint(fd)
+        return now is not None and now[1] < HEAD_BYTES and now[0] == stored
+    crc, length = stored
+    first = os.pread(fd, length, 0)
+    return len(first) == length and zlib.crc32(first) == crc
+
+
+def active_seq(ckpt: Checkpoint, known: Collection[int], ino: int, fd: int) -> int:
+    """The sequence number of the file now at events.jsonl (inode ``ino``, open as
+    ``fd``): the one the checkpoint knows it by if it is the same file (its inode, and
+    the same first bytes; a file the checkpoint saw without a complete first line only
+    if nothing of it was settled, and never one now shorter than the settled part);
+    else a number no file ever had. ``known``: the numbers of the files present."""
+    if ckpt.active is not None:
+        seq, active_ino, head = ckpt.active
+        if active_ino == ino and seq not in known and (
+                ckpt.nothing_settled_in(seq) if head is None else same_head(fd, head)) \
+                and not (ckpt.seq == seq and os.fstat(fd).st_size < ckpt.offset):
+            return seq
+    return next_seq(ckpt, known)
+
+
+def next_seq(ckpt: Checkpoint, known: Collection[int]) -> int:
+    """A sequence number no file ever had, after every one present."""
+    return max([ckpt.last_seq, *known]) + 1
 
 
 def dump_line(record: dict[str, Any]) -> bytes:

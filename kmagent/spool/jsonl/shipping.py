@@ -1,6 +1,14 @@
 """The jsonl shipper's state: open files, read position, unsettled lines, checkpoint.
 
-It exists only in the process that holds the shipper lock (see kmagent.lock)."""
+It exists only in the process that holds the shipper lock (see kmagent.lock). Its
+parts: ``reading`` (which file is which, and the lines in order), ``moves`` (lines that
+wait long, out of the reader's way), and here the claims and their outcomes.
+
+Every write it makes can fail for want of space, and none leaves a state that nothing
+revisits: a line is settled in memory only once its dead letter or set-aside is
+written, a checkpoint that could not be saved is saved by the next claim, a set-aside
+that failed is tried again by the next claim, a move cut short is finished by the next.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +17,18 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ...protocol import encode
-from ..base import Claimed, append_to, fsync_dir, write_atomically
-from ..files import flock_within
-from .line import BadLine, from_line, origin_of, with_origin
+from ..base import Claimed, append_to, write_atomically
 from .checkpoint import CHECKPOINT, Checkpoint, DamagedCheckpoint, Position
-from .layout import (ACTIVE, BAD, DEAD, MAX_AHEAD, MAX_LINE_BYTES, READ_CHUNK, SEALED,
-                     ClaimId, active_seq, copies_in, count_lines, dump_line, file_head,
-                     sealed_name)
+from .layout import BAD, DEAD, MAX_AHEAD, ClaimId, dump_line, sealed_name
+from .line import BadLine, from_line
+from .moves import Moves
+from .reading import Reading, _Line
 
 if TYPE_CHECKING:
     from .spool import JsonlSpool
@@ -33,29 +39,7 @@ log = logging.getLogger("kmagent.spool")
 _leases = itertools.count(1)
 
 
-@dataclass
-class _File:
-    seq: int
-    ino: int
-    fd: int
-    sealed: bool
-    seen: float = field(default_factory=time.time)
-
-
-@dataclass
-class _Line:
-    """A line read and not yet settled."""
-
-    id: Position
-    raw: bytes
-    item: Claimed | None = None  # None until parsed
-    due: float = 0.0
-    settled: bool = False
-    lease: int = 0  # that of its latest claim
-
-
-
-class Shipping:
+class Shipping(Reading, Moves):
     """The shipper's state: open files, read position, unsettled lines, checkpoint."""
 
     def __init__(self, spool: JsonlSpool) -> None:
@@ -66,20 +50,11 @@ class Shipping:
             self.ckpt = Checkpoint.load(self.dir / CHECKPOINT)
         except DamagedCheckpoint as exc:
             self.ckpt = self._rebuilt(exc)
-        self.files: dict[int, _File] = {}
-        for name in sorted(os.listdir(self.dir)):
-            match = SEALED.match(name)
-            if match:
-                seq = int(match.group(1))
-                if seq < self.ckpt.seq:
-                    os.unlink(self.dir / name)  # settled; a crash came before its deletion
-                else:
-                    self._open(seq, self.dir / name, sealed=True)
-        self._discover_active()
-        first = min(self.files, default=self.ckpt.seq)
-        if self.ckpt.seq not in self.files and first > self.ckpt.seq:
-            self.ckpt.seq, self.ckpt.offset = first, 0  # its file was settled and deleted
-        self.read_pos: Position = (self.ckpt.seq, self.ckpt.offset)
+        fresh = self.unsaved or not (self.dir / CHECKPOINT).exists()
+        self.stalled: tuple[int, int] | None = None
+        self._open_files()
+        if fresh:  # no record of the numbers files had: dead letters keep theirs
+            self.ckpt.last_seq = max(self.ckpt.last_seq, self._dead_letter_seqs())
         self.settled_ahead: set[Position] = set(self.ckpt.ahead)
         self.order: deque[_Line] = deque()  # read, not yet behind the checkpoint
         self.lines: dict[Position, _Line] = {}  # unsettled, by id
@@ -90,9 +65,6 @@ class Shipping:
         # instant, but a set-aside that failed (a full disk) leaves its line here, and
         # every claim tries it again until it is written.
         self.unclassified: dict[Position, _Line] = {}
-        # Where reading stopped at an unfinished line in the active file, and the file's
-        # size then: no new complete line can exist until that size changes.
-        self.stalled: tuple[int, int] | None = None
         if self.ckpt.moving is not None:  # a shipper died in the middle of a move
             try:
                 self._finish_move()
@@ -118,124 +90,15 @@ class Shipping:
         self.unsaved = True  # saved with the first claim, once there is room
         return Checkpoint(rebuilt_at=time.time())
 
-    # --- files ---
-
-    def _open(self, seq: int, path: Path, *, sealed: bool) -> _File:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        entry = _File(seq, os.fstat(fd).st_ino, fd, sealed)
-        self.files[seq] = entry
-        return entry
-
-    def _active(self) -> _File | None:
-        return next((f for f in self.files.values() if not f.sealed), None)
-
-    def _discover_active(self) -> None:
-        if self._active() is not None:
-            return
+    def _dead_letter_seqs(self) -> int:
+        """The highest file number a dead letter's id names (0 if none): a checkpoint
+        rebuilt must not give a number again that a dead letter's id already uses."""
         try:
-            fd = os.open(self.dir / ACTIVE, os.O_RDONLY | os.O_CLOEXEC)
+            with open(self.dir / DEAD, "rb") as fh:
+                return max((int(m) for m in re.findall(rb'"id":"(\d+):', fh.read())),
+                           default=0)
         except FileNotFoundError:
-            return
-        seq = active_seq(self.ckpt, self.files, os.fstat(fd).st_ino, file_head(fd))
-        self.files[seq] = _File(seq, os.fstat(fd).st_ino, fd, sealed=False)
-
-    def _maybe_rotate(self, now: float) -> None:
-        active = self._active()
-        if active is None:
-            return
-        try:
-            current = os.stat(self.dir / ACTIVE).st_ino
-        except FileNotFoundError:
-            current = None
-        if current != active.ino:
-            # Deleted or replaced by hand: what it held is still read through our
-            # descriptor, as a sealed file; the new events.jsonl comes next.
-            active.sealed = True
-            return
-        size = os.fstat(active.fd).st_size
-        old = size > 0 and now - active.seen >= self.spool.rotate_seconds
-        if size < self.spool.rotate_bytes and not old:
-            return
-        fd = os.open(self.dir / ACTIVE, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            # Producers hold it for microseconds; one that holds it longer (stopped)
-            # must not stop shipping: rotate on a later turn.
-            if not flock_within(fd, 0.05):
-                return
-            if os.fstat(fd).st_ino == active.ino:
-                os.rename(self.dir / ACTIVE, self.dir / sealed_name(active.seq))
-                fsync_dir(self.dir)
-        finally:
-            os.close(fd)  # drops the flock
-        active.sealed = True
-        self.ckpt.lines[active.seq] = count_lines(active.fd, 0, os.fstat(active.fd).st_size)
-
-    # --- reading ---
-
-    def _read(self, room: int) -> Iterator[_Line]:
-        """Up to ``room`` new complete lines, in order, moving read_pos past them."""
-        while room > 0 and len(self.order) < MAX_AHEAD:
-            seq, offset = self.read_pos
-            entry = self.files.get(seq)
-            if entry is None:
-                self._discover_active()
-                entry = self.files.get(seq)
-                if entry is None:
-                    later = [s for s in self.files if s > seq]
-                    if not later:
-                        return
-                    self.read_pos = (min(later), 0)
-                    continue
-            size = READ_CHUNK
-            while True:
-                data = os.pread(entry.fd, size, offset)
-                cut = data.rfind(b"\n")
-                if cut >= 0 or len(data) < size or size >= MAX_LINE_BYTES:
-                    break
-                size *= 4  # one line longer than the chunk
-            if cut < 0:
-                if not entry.sealed and len(data) < MAX_LINE_BYTES:
-                    self.stalled = (seq, offset + len(data))
-                    return  # caught up (or a line is being written): wait for more
-                if data:  # a torn tail that no writer will finish: one bad line
-                    self.read_pos = (seq, offset + len(data))  # before yielding: a
-                    room -= 1                                  # failure must not re-read
-                    yield self._line((seq, offset), data)
-                    continue
-                if not entry.sealed:
-                    return
-                later = [s for s in self.files if s > seq]
-                if not later:
-                    self._discover_active()
-                    later = [s for s in self.files if s > seq]
-                    if not later:
-                        return
-                self.read_pos = (min(later), 0)
-                continue
-            # Lines end at b"\n" only (as count_lines counts them), never at a lone b"\r".
-            for raw in data[:cut].split(b"\n"):
-                if room <= 0 or len(self.order) >= MAX_AHEAD:
-                    return
-                start, offset = offset, offset + len(raw) + 1
-                self.read_pos = (seq, offset)
-                room -= 1
-                yield self._line((seq, start), raw + b"\n")
-
-    def _line(self, pos: Position, raw: bytes) -> _Line:
-        line = _Line(pos, raw)
-        self.order.append(line)
-        if pos in self.settled_ahead:
-            line.settled = True  # delivered before a crash: never send it twice
-        else:
-            self.lines[pos] = line
-            self.unclassified[pos] = line
-        return line
-
-    def _trim(self) -> Position:
-        """Drop settled lines from the front; returns the first unsettled position."""
-        while self.order and self.order[0].settled:
-            self.order.popleft()
-        return self.order[0].id if self.order else self.read_pos
+            return 0
 
     # --- the Spool operations ---
 
@@ -293,112 +156,6 @@ class Shipping:
             self.keyless.add(line.id)
             return False
         return True
-
-    def _unblock(self, with_key_only: bool) -> None:
-        """Keep the checkpoint moving past lines that wait long (a transient failure
-        that never ends, an event with no key while the agent has none) while the
-        lines behind them flow: once at least half the read-ahead past the oldest
-        waiting line is delivered (or being sent), that line is moved (see _move):
-        written again at the end of the active file, the same line plus its origin, so
-        the same request. Without this, one such line would stop the reader for good,
-        and sealed files would pile up. The waiting lines at the front move together,
-        as long as half the read-ahead past each still flows.
-
-        Only lines that flow count: when everything waits (an outage, or past 2,048
-        events without a key), moving would free nothing and only rewrite the disk,
-        so nothing moves, and the reader stops once the read-ahead is full. Each move
-        of a line so needs that many deliveries past it: bounded, never a loop."""
-        if self.ckpt.moving is not None:
-            self._finish_move()  # one a failed write left unfinished: finished first
-        if not self.order or self.order[0].settled or self.order[0].id in self.in_flight \
-                or len(self.order) <= MAX_AHEAD // 2:
-            return  # nothing waits at the front, or too little is read to tell
-        flowing = sum(1 for line in self.order
-                      if line.settled or line.id in self.in_flight)
-        stuck = []
-        for line in self.order:
-            if flowing < MAX_AHEAD // 2:
-                break
-            if line.settled:
-                flowing -= 1
-                continue
-            if line.id in self.in_flight or line.item is None:
-                break  # being sent, it settles soon; not parsed yet: next claim
-            if line.id in self.keyless and not with_key_only:
-                break  # a key is configured now: this claim takes it
-            stuck.append(line)
-        if stuck:
-            self._move(stuck)
-
-    def _move(self, lines: list[_Line]) -> None:
-        """Write ``lines`` again at the end of the active file, then settle their old
-        copies, so that a crash at any point neither loses nor doubles one: the move is
-        recorded in the checkpoint first (which lines, and a position the copies will
-        lie past), then the copies are written and synced, then the old ones settled.
-        A move found unfinished (by the next shipper, or after a write that failed) is
-        finished by _finish_move: a line whose copy is there whole is settled, the
-        others stay where they were."""
-        origins = [origin_of(line.raw) or line.id for line in lines]
-        self.ckpt.moving = {"after": list(self._end_now()),
-                            "from": [list(line.id) for line in lines],
-                            "origins": [list(origin) for origin in origins]}
-        self._save()
-        try:
-            self.spool._requeue(b"".join(with_origin(line.raw, origin)
-                                         for line, origin in zip(lines, origins)))
-        except OSError:
-            self._finish_move()  # the copies written whole (a short write) count
-            raise
-        self.ckpt.moving = None
-        self.settle([line.id for line in lines])
-
-    def _end_now(self) -> Position:
-        """A position that whatever is appended from now on lies at or after."""
-        ino, size = self.spool._active_end()
-        self._discover_active()
-        active = self._active()
-        if active is not None and active.ino == ino:
-            return (active.seq, size)
-        # events.jsonl is a file not known yet (replaced by hand): it comes after all.
-        return (max(self.files, default=self.ckpt.seq), 0)
-
-    def _finish_move(self) -> None:
-        """Finish the move the checkpoint records (see _move): look past its position
-        for the copies; the old copy of each line whose new copy is there whole is
-        settled (once the new one is synced), and the move forgotten."""
-        moving = self.ckpt.moving
-        after = tuple(moving["after"])
-        sources = {tuple(origin): tuple(source)
-                   for source, origin in zip(moving["from"], moving["origins"])}
-        moved = set(sources.values())
-        self._discover_active()
-        done, synced = [], []
-        for seq in sorted(s for s in self.files if s >= after[0]):
-            entry = self.files[seq]
-            start = after[1] if seq == after[0] else 0
-            found, _ = copies_in(entry.fd, start, os.fstat(entry.fd).st_size)
-            for offset, origin in found:
-                pos = (seq, offset)
-                if origin in sources and pos not in moved and not self._settled(pos):
-                    done.append(sources.pop(origin))
-                    if entry not in synced:
-                        synced.append(entry)
-        for entry in synced:
-            os.fdatasync(entry.fd)
-        for pos in done:
-            if pos not in self.lines:
-                self.settled_ahead.add(pos)  # not read yet (a shipper starting)
-        self.ckpt.moving = None
-        if done:
-            self.settle(done)
-        else:
-            self._save()
-
-    def _settled(self, pos: Position) -> bool:
-        """Whether the line at ``pos`` is settled, as far as this shipper knows."""
-        if pos in self.settled_ahead:
-            return True
-        return pos < self.read_pos and pos not in self.lines  # read: unsettled are kept
 
     def _take(self, line: _Line) -> Claimed:
         item = line.item
@@ -470,14 +227,6 @@ class Shipping:
                 line.settled = True
         self._save()
 
-    def _past_sealed(self, pos: Position) -> Position:
-        """A position at the end of a sealed, fully read file means the next file's start."""
-        entry = self.files.get(pos[0])
-        if entry is not None and entry.sealed and pos[1] >= os.fstat(entry.fd).st_size:
-            later = [s for s in self.files if s > pos[0]]
-            return (min(later) if later else pos[0] + 1, 0)
-        return pos
-
     def _save(self) -> None:
         head = self._trim()
         if head == self.read_pos:
@@ -485,10 +234,12 @@ class Shipping:
         self.settled_ahead = {p for p in self.settled_ahead if p >= head}
         ahead = sorted({line.id for line in self.order if line.settled} | self.settled_ahead)
         seq, offset = head
-        entry = self.files.get(seq)
         self.ckpt.seq, self.ckpt.offset = seq, offset
-        self.ckpt.ino = entry.ino if entry is not None else None
-        self.ckpt.head = file_head(entry.fd) if entry is not None else None
+        active = self._active()
+        if active is not None:
+            # Its fingerprint as first read: taken now, it could be of what a truncation
+            # put there since, and a restart would take that for the file it knows.
+            self.ckpt.active = (active.seq, active.ino, active.head)
         self.ckpt.ahead = ahead
         self.ckpt.in_flight = len(self.in_flight)
         self.ckpt.lines = {s: n for s, n in self.ckpt.lines.items() if s >= seq}
@@ -520,20 +271,6 @@ class Shipping:
         if len(self.order) < MAX_AHEAD and self._unread():
             return 0.0
         return due
-
-    def _unread(self) -> bool:
-        """Whether a complete line (or a sealed file's torn tail) waits to be read."""
-        seq, offset = self.read_pos
-        if seq not in self.files:
-            self._discover_active()
-        entry = self.files.get(seq)
-        if entry is not None:
-            size = os.fstat(entry.fd).st_size
-            if size > offset and (entry.sealed or self.stalled != (seq, size)):
-                return True
-        if not any(s > seq for s in self.files):
-            self._discover_active()
-        return any(s > seq for s in self.files)
 
     def close(self) -> None:
         for entry in self.files.values():

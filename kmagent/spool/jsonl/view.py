@@ -10,7 +10,7 @@ from typing import Any, Iterator
 from ...events import Event
 from .line import BadLine, created_of, from_line
 from .checkpoint import CHECKPOINT, Checkpoint, Position
-from .layout import ACTIVE, SEALED, active_seq, copies_in, count_lines, file_head
+from .layout import ACTIVE, SEALED, active_seq, copies_in, count_lines, next_seq
 
 class DiskView:
     """The spool as any process sees it on disk: files in order and the checkpoint.
@@ -30,16 +30,22 @@ class DiskView:
         except FileNotFoundError:
             st = None
         if st is not None:
-            head = None
-            if st.st_ino == self.checkpoint.ino:  # only then does the fingerprint matter
+            known = [f[0] for f in self.files]
+            active = self.checkpoint.active
+            if active is not None and st.st_ino == active[1]:  # else surely a new file
                 fd = os.open(path / ACTIVE, os.O_RDONLY | os.O_CLOEXEC)
                 try:
-                    head = file_head(fd)
+                    seq = active_seq(self.checkpoint, known, st.st_ino, fd)
                 finally:
                     os.close(fd)
-            seq = active_seq(self.checkpoint, [f[0] for f in self.files], st.st_ino, head)
+            else:
+                seq = next_seq(self.checkpoint, known)
             self.files.append((seq, path / ACTIVE, st))
         self.files.sort(key=lambda f: f[0])
+        # Settled positions count only in the files present: those of a file deleted
+        # (or truncated) by hand settle nothing in another.
+        present = {f[0] for f in self.files}
+        self.ahead = {p for p in self.checkpoint.ahead if p[0] in present}
 
     def _add(self, seq: int, path: Path) -> None:
         try:
@@ -75,8 +81,7 @@ class DiskView:
 
     def _unsettled_lines(self) -> Iterator[bytes]:
         """Every complete line from the checkpoint on that is not settled yet, in order."""
-        ckpt = self.checkpoint
-        ahead = set(ckpt.ahead)
+        ckpt, ahead = self.checkpoint, self.ahead
         for seq, path, st in self.files:
             if seq < ckpt.seq:
                 continue
@@ -124,14 +129,14 @@ class DiskView:
                         count += 1
                 finally:
                     os.close(fd)
-        settled = sum(1 for p in ckpt.ahead if stop is None or p < stop)
+        settled = sum(1 for p in self.ahead if stop is None or p < stop)
         return max(0, count - settled) + (
             0 if stop is None else self._moved_from_before(stop, copies or CopyIndex()))
 
     def _moved_from_before(self, stop: Position, copies: "CopyIndex") -> int:
         """Unsettled lines after ``stop`` that are copies of lines from before it."""
         ckpt = self.checkpoint
-        head, ahead = (ckpt.seq, ckpt.offset), set(ckpt.ahead)
+        head, ahead = (ckpt.seq, ckpt.offset), self.ahead
         count = 0
         for seq, offset, origin in copies.after(self.files, stop):
             if origin < stop and (seq, offset) >= head and (seq, offset) not in ahead:
