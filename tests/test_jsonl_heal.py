@@ -59,7 +59,10 @@ def drain(spool, *, with_key_only: bool = False, rounds: int = 10_000) -> list:
     for _ in range(rounds):
         items = spool.claim(256, now=time.time(), with_key_only=with_key_only)
         if not items:
-            break
+            due = spool.next_due(with_key_only=with_key_only)
+            if due is None or due > time.time():
+                break
+            continue  # a claim's worth of bad lines set aside, and more to read
         claimed += items
         spool.ack([i.id for i in items])
     return claimed
@@ -545,4 +548,37 @@ def test_a_version_1_checkpoint_is_taken_up_where_it_left_off(spool_path):
     spool.recover()
     assert persons(drain(spool)) == ["person5", "person6", "person8", "person9"]
     assert json.loads((spool_path / CHECKPOINT).read_text())["v"] == 2
+    spool.close()
+
+
+# --- 6. bad.jsonl stays small ----------------------------------------------------------
+
+def test_a_huge_bad_line_is_kept_by_its_start_and_its_length(spool_path):
+    spool = open_jsonl(spool_path)
+    with open(spool_path / ACTIVE, "ab") as fh:
+        fh.write(b"\xff" + b"g" * (1 << 20) + b"\n")  # a megabyte of garbage, one line
+    spool.append(event(1))
+    assert persons(drain(spool)) == ["person1"]
+    [record] = [json.loads(r) for r in (spool_path / "bad.jsonl").read_bytes().splitlines()]
+    assert (spool_path / "bad.jsonl").stat().st_size < 5000
+    assert (record["bytes"], record["cut"], record["offset"]) == ((1 << 20) + 2, True, 0)
+    assert record["line"].startswith("\ufffdggg") and len(record["line"]) == 4096
+    assert "not JSON" in record["reason"]
+    spool.close()
+
+
+def test_bad_jsonl_is_bounded_by_keeping_one_older_file(spool_path, monkeypatch):
+    monkeypatch.setattr("kmagent.spool.jsonl.shipping.BAD_MAX_BYTES", 20_000)
+    spool = open_jsonl(spool_path)
+    for n in range(300):
+        with open(spool_path / ACTIVE, "ab") as fh:
+            fh.write(b"torn fragment %d %s\n" % (n, b"t" * 200))
+    spool.append(event(1))
+    assert persons(drain(spool)) == ["person1"]
+    assert spool.stats(time.time())["bad_lines"] == 300
+    assert (spool_path / "bad.jsonl").stat().st_size <= 20_000 + 1000
+    assert (spool_path / "bad.jsonl.1").stat().st_size <= 20_000 + 1000
+    assert sorted(p.name for p in spool_path.glob("bad*")) == ["bad.jsonl", "bad.jsonl.1"]
+    last = json.loads((spool_path / "bad.jsonl").read_bytes().splitlines()[-1])
+    assert last["line"].startswith("torn fragment 299 ") and last["cut"] is False
     spool.close()

@@ -38,6 +38,11 @@ log = logging.getLogger("kmagent.spool")
 # Leases, never the same twice in a process (a shipper started anew included).
 _leases = itertools.count(1)
 
+# bad.jsonl keeps this much of each bad line, and grows to about this size before it
+# becomes bad.jsonl.1 (replacing the one before): set-asides never fill the disk.
+BAD_KEEP_BYTES = 4096
+BAD_MAX_BYTES = 64 * 1024 * 1024
+
 
 class Shipping(Reading, Moves):
     """The shipper's state: open files, read position, unsettled lines, checkpoint."""
@@ -186,9 +191,18 @@ class Shipping(Reading, Moves):
                 self.wait([(claim_id[0], due)])
 
     def _set_aside(self, line: _Line, reason: str) -> None:
+        """Record a bad line in bad.jsonl: where it was, why, its length and its start
+        (a torn fragment can be megabytes: its start says what it was)."""
         record = {"file": sealed_name(line.id[0]), "offset": line.id[1], "reason": reason,
-                  "line": line.raw.decode("utf-8", errors="replace")}
-        append_to(self.dir / BAD, dump_line(record))
+                  "bytes": len(line.raw), "cut": len(line.raw) > BAD_KEEP_BYTES,
+                  "line": line.raw[:BAD_KEEP_BYTES].decode("utf-8", errors="replace")}
+        path = self.dir / BAD
+        try:
+            if os.stat(path).st_size >= BAD_MAX_BYTES:
+                os.replace(path, path.with_name(BAD + ".1"))  # the older one goes
+        except FileNotFoundError:
+            pass
+        append_to(path, dump_line(record))
         self.ckpt.bad_lines += 1  # counted once written
 
     def wait(self, entries: list[tuple[Position, float]]) -> None:
