@@ -5,6 +5,7 @@ never lost; whatever cannot be told apart is sent again rather than dropped."""
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import os
@@ -17,11 +18,11 @@ import pytest
 from conftest import run_kmagent, start_daemon, status, stop, wait_for
 
 from kmagent import Client
-from kmagent.errors import SpoolError
+from kmagent.errors import SpoolError, SpoolFull
 from kmagent.events import make_event
 from kmagent.spool import open_spool
 from kmagent.spool.files import write_atomically
-from kmagent.spool.jsonl import ACTIVE, CHECKPOINT, JsonlSpool
+from kmagent.spool.jsonl import ACTIVE, CHECKPOINT, JsonlSpool, shipping
 from kmagent.spool.jsonl.line import to_line
 
 T0 = 1_700_000_000
@@ -581,4 +582,179 @@ def test_bad_jsonl_is_bounded_by_keeping_one_older_file(spool_path, monkeypatch)
     assert sorted(p.name for p in spool_path.glob("bad*")) == ["bad.jsonl", "bad.jsonl.1"]
     last = json.loads((spool_path / "bad.jsonl").read_bytes().splitlines()[-1])
     assert last["line"].startswith("torn fragment 299 ") and last["cut"] is False
+    spool.close()
+
+
+# --- 7. a full disk: the shipper frees what it can and retries what failed ------------
+
+def test_size_on_disk_counts_every_file_but_the_ballast(spool_path):
+    spool = open_jsonl(spool_path)
+    for n in range(10):
+        spool.append(event(n))
+    with open(spool_path / ACTIVE, "ab") as fh:
+        fh.write(b"garbage\n")
+    items = spool.claim(100, now=time.time())
+    spool.dead_letter([items[0].id], status=400, reason="HTTP 400", now=time.time())
+    spool.ack([i.id for i in items[1:]])
+    (spool_path / "ballast").write_bytes(b"\0" * 100_000)
+    everything = sum(p.stat().st_size for p in spool_path.iterdir() if p.name != "ballast")
+    assert {"dead.jsonl", "bad.jsonl", CHECKPOINT, ACTIVE} <= {p.name for p in spool_path.iterdir()}
+    assert spool.size_on_disk() == everything
+    spool.close()
+
+
+def test_near_max_bytes_the_delivered_active_file_is_sealed_and_freed(
+        spool_path, monkeypatch):
+    monkeypatch.setattr("kmagent.spool.jsonl.reading.PRESSURE_CHECK_S", 0.0)
+    shipper = open_jsonl(spool_path, max_bytes=200_000)
+    producer = open_jsonl(spool_path, max_bytes=200_000)
+    with pytest.raises(SpoolFull):
+        for n in range(10_000):
+            producer.append(event(n, pad="p" * 500))
+            producer._size_at = -1.0  # measure every time
+    accepted = len(drain(shipper))
+    assert accepted > 200
+    drain(shipper)  # a claim after the last ack
+    assert producer.size_on_disk() < 20_000  # sealed once delivered, and deleted
+    producer._size_at = -1.0
+    producer.append(event(99_999))  # room again, without waiting for rotate_seconds
+    assert persons(drain(shipper)) == ["person99999"]
+    shipper.close()
+    producer.close()
+
+
+def test_with_space_low_the_delivered_active_file_is_sealed_and_freed(
+        small_disk, monkeypatch):
+    monkeypatch.setattr("kmagent.spool.jsonl.reading.PRESSURE_CHECK_S", 0.0)
+    path = small_disk / "spool"
+    spool = open_jsonl(path, keep_free=1_200_000)  # under twice it: always low here
+    assert spool.space_low()
+    for n in range(2000):
+        spool.append(event(n, pad="q" * 100))
+    assert len(drain(spool)) == 2000
+    drain(spool)
+    assert not list(path.glob("events*.jsonl"))  # sealed and deleted, not kept an hour
+    spool.close()
+
+
+def test_shipper_writes_that_fail_for_want_of_space_succeed_when_retried(small_disk):
+    """Outcomes recorded while the disk is full fail; the Shipper records them again
+    (as kmagent's does) once there is room, and then they are on disk: a restart sends
+    again only what was never settled."""
+    path = small_disk / "spool"
+    spool = open_jsonl(path, keep_free=0)
+    for n in range(200):
+        spool.append(event(n))
+    items = spool.claim(200, now=time.time())
+    fill(small_disk)
+    with pytest.raises(SpoolError, match="No space|no space"):
+        spool.ack([i.id for i in items[:100]])  # the checkpoint cannot be written
+    os.unlink(small_disk / "filler")
+    spool.ack([i.id for i in items[:100]])
+    spool.close()
+
+    spool = open_jsonl(path, keep_free=0)
+    spool.recover()
+    items = spool.claim(200, now=time.time())
+    assert persons(items) == [f"person{n}" for n in range(100, 200)]
+    fill(small_disk)
+    with pytest.raises(SpoolError, match="No space|no space"):
+        spool.dead_letter([items[0].id], status=400, reason="HTTP 400", now=time.time())
+    os.unlink(small_disk / "filler")
+    spool.dead_letter([items[0].id], status=400, reason="HTTP 400", now=time.time())
+    spool.close()
+
+    spool = open_jsonl(path)
+    spool.recover()
+    assert persons(drain(spool)) == [f"person{n}" for n in range(101, 200)]
+    assert spool.stats(time.time())["dead"] == 1
+    spool.close()
+
+
+def test_a_move_due_while_the_disk_is_full_happens_once_there_is_room(small_disk):
+    path = small_disk / "spool"
+    spool = open_jsonl(path, keep_free=0)
+    for n in range(3000):
+        spool.append(event(n))
+    delivered, failures, filled, to_ack = collections.Counter(), 0, False, []
+    for _ in range(200):
+        if not filled and sum(delivered.values()) >= 2100:
+            fill(small_disk)  # the line that keeps failing is due to move now
+            filled = True
+        elif filled and failures >= 3 and (small_disk / "filler").exists():
+            os.unlink(small_disk / "filler")
+        try:
+            spool.ack(to_ack)  # again, if it failed: as kmagent's Shipper does
+            to_ack = []
+            items = spool.claim(100, now=time.time())
+            stuck = [i for i in items if i.query.startswith("_p=person0&")]
+            spool.retry([(i.id, time.time() + 3600, "HTTP 503") for i in stuck])
+            delivered.update(persons(i for i in items if i not in stuck))
+            to_ack = [i.id for i in items if i not in stuck]
+            spool.ack(to_ack)
+            to_ack = []
+        except SpoolError:
+            failures += 1
+    assert failures >= 3 and not (small_disk / "filler").exists()
+    copies = [line for line in (path / ACTIVE).read_bytes().splitlines() if b'"_o"' in line]
+    assert len(copies) == 1  # moved once, once there was room
+    spool.expedite()
+    last = persons(drain(spool))
+    assert "person0" in last and "person0" not in delivered
+    delivered.update(last)
+    assert set(delivered) == {f"person{n}" for n in range(3000)}
+    assert spool.stats(time.time())["pending"] == 0
+    spool.close()
+
+
+@pytest.mark.parametrize("fails", ["recording the move", "writing the copy",
+                                   "settling the old copy"])
+def test_a_move_that_fails_for_want_of_space_is_finished_later(spool_path, monkeypatch,
+                                                               fails):
+    spool = open_jsonl(spool_path)
+    for n in range(3000):
+        spool.append(event(n))
+    real_save = shipping.write_atomically
+    real_requeue = JsonlSpool._requeue
+    failed = []
+
+    def full_once(what: str) -> None:
+        if not failed:
+            failed.append(what)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def save(path, data):
+        moving = b'"moving":{' in data
+        if (fails == "recording the move" and moving) or (
+                fails == "settling the old copy" and b'"moving":null' in data and
+                failed == [] and b'"_o"' in (spool_path / ACTIVE).read_bytes()):
+            full_once(fails)
+        return real_save(path, data)
+
+    def requeue(self, data):
+        if fails == "writing the copy":
+            full_once(fails)
+        return real_requeue(self, data)
+    monkeypatch.setattr(shipping, "write_atomically", save)
+    monkeypatch.setattr(JsonlSpool, "_requeue", requeue)
+    delivered, errors, to_ack = collections.Counter(), 0, []
+    for _ in range(200):
+        try:
+            spool.ack(to_ack)
+            items = spool.claim(100, now=time.time())
+            stuck = [i for i in items if i.query.startswith("_p=person0&")]
+            spool.retry([(i.id, time.time() + 3600, "HTTP 503") for i in stuck])
+            delivered.update(persons(i for i in items if i not in stuck))
+            to_ack = [i.id for i in items if i not in stuck]
+            spool.ack(to_ack)
+            to_ack = []
+        except SpoolError:
+            errors += 1
+    assert failed == [fails] and errors == 1
+    spool.expedite()
+    last = persons(drain(spool))
+    assert last == ["person0"] and "person0" not in delivered
+    assert set(delivered) | {"person0"} == {f"person{n}" for n in range(3000)}
+    assert max(delivered.values()) == 1
+    assert spool.stats(time.time())["pending"] == 0
     spool.close()

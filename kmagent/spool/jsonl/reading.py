@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kmagent.spool")
 
+# How often the shipper looks whether space is short (the filesystem's free space, the
+# spool's size against max_bytes), to seal the active file early.
+PRESSURE_CHECK_S = 1.0
+
 
 @dataclass
 class _File:
@@ -84,12 +88,14 @@ class Reading:
     stalled: tuple[int, int] | None
     # When the active file was first found replaced while a writer held its flock.
     _replaced_at: dict[int, float]
+    _pressure_checked: float  # monotonic time space was last measured
 
     def _open_files(self) -> None:
         """Open every file present and start where the checkpoint says. Settled
         positions and line counts of files that are gone are forgotten: no other file
         ever gets their numbers, so they could only ever mislead."""
         self.files, self._replaced_at = {}, {}
+        self._pressure_checked = -PRESSURE_CHECK_S
         for name in sorted(os.listdir(self.dir)):
             match = SEALED.match(name)
             if match:
@@ -179,12 +185,15 @@ class Reading:
                     "is in the copy, if one was made)", ACTIVE)
 
     def _maybe_rotate(self, now: float) -> None:
+        """Seal the active file once it is rotate_bytes large or rotate_seconds old, or
+        early when space is short (see _pressed) and part of it is delivered."""
         active = self._follow_active()
         if active is None:
             return
         size = os.fstat(active.fd).st_size
         old = size > 0 and now - active.seen >= self.spool.rotate_seconds
-        if size < self.spool.rotate_bytes and not old:
+        pressed = size > 0 and self._pressed(active)
+        if size < self.spool.rotate_bytes and not old and not pressed:
             return
         fd = os.open(self.dir / ACTIVE, os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -199,6 +208,28 @@ class Reading:
             os.close(fd)  # drops the flock
         active.sealed = True
         self.ckpt.lines[active.seq] = count_lines(active.fd, 0, os.fstat(active.fd).st_size)
+        if pressed:
+            self._save()  # deletes it at once if every line in it is settled already
+
+    def _pressed(self, active: _File) -> bool:
+        """Whether to seal ``active`` early: the filesystem is near the reserve, or the
+        spool near max_bytes (which counts every file whole), and the first line not
+        yet delivered is in it, past its start. A file is deleted only once sealed and
+        settled, so what was delivered of the active file would otherwise stay on the
+        disk until rotate_seconds; a file is never sealed for want of space while
+        nothing of it is delivered (an outage), which would only make files. Measured
+        at most every PRESSURE_CHECK_S."""
+        seq, offset = self._trim()
+        if seq != active.seq or offset == 0:
+            return False
+        now = time.monotonic()
+        if now - self._pressure_checked < PRESSURE_CHECK_S:
+            return False
+        self._pressure_checked = now
+        spool = self.spool
+        if spool.space_low():
+            return True
+        return spool.max_bytes is not None and spool.size_on_disk() >= spool.max_bytes // 2
 
     def _chunk(self, entry: _File, offset: int) -> tuple[bytes, int]:
         """The bytes of ``entry`` from ``offset`` (a chunk, more for one long line), and

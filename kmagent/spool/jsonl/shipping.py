@@ -231,6 +231,8 @@ class Shipping(Reading, Moves):
     def settle(self, ids: list[Position]) -> None:
         """Delivered, dead or set aside: advance the checkpoint and persist it."""
         if not ids:
+            if self.unsaved:
+                self._save()  # outcomes recorded again after a save that failed
             return  # nothing changed: no checkpoint to write (and fsync)
         for pos in ids:
             line = self.lines.pop(pos, None)
@@ -267,6 +269,14 @@ class Shipping(Reading, Moves):
                 os.unlink(self.dir / sealed_name(old))
             except FileNotFoundError:
                 pass
+
+    def maintain(self) -> None:
+        """Now and then, and at once on a full disk: save a checkpoint a failed write
+        left unsaved (which deletes the files it settles), and seal the active file
+        early if that lets delivered content go (see Reading._maybe_rotate)."""
+        if self.unsaved:
+            self._save()
+        self._maybe_rotate(time.time())
 
     def expedite(self) -> int:
         waiting = [line for line in self.lines.values()

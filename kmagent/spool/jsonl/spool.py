@@ -146,11 +146,20 @@ class JsonlSpool(Spool):
         return len(data)
 
     def size_on_disk(self) -> int:
-        """The event files, less the delivered prefix of the first one."""
-        view = DiskView(self.path)
-        total = sum(st.st_size for _, _, st in view.files)
-        if view.files and view.files[0][0] == view.checkpoint.seq:
-            total -= view.checkpoint.offset
+        """Every file in the directory, whole (event files, dead letters, bad lines,
+        the checkpoint...), but the ballast: what the spool takes from the disk. The
+        shipper seals the active file early under pressure, so that what was delivered
+        of it is freed (see reading.Reading._pressed)."""
+        total, ballast = 0, self.ballast_path.name
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                if entry.name == ballast:
+                    continue
+                try:
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue  # deleted since listed (a sealed file, delivered)
         return total
 
     def _requeue(self, data: bytes) -> None:
@@ -255,6 +264,10 @@ class JsonlSpool(Spool):
 
     def expedite(self) -> int:
         return self._guard("expedite", lambda: self._ship().expedite())
+
+    def maintain(self) -> None:
+        if self._shipping is not None:  # only a shipper has anything to give back
+            self._guard("maintain", self._shipping.maintain)
 
     def next_due(self, *, with_key_only: bool = False) -> float | None:
         return self._guard("read", lambda: self._ship().next_due(with_key_only))
