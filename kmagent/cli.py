@@ -200,6 +200,13 @@ def _status_text(f: dict[str, Any]) -> str:
         lines.append(f"dropped:    {f['dropped_total']} (spool full, when_full = \"drop\")")
     if "bad_lines" in f:
         lines.append(f"bad lines:  {f['bad_lines']}")
+    if f.get("damaged"):
+        lines.append(f"DAMAGED:    {f['damaged']} (the daemon keeps it aside and salvages it)")
+    salvaged = f.get("salvaged")
+    if salvaged:
+        lines.append(f"salvaged:   {salvaged['saved']} events from a damaged spool "
+                     f"({_ago(salvaged['at'])}; at most {salvaged['unreadable']} could not "
+                     f"be read), kept as {salvaged['kept_as']}")
     return "\n".join(lines)
 
 

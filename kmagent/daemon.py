@@ -30,15 +30,15 @@ from .metrics import RunFigures
 from .lock import ShipperLock
 from .sender import Sender
 from .shipper import Shipper
-from .spool import Spool, open_configured
+from .spool import Spool
 from .notify import Notifier
+from .upkeep import Upkeep, open_for_shipping
 from .watch import RESCAN_INTERVAL_S, SpoolWatcher
 
 log = logging.getLogger("kmagent.daemon")
 
 LOCK_POLL_S = 0.5
 SPOOL_RETRY_S = (0.5, 5.0)  # first and longest pause after the spool failed us
-MAINTAIN_EVERY_S = 30.0
 STATUS_EVERY_S = 5.0  # how often systemd's STATUS= line is refreshed
 
 
@@ -110,12 +110,13 @@ class Daemon:
 
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
         config = self.config = shipping_config(self.config)
-        spool = open_configured(config)
+        spool, salvaging = open_for_shipping(config)
         lock = ShipperLock(spool.lock_path)
         try:
             if not acquire(lock, self._stop, "run"):
                 return 0
-            recovered = spool.recover()
+            upkeep = self._upkeep = Upkeep(spool, salvaging)
+            recovered = self._mended(upkeep, spool.recover)
             if recovered:
                 log.info("recovered %d events a previous shipper had in flight", recovered)
             shipper = make_shipper(config, spool, self._wake)
@@ -153,6 +154,21 @@ class Daemon:
             lock.release()
             spool.close()
             self.notifier.close()
+
+    def _mended(self, upkeep: Upkeep, operation: Callable[[], Any]) -> Any:
+        """``operation()``, tried again while upkeep can mend what stops it (a full
+        disk, a damaged file) and a few times more after that."""
+        pause = SPOOL_RETRY_S[0]
+        while True:
+            try:
+                return operation()
+            except SpoolError as exc:
+                if self._stop.is_set():
+                    raise
+                if not upkeep.failed(exc):
+                    log.error("%s; trying again in %.1f s", exc, pause)
+                    self._stop.wait(pause)
+                    pause = min(pause * 2, SPOOL_RETRY_S[1])
 
     @staticmethod
     def _announce(config: Config, spool: Spool) -> None:
@@ -192,7 +208,8 @@ class Daemon:
         spool = shipper.spool
         km_logs = KmLogFollower(spool)
         pause = SPOOL_RETRY_S[0]
-        maintained = pinged = status_at = time.monotonic()
+        upkeep = self._upkeep
+        pinged = status_at = time.monotonic()
         watchdog = self.notifier.watchdog_interval
         while not self._stop.is_set():
             try:
@@ -200,20 +217,24 @@ class Daemon:
                     shipper = figures.shipper = self._reloaded(shipper)
                 more_logs = km_logs.follow(self.config.km_log_dirs)  # never raises
                 shipper.step()
-                if time.monotonic() - maintained >= MAINTAIN_EVERY_S:
-                    spool.maintain()
-                    maintained = time.monotonic()
+                upkeep.tick()
                 timeout = KmLogFollower.FOLLOW_EVERY_S if more_logs else RESCAN_INTERVAL_S
                 due = shipper.idle_until()
                 if due is not None:
                     timeout = min(timeout, max(0.0, due - time.time()))
                 pause = SPOOL_RETRY_S[0]
             except SpoolError as exc:
-                # Disk full, read-only... Keep running: nothing is lost (outcomes wait in
-                # memory, events in the spool), and shipping resumes when it can write.
-                log.error("%s; trying again in %.1f s", exc, pause)
-                self._stop.wait(pause)  # finished requests must not cut the pause short
-                timeout, pause = 0.0, min(pause * 2, SPOOL_RETRY_S[1])
+                # Disk full, damaged, read-only... Keep running: nothing is lost (outcomes
+                # wait in memory, events in the spool). What upkeep can mend (the
+                # ballast given up, a salvage) is tried again at once; else after a
+                # pause, and shipping resumes when it can write.
+                if upkeep.failed(exc):
+                    log.warning("%s; mended, going on", exc)
+                    timeout = 0.0
+                else:
+                    log.error("%s; trying again in %.1f s", exc, pause)
+                    self._stop.wait(pause)  # finished requests must not cut it short
+                    timeout, pause = 0.0, min(pause * 2, SPOOL_RETRY_S[1])
             figures.publish()
             if exporter is not None:
                 exporter.tick()

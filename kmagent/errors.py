@@ -24,8 +24,18 @@ class SpoolError(KmagentError):
     """The spool cannot be opened or written (disk full, read-only, permissions, format)."""
 
 
+class SpoolDamaged(SpoolError):
+    """The spool file is damaged (a bad disk, a lost lock): the daemon keeps it aside
+    and salvages what it can read into a fresh spool; ``path`` is the damaged file."""
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class SpoolFull(KmagentError):
-    """The spool is at ``[spool] max_bytes`` and ``when_full = "error"``."""
+    """The spool is at ``[spool] max_bytes``, or its filesystem down to ``[spool]
+    keep_free``, and ``when_full = "error"``."""
 
 
 class ConfigError(KmagentError):

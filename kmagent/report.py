@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, load_config
+from .errors import SpoolDamaged
 from .lock import ShipperLock
 from .metrics import read_figures
 from .spool import open_configured
+from .spool.salvage import last_salvage
 
 
 def read_status(config: str | os.PathLike | Config | None = None, *,
@@ -24,9 +26,20 @@ def read_status(config: str | os.PathLike | Config | None = None, *,
         "oldest_pending_age_s": None,
         "dropped_total": 0, "delivered_total": 0, "retried_total": 0,
         "last_success_at": None, "last_error_at": None, "last_error": None,
-        "rate_1m": 0.0, "daemon_pid": None, "spool": str(location), "exists": False}
+        "rate_1m": 0.0, "daemon_pid": None, "spool": str(location), "exists": False,
+        "salvaged": last_salvage(location)}
     if not location.exists():
         return figures
+    try:
+        return _read_spool(cfg, spool, figures)
+    except SpoolDamaged as exc:
+        # The daemon salvages it (or will, when it starts): say so, don't fail.
+        figures.update(exists=True, damaged=str(exc))
+        return figures
+
+
+def _read_spool(cfg: Config, spool: str | os.PathLike | None,
+                figures: dict[str, Any]) -> dict[str, Any]:
     with open_configured(cfg, spool) as store:
         figures.update(store.stats(time.time()))
         figures["dropped_total"] = store.dropped_total()

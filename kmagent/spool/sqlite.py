@@ -16,19 +16,20 @@ walks the rowid order past them, costs O(batch + window + backoffs), not O(backl
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..errors import SpoolError
 from ..events import Event
 from ..protocol import describe, encode
 from . import sqlite_conn
 from .base import Claimed, Spool, unknown_ids
 from .shared import CLOSED
 from .sqlite_conn import BUSY_TIMEOUT_S, FORMAT_VERSION  # noqa: F401 (FORMAT re-exported)
+from .sqlite_conn import spool_error
 
 SCHEMA = (
     """CREATE TABLE events (
@@ -129,7 +130,7 @@ class SqliteSpool(Spool):
                     if _busy(exc) and time.monotonic() < deadline:
                         continue  # rolled back whole: the same transaction again
                     if isinstance(exc, sqlite3.Error):
-                        raise SpoolError(f"spool {self.path}: {what} failed: {exc}") from None
+                        raise spool_error(self.path, f"{what} failed", exc) from None
                     raise
 
     def _many(self, sql: str, rows: list[tuple]) -> None:
@@ -158,7 +159,7 @@ class SqliteSpool(Spool):
             except sqlite3.Error as exc:
                 if _busy(exc) and time.monotonic() < deadline:
                     continue  # nothing was stored: try again
-                raise SpoolError(f"spool {self.path}: cannot append: {exc}") from None
+                raise spool_error(self.path, "cannot append", exc) from None
         # The rows and their index entries, roughly.
         return len(records[0][1]) + 40 if len(records) == 1 else \
             sum(len(record[1]) + 40 for record in records)
@@ -180,20 +181,32 @@ class SqliteSpool(Spool):
                 conn.execute(f"PRAGMA synchronous = {self._sharing().synchronous}")
 
     def size_on_disk(self) -> int:
-        # Live pages only: pages freed by delivered rows are reused (and given back to
-        # the OS by maintain()), so they do not count against max_bytes.
+        # Live pages, and the WAL beside them: pages freed by delivered rows are reused
+        # (and given back to the OS by maintain()), so they do not count; the WAL,
+        # which only a checkpoint empties, does.
         def measure(conn: sqlite3.Connection) -> int:
             pages = conn.execute("PRAGMA page_count").fetchone()[0]
             free = conn.execute("PRAGMA freelist_count").fetchone()[0]
             size = conn.execute("PRAGMA page_size").fetchone()[0]
             return (pages - free) * size
-        return self._run("measure", measure)
+        try:
+            wal = os.stat(f"{self.path}-wal").st_size  # by name: nothing is opened
+        except FileNotFoundError:
+            wal = 0
+        return self._run("measure", measure) + wal
 
     def maintain(self) -> None:
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute("PRAGMA incremental_vacuum(1000)").fetchall()
+        """Give delivered rows' room back: checkpoint first (a vacuum writes to the WAL,
+        which needs room; a checkpoint lets the WAL start over), then free up to 1,000
+        pages, then checkpoint again, which is when the file is cut shorter."""
+        def checkpoint(conn: sqlite3.Connection) -> None:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        self._run("maintain", run)
+
+        def vacuum(conn: sqlite3.Connection) -> None:
+            conn.execute("PRAGMA incremental_vacuum(1000)").fetchall()
+        self._run("checkpoint", checkpoint)
+        self._run("maintain", vacuum)
+        self._run("checkpoint", checkpoint)
 
     # --- shipper ------------------------------------------------------------------------
 

@@ -19,18 +19,40 @@ SQLite deletes the WAL on close only when no other process holds the database).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from ..errors import SpoolError
-from .files import FILE_MODE, make_dirs
+from ..errors import SpoolDamaged, SpoolError
+from .files import FILE_MODE, FLOCK_WAIT_S, flock_within, make_dirs, open_file
 from .shared import Shared, hold_across_fork
+from .space import filesystem_bytes
 
 FORMAT_VERSION = 1  # stored as PRAGMA user_version
 BUSY_TIMEOUT_S = 5.0  # how long a writer waits for another before SpoolError
 SYNC_LEVELS = {"normal": "NORMAL", "full": "FULL"}
+# The WAL is checkpointed (and, once reset, cut back) at about 1 % of its filesystem,
+# between 16 and SQLite's default 1,000 pages: on a small filesystem a 4 MiB WAL would
+# take the room the shipper needs to free the rest.
+WAL_SHARE, WAL_PAGES = 0.01, (16, 1000)
+DAMAGED_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def is_damaged(exc: BaseException) -> bool:
+    """Whether SQLite says the file itself is damaged (not busy, full or read-only)."""
+    return isinstance(exc, sqlite3.DatabaseError) and (
+        (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in DAMAGED_CODES
+        or "malformed" in str(exc) or "not a database" in str(exc))
+
+
+def spool_error(path: Path, what: str, exc: sqlite3.Error) -> SpoolError:
+    """The SpoolError for ``exc``: SpoolDamaged if the file is damaged."""
+    message = f"spool {path}: {what}: {exc}"
+    return SpoolDamaged(message, str(path)) if is_damaged(exc) else SpoolError(message)
 
 
 class Connection(Shared):
@@ -83,7 +105,8 @@ def join(path: Path, durability: str, schema: tuple[str, ...]) -> Connection:
             shared = None
         if shared is None:
             _close_inherited(path)
-            shared = _open[str(path)] = Connection(path, schema)
+            with opening(path):
+                shared = _open[str(path)] = Connection(path, schema)
         shared.users += 1
     shared.want(SYNC_LEVELS[durability])
     return shared
@@ -98,6 +121,38 @@ def follow(shared: Connection) -> None:
         with _registry:
             if _open.get(str(shared.path)) is shared:
                 _retire(shared)
+
+
+def retire(path: Path) -> None:
+    """The file at ``path`` was put aside (a salvage): this process's handles follow to
+    whatever is there now."""
+    with _registry:
+        shared = _open.get(str(path))
+        if shared is not None:
+            _retire(shared)
+
+
+@contextmanager
+def opening(path: Path, *, exclusive: bool = False) -> Iterator[None]:
+    """Held while a process opens the spool (shared), or while a salvage renames its
+    files (exclusive): so that no process ever pairs a fresh database with the damaged
+    one's WAL, which SQLite would replay into it. A separate file: its descriptors are
+    no business of SQLite's locks."""
+    try:
+        make_dirs(path.parent)
+        fd = open_file(path.with_name(path.name + ".open-lock"), os.O_RDWR | os.O_CREAT)
+    except OSError as exc:
+        raise SpoolError(f"spool {path}: cannot open: {exc.strerror}") from None
+    try:
+        if exclusive:
+            if not flock_within(fd):
+                raise SpoolError(f"spool {path}: another process kept opening it for "
+                                 f"{FLOCK_WAIT_S:g} s; salvage postponed")
+        else:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _retire(shared: Connection) -> None:
@@ -153,14 +208,23 @@ def _connect(path: Path, schema: tuple[str, ...]) -> sqlite3.Connection:
             if version < FORMAT_VERSION:
                 _create(conn, schema)
             conn.execute("PRAGMA synchronous = NORMAL")
+            _size_wal(conn, path)
         except BaseException:
             conn.close()
             raise
         return conn
     except sqlite3.Error as exc:
-        raise SpoolError(f"spool {path}: cannot open: {exc}") from None
+        raise spool_error(path, "cannot open", exc) from None
     except OSError as exc:
         raise SpoolError(f"spool {path}: cannot open: {exc.strerror}") from None
+
+
+def _size_wal(conn: sqlite3.Connection, path: Path) -> None:
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = int(filesystem_bytes(path.parent) * WAL_SHARE / page)
+    pages = max(WAL_PAGES[0], min(WAL_PAGES[1], pages))
+    conn.execute(f"PRAGMA wal_autocheckpoint = {pages}").fetchall()
+    conn.execute(f"PRAGMA journal_size_limit = {pages * page}").fetchall()
 
 
 def _create(conn: sqlite3.Connection, schema: tuple[str, ...]) -> None:

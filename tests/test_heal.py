@@ -1,0 +1,215 @@
+"""The spool heals itself: full disks (the reserve and the ballast) and damaged SQLite
+files (salvage), with real filesystems, real damage and a real daemon."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+from conftest import API_KEY, start_daemon, status, stop, wait_for
+import kmagent
+from kmagent import Client
+from kmagent.config import ConfigError, load_config
+from kmagent.events import make_event
+from kmagent.spool import open_spool
+from kmagent.spool.salvage import readable_rows
+from kmagent.spool.space import Ballast, keep_free_bytes
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB filesystem to fill up (tmpfs: needs root)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a 2 MiB tmpfs needs root (CI runs as root)")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (a container without CAP_SYS_ADMIN?)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill_to_the_last_byte(directory) -> None:
+    """What another program does: take every byte left."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (65536, 4096, 512, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+def names_delivered(host) -> set[str]:
+    return {dict(r.params)["_p"] for r in host.delivered()}
+
+
+@pytest.mark.parametrize("who_fills", ["the spool", "another program"])
+def test_a_full_disk_heals_once_the_host_answers_without_a_restart(
+        host, small_disk, tmp_path, who_fills):
+    spool = small_disk / "spool.db"
+    config = tmp_path / "small.toml"
+    config.write_text(f'api_key = "{API_KEY}"\nendpoint = "{host.url}"\n[spool]\n'
+                      f'path = "{spool}"\n[ship]\nmax_backoff = 2\n')
+    host.status = 503  # an outage: the backlog grows
+    daemon = start_daemon(config)
+    accepted, refusals = [], set()
+    client = Client(config=config)
+
+    def record(name: str) -> None:
+        try:
+            client.record(name, "Backlog", {"pad": "x" * 100})
+            accepted.append(name)
+        except (kmagent.SpoolFull, kmagent.SpoolError) as exc:
+            refusals.add(type(exc))  # anything else fails the test
+    try:
+        n = 0
+        while not refusals:
+            record(f"p{n}")
+            n += 1
+        assert refusals == {kmagent.SpoolFull}  # refused before the disk ran out
+        assert os.statvfs(small_disk).f_bavail > 0
+        if who_fills == "another program":
+            fill_to_the_last_byte(small_disk)
+            for k in range(20):
+                record(f"late{k}")
+        time.sleep(2)
+        host.status = 200
+        wait_for(lambda: set(accepted) <= names_delivered(host), timeout=90)
+        assert daemon.poll() is None
+        # Delivered events gave their room back: the spool takes events again.
+        if who_fills == "another program":
+            os.unlink(small_disk / "filler")
+        wait_for(lambda: _records(config), timeout=30)
+    finally:
+        code = stop(daemon)
+    assert code == 0, daemon.log
+    assert len(accepted) > 1000
+    with sqlite3.connect(spool) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _records(config) -> bool:
+    try:
+        Client(config=config).record("after", "Healed")
+        return True
+    except kmagent.SpoolFull:
+        return False
+
+
+def overwrite_a_leaf_page(db) -> int:
+    """Real damage: one leaf page of the events table in the middle of the file
+    overwritten with noise, as a bad disk would."""
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        count = conn.execute("PRAGMA page_count").fetchone()[0]
+    with open(db, "r+b") as fh:
+        for number in range(count // 2, count):
+            fh.seek((number - 1) * page)
+            if fh.read(1) == b"\x0d":  # a table b-tree leaf
+                fh.seek((number - 1) * page)
+                fh.write(os.urandom(page))
+                return number
+    raise AssertionError("no leaf page found")
+
+
+def test_a_damaged_database_is_kept_aside_and_its_readable_rows_ship(
+        host, write_config, spool_path):
+    config = write_config(host, extra="[ship]\nmax_backoff = 1\n")
+    early = Client(config=config)  # open through the damage: it must follow
+    for n in range(3000):
+        early.record(f"old{n}", "Before Damage", {"n": n})
+    overwrite_a_leaf_page(spool_path)
+    daemon = start_daemon(config)
+    try:
+        wait_for(lambda: status(config)["salvaged"] is not None, timeout=30)
+        time.sleep(0.6)  # the producers' next size check notices the new file
+        for n in range(100):
+            early.record(f"new{n}", "After Damage")
+            Client(config=config).record(f"fresh{n}", "After Damage")
+        new = {f"new{n}" for n in range(100)} | {f"fresh{n}" for n in range(100)}
+        wait_for(lambda: new <= names_delivered(host), timeout=60)
+        old = {f"old{n}" for n in range(3000)}
+        wait_for(lambda: len(old & names_delivered(host)) >= 2850, timeout=60)
+        figures = status(config)
+        assert daemon.poll() is None
+    finally:
+        code = stop(daemon)
+    assert code == 0, daemon.log
+    salvaged = figures["salvaged"]
+    # Saved: what was still pending when the damage was met (the rest was delivered).
+    assert salvaged["saved"] > 1000 and salvaged["unreadable"] > 0
+    assert os.path.exists(salvaged["kept_as"])  # never deleted
+    assert "was damaged" in daemon.log and "kept aside" in daemon.log
+
+
+def test_a_file_that_is_not_a_database_is_kept_aside_and_a_fresh_spool_ships(
+        host, write_config, spool_path):
+    config = write_config(host)
+    spool_path.parent.mkdir(parents=True)
+    spool_path.write_bytes(os.urandom(8192))  # page 1 gone: nothing can be read
+    daemon = start_daemon(config)
+    try:
+        Client(config=config).record("bob", "After")
+        wait_for(lambda: "bob" in names_delivered(host), timeout=30)
+    finally:
+        code = stop(daemon)
+    assert code == 0, daemon.log
+    kept = [p for p in spool_path.parent.iterdir() if ".damaged-" in p.name]
+    assert kept and kept[0].stat().st_size == 8192
+
+
+def test_salvage_reads_round_a_damaged_page(tmp_path):
+    db = tmp_path / "spool.db"
+    with open_spool(db) as store:
+        for n in range(2000):
+            store.append(make_event(f"p{n}", "E", {"pad": "x" * 60}, now=time.time()))
+    page = overwrite_a_leaf_page(db)
+    conn = sqlite3.connect(db)
+    rows, unreadable = readable_rows(conn, "events", "query", set())
+    conn.close()
+    ids = [row[0] for row in rows]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert 1800 <= len(rows) < 2000, page  # only the rows of one page are missing
+    assert unreadable >= 2000 - len(rows)
+    assert ids[-1] == 2000  # read on past the damage, to the end
+
+
+def test_the_ballast_is_real_room_given_up_and_taken_back(tmp_path):
+    ballast = Ballast(tmp_path / "ballast", 1 << 20)
+    assert ballast.take(keep_free=0) and ballast.held
+    assert os.stat(ballast.path).st_blocks * 512 >= 1 << 20  # not a sparse file
+    assert ballast.release() and not ballast.held
+    assert not ballast.release()  # nothing left to give
+    assert not Ballast(tmp_path / "b2", 1 << 20).take(keep_free=1 << 60)  # no room
+
+
+def test_keep_free_is_bytes_or_a_share_and_refused_otherwise(tmp_path):
+    assert keep_free_bytes(4096, tmp_path) == 4096
+    st = os.statvfs(tmp_path)
+    assert keep_free_bytes("10%", tmp_path) == int(st.f_blocks * st.f_frsize * 0.10)
+    assert keep_free_bytes(None, tmp_path) <= 64 * 1024 * 1024
+    for bad in ('"75%"', '"lots"', "-1", "true"):
+        path = tmp_path / "bad.toml"
+        path.write_text(f"[spool]\nkeep_free = {bad}\n")
+        with pytest.raises(ConfigError, match=r"\[spool\] keep_free"):
+            load_config(path)
+
+
+def test_record_refuses_at_the_reserve_whatever_max_bytes_says(write_config, spool_path):
+    free = os.statvfs(spool_path.parent.parent).f_bavail * os.statvfs(
+        spool_path.parent.parent).f_frsize
+    config = write_config(extra="")
+    with open(config, "a") as fh:
+        fh.write(f"keep_free = {free + (1 << 30)}\n")  # more than the disk has free
+    with pytest.raises(kmagent.SpoolFull, match="keep_free"):
+        Client(config=config).record("bob", "Refused")
