@@ -42,6 +42,9 @@ Faults (FAULTS, in two lanes that overlap; ``--faults`` picks, ``none`` for none
   host lane:    host_flaky (fail_rate/reset_rate), host_outage (503s or resets),
                 host_slow, host_refuses (400 for some events: dead letters),
                 host_retry_after
+  disk lane:    disk_full (another program takes every byte of the spool's own 48 MiB
+                tmpfs for a while), damage_checkpoint (jsonl: garbage in checkpoint.json);
+                root only (a tmpfs), else left out
 Operators, at random times: status [--json], flush --timeout 2, dead list [--json],
 dead retry --all, export [--dead]. Exit codes may be nonzero; a traceback on stderr
 or a hang is a failure.
@@ -1177,7 +1180,7 @@ class Run:
                 at += duration + rng.uniform(0, 1.0)
         # Faults: two lanes; operators: a third.
         self.lanes: dict[str, list[tuple[float, str]]] = {}
-        for lane in ("process", "host"):
+        for lane in ("process", "host", "disk"):
             names = [f for f in self.faults if FAULTS[f].lane == lane]
             events, at = [], rng.uniform(0.3, 1.5)
             while names and at < chaos - 0.5:
@@ -1191,8 +1194,25 @@ class Run:
             at += rng.uniform(0.4, 2.0)
         self.operator_plan = ops
 
+    def mount_disk(self) -> Path | None:
+        """A filesystem of the spool's own for the disk lane (a tmpfs, so root only);
+        without one the disk faults are left out."""
+        if not any(FAULTS[f].lane == "disk" for f in self.faults):
+            return None
+        disk = self.workdir / "disk"
+        disk.mkdir()
+        if os.geteuid() != 0 or subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={DISK_MIB}m", "tmpfs", str(disk)],
+                capture_output=True).returncode != 0:
+            self.note("no tmpfs for the spool (not root?): disk faults left out")
+            self.faults = [f for f in self.faults if FAULTS[f].lane != "disk"]
+            self.lanes["disk"] = []
+            return None
+        return disk
+
     def write_config(self) -> None:
-        self.spool = self.workdir / ("spool.db" if self.backend == "sqlite" else "spool.jsonl.d")
+        home = self.disk if self.disk is not None else self.workdir
+        self.spool = home / ("spool.db" if self.backend == "sqlite" else "spool.jsonl.d")
         concurrency = (f'"{self.concurrency}"' if isinstance(self.concurrency, str)
                        else self.concurrency)
         text = "\n".join([
@@ -1401,6 +1421,7 @@ class Run:
         self.plan()
         self.host = StandInHost(seed=zlib.crc32(f"{self.seed}/{self.backend}".encode()))
         with self.host:
+            self.disk = self.mount_disk()
             self.write_config()
             self.daemon = Daemon(self)
             self.t0 = time.time()
@@ -1409,7 +1430,11 @@ class Run:
                 self.finish()
             finally:
                 self.cleanup()
-            self.judge()
+            try:
+                self.judge()
+            finally:
+                if self.disk is not None:
+                    subprocess.run(["umount", "-l", str(self.disk)], capture_output=True)
         self.result.took = time.monotonic() - started
         return self.result
 
@@ -1818,6 +1843,46 @@ def f_host_retry_after(run: Run, rng: random.Random) -> None:
     time.sleep(rng.uniform(0.5, 2.0))
     run.host.fail_rate = 0.0
     run.host.retry_after = None
+
+
+DISK_MIB = 48  # the spool's own filesystem in the disk lane
+
+
+@fault("disk_full", lane="disk")
+def f_disk_full(run: Run, rng: random.Random) -> None:
+    """Another program takes every byte left on the spool's filesystem for a while:
+    record() may refuse (SpoolFull, SpoolError), and nothing it accepted is lost."""
+    filler = run.disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (1 << 20, 65536, 4096, 512, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    run.note("disk full")
+    try:
+        time.sleep(rng.uniform(0.5, 2.0))
+    finally:
+        os.unlink(filler)
+    time.sleep(rng.uniform(1.0, 4.0))  # room again for a while: the backlog flows
+
+
+@fault("damage_checkpoint", lane="disk", weight=0.5)
+def f_damage_checkpoint(run: Run, rng: random.Random) -> None:
+    """jsonl: checkpoint.json overwritten with garbage (the shipper rebuilds it by
+    sending again what it cannot prove delivered: resends, never losses)."""
+    if run.backend != "jsonl":
+        return
+    garbage = rng.choice([b"", b"{}", b"[]", b'{"seq": "x"}', os.urandom(300)])
+    try:
+        (run.spool / "checkpoint.json").write_bytes(garbage)
+    except OSError:
+        return
+    run.note(f"checkpoint.json overwritten with {garbage[:20]!r}")
 
 
 # ----------------------------------------------------------------------------------
