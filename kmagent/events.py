@@ -1,7 +1,7 @@
 """The Event record, and the rules an event must meet before it may enter the spool.
 
-Kissmetrics answers 200 even to malformed requests (KISSMETRICS.md, "Hosts and
-requests"), so a bad event can never be detected after it is sent: everything the
+Kissmetrics answers 200 even to malformed requests (PROTOCOL.md, "The answer
+tells nothing"), so a bad event can never be detected after it is sent: everything the
 tracking host would silently mangle or drop is refused here, at the caller, with an
 ``InvalidEvent`` naming the field and the rule.
 """

@@ -4,7 +4,7 @@
 aliases), ``_t``, ``_d=1`` (events and sets), then the properties in the order given.
 UTF-8, percent-encoded, space as ``%20``. The query (without ``_k``) is computed once,
 when the event is produced, and stored: every resend is the same bytes, which is what
-lets Kissmetrics drop it as a duplicate (KISSMETRICS.md, "Duplicates"). The whole
+lets Kissmetrics drop it as a duplicate (PROTOCOL.md, "Duplicates"). The whole
 request line, ``request_line_length``, is at most ``events.MAX_REQUEST_LINE`` bytes:
 make_event/make_set/make_alias refuse longer events, and the sender never sends one.
 """

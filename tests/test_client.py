@@ -1,4 +1,4 @@
-"""The producer API (INTERFACE.md "Python API"): Client and KM on real SQLite spools."""
+"""The producer API (README, "Recording events from Python"): Client and KM on real SQLite spools."""
 
 from __future__ import annotations
 

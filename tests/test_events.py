@@ -1,4 +1,4 @@
-"""What an event may hold (INTERFACE.md): every refusal, through the public Client.
+"""What an event may hold (README, "What an event may hold"): every refusal, through the public Client.
 
 Each refusal must raise ``kmagent.InvalidEvent`` (also a ``ValueError``) whose message
 names the field, and must leave the spool exactly as it was: nothing appended, the
@@ -459,7 +459,7 @@ TEXTS = list(UNITS)
 
 
 def quoted(text: str) -> str:
-    """Percent-encoded as the wire format says (INTERFACE.md): UTF-8, every byte but
+    """Percent-encoded as the wire format says (PROTOCOL.md): UTF-8, every byte but
     RFC 3986's unreserved ones as %XX."""
     return quote(text, safe="")
 

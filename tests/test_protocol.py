@@ -1,4 +1,4 @@
-"""The wire format (INTERFACE.md "Wire format", KISSMETRICS.md "Hosts and requests"):
+"""The wire format (PROTOCOL.md, "The wire format" and "Requests"):
 ``kmagent.protocol.encode``, ``request_target`` and ``request_line_length``, byte for
 byte; property tests that whatever ``Client.record`` accepts is stored as exactly what
 was given, and that an event is refused exactly when its request line is too long."""

@@ -3,7 +3,7 @@
 Durability: in WAL mode a commit is in the OS once ``INSERT`` returns, so it survives
 the process being SIGKILLed (``synchronous=NORMAL``); ``FULL`` also fsyncs the WAL on
 every commit, so it survives power loss. The producer's INSERT runs on a bare sqlite3
-connection: it is the hot path (DESIGN.md, "Measured facts").
+connection: it is the hot path (ARCHITECTURE.md, "SQLite").
 
 Rows are deleted once delivered, so the table holds only pending work, oldest first by
 rowid. A fresh row is due at once (``due = 0``) and enters no index, so the producer's
