@@ -93,6 +93,9 @@ def _busy(exc: BaseException) -> bool:
 class SqliteSpool(Spool):
     """A spool in one SQLite file; safe across threads, processes and forks."""
 
+    # Each commit appends at least one page, and its frame header, to the WAL.
+    WRITE_COST = 4096 + 24
+
     def __init__(self, path: Path, *, durability: str = "normal",
                  max_bytes: int | None = None, when_full: str = "error",
                  keep_free: int | str | None = None,
