@@ -15,9 +15,11 @@ from typing import Callable
 
 from .config import Config, shipping_config
 from .daemon import make_shipper
+from .errors import SpoolDamaged, SpoolError
 from .lock import ShipperLock
 from .shipper import Shipper
 from .spool import open_configured
+from .upkeep import Upkeep
 
 log = logging.getLogger("kmagent.flush")
 
@@ -43,6 +45,7 @@ def flush(config: Config, *, timeout: float | None = None,
     spool = open_configured(config)
     lock = ShipperLock(spool.lock_path)
     shipper: Shipper | None = None
+    upkeep: Upkeep | None = None
     waited_for = None
     try:
         dead_before = spool.stats(time.time())["dead"]
@@ -56,12 +59,23 @@ def flush(config: Config, *, timeout: float | None = None,
                     spool.recover()
                     spool.expedite()
                     shipper = make_shipper(config, spool)
+                    upkeep = Upkeep(spool, keep_ballast=False)
                 else:
                     waited_for = lock.holder() or waited_for
             if shipper is None:
                 time.sleep(POLL_S)
             else:
-                _ship_for(shipper, POLL_S)
+                try:
+                    _ship_for(shipper, POLL_S)
+                    upkeep.tick()
+                except SpoolDamaged:
+                    raise  # the daemon salvages it: it rescans what apps write after
+                except SpoolError as exc:
+                    # A full disk, say: give up the daemon's ballast, free what was
+                    # delivered, try again until the timeout (outcomes wait in memory).
+                    if not upkeep.failed(exc):
+                        log.error("%s; trying again", exc)
+                        time.sleep(POLL_S)
                 # Pending, yet nothing in flight and nothing we may claim, and no key of
                 # our own: what is left carries no API key and none is configured.
                 no_key = (config.api_key is None and not shipper.in_flight

@@ -51,12 +51,16 @@ def open_for_shipping(config: Config, attempts: int = 3):
 class Upkeep:
     """Housekeeping for one spool; ``tick`` every loop turn, ``failed`` on a SpoolError."""
 
-    def __init__(self, spool: Spool, salvaging=None) -> None:
+    def __init__(self, spool: Spool, salvaging=None, *, keep_ballast: bool = True) -> None:
+        """``keep_ballast``: allocate the ballast (the daemon); a flush only gives up
+        the daemon's when it must."""
         self.spool = spool
         self.ballast = Ballast(spool.ballast_path, spool.keep_free)
         self.salvaging = salvaging
+        self.keep_ballast = keep_ballast
         self._maintained = self._ballast_at = time.monotonic()
-        self.ballast.take(spool.keep_free)
+        if keep_ballast:
+            self.ballast.take(spool.keep_free)
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -66,7 +70,7 @@ class Upkeep:
         if now - self._maintained >= (MAINTAIN_WHEN_LOW_S if low else MAINTAIN_EVERY_S):
             self._maintained = now
             self.spool.maintain()
-        if now - self._ballast_at >= BALLAST_EVERY_S:
+        if self.keep_ballast and now - self._ballast_at >= BALLAST_EVERY_S:
             self._ballast_at = now
             self.ballast.take(self.spool.keep_free)
 

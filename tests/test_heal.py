@@ -213,3 +213,25 @@ def test_record_refuses_at_the_reserve_whatever_max_bytes_says(write_config, spo
         fh.write(f"keep_free = {free + (1 << 30)}\n")  # more than the disk has free
     with pytest.raises(kmagent.SpoolFull, match="keep_free"):
         Client(config=config).record("bob", "Refused")
+
+
+def test_flush_on_a_full_disk_gives_up_the_ballast_and_drains(host, small_disk, tmp_path):
+    spool = small_disk / "spool.db"
+    config = tmp_path / "small.toml"
+    config.write_text(f'api_key = "{API_KEY}"\nendpoint = "{host.url}"\n[spool]\n'
+                      f'path = "{spool}"\n')
+    client = Client(config=config)
+    accepted = 0
+    try:
+        while True:
+            client.record(f"p{accepted}", "Backlog", {"pad": "x" * 100})
+            accepted += 1
+    except kmagent.SpoolFull:
+        pass
+    assert Ballast(spool.with_name("spool.db.ballast"), 40_000).take(keep_free=0)
+    fill_to_the_last_byte(small_disk)  # and the daemon is not running
+    from conftest import run_kmagent
+    result = run_kmagent("flush", "--timeout", "20", "--config", str(config), timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert len(names_delivered(host)) == accepted
+    assert "gave up" in result.stderr
