@@ -15,7 +15,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import run_kmagent, start_daemon, status, stop, wait_for
+from conftest import API_KEY, run_kmagent, start_daemon, status, stop, wait_for
 
 from kmagent import Client
 from kmagent.errors import SpoolError, SpoolFull
@@ -433,7 +433,8 @@ def test_logrotate_copytruncate_loses_nothing_recorded_after(
         host, write_config, spool_path, tmp_path):
     """Debian's logrotate with copytruncate: events.jsonl is copied, then truncated in
     place (the same inode, shorter than where the shipper had read to)."""
-    if shutil.which("logrotate") is None:
+    logrotate = shutil.which("logrotate") or shutil.which("logrotate", path="/usr/sbin")
+    if logrotate is None:
         pytest.skip("logrotate is not installed (apt-get install logrotate)")
     config = spool_config(write_config, host)
     client = Client(config=config)
@@ -445,7 +446,7 @@ def test_logrotate_copytruncate_loses_nothing_recorded_after(
         rules = tmp_path / "logrotate.conf"
         rules.write_text(f"{spool_path / ACTIVE} {{\n    copytruncate\n    rotate 1\n"
                          "    missingok\n    nocompress\n    su root root\n}\n")
-        rotated = subprocess.run(["logrotate", "-f", "-s", str(tmp_path / "state"),
+        rotated = subprocess.run([logrotate, "-f", "-s", str(tmp_path / "state"),
                                   str(rules)], capture_output=True, text=True, timeout=30)
         assert rotated.returncode == 0, rotated.stderr
         assert os.path.getsize(spool_path / ACTIVE) == 0
@@ -758,3 +759,41 @@ def test_a_move_that_fails_for_want_of_space_is_finished_later(spool_path, monke
     assert max(delivered.values()) == 1
     assert spool.stats(time.time())["pending"] == 0
     spool.close()
+
+
+# --- 7, end to end: a real daemon on a full disk, the host down, then up ------------
+
+@pytest.mark.parametrize("filled", ["to the reserve", "to the last byte"])
+def test_a_full_disk_with_the_host_down_delivers_every_accepted_event(
+        host, small_disk, tmp_path, filled):
+    """Producers fill a 2 MiB filesystem while the host is down (and, in the second
+    case, another program takes the last byte after them: the daemon's ballast gives
+    it room); once the host is back the running daemon delivers every event whose
+    record() returned, frees the disk, and takes events again, without a restart."""
+    spool = small_disk / "spool.jsonl.d"
+    config = tmp_path / "small.toml"
+    config.write_text(f'api_key = "{API_KEY}"\nendpoint = "{host.url}"\n'
+                      f'[ship]\nmax_backoff = 1\n[spool]\nbackend = "jsonl"\n'
+                      f'path = "{spool}"\n')
+    host.status = 503
+    daemon = start_daemon(config)
+    client = Client(config=config)
+    accepted = []
+    try:
+        for n in range(100_000):
+            try:
+                client.record(f"p{n:06d}", "While Full", {"pad": "y" * 100})
+            except (SpoolFull, SpoolError):
+                break
+            accepted.append(f"p{n:06d}")
+        assert len(accepted) > 5000
+        if filled == "to the last byte":
+            fill(small_disk, name="other-program")
+        host.status = 200
+        wait_for(lambda: set(accepted) <= set(delivered_persons(host)), timeout=90)
+        wait_for(lambda: status(config)["pending"] == 0, timeout=30)
+        client.record("after", "Room Again")  # the delivered events' room came back
+        wait_for(lambda: "after" in delivered_persons(host), timeout=30)
+        assert daemon.poll() is None
+    finally:
+        assert stop(daemon) == 0, daemon.log[-3000:]

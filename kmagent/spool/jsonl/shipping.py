@@ -262,6 +262,7 @@ class Shipping(Reading, Moves):
         self.unsaved = True
         write_atomically(self.dir / CHECKPOINT, self.ckpt.dump())
         self.unsaved = False
+        deleted = False
         for old in [s for s in self.files if s < seq and self.files[s].sealed]:
             entry = self.files.pop(old)
             os.close(entry.fd)
@@ -269,6 +270,9 @@ class Shipping(Reading, Moves):
                 os.unlink(self.dir / sealed_name(old))
             except FileNotFoundError:
                 pass
+            deleted = True
+        if deleted:
+            self.spool._let_go_of_sealed()  # its own handle may still hold one open
 
     def maintain(self) -> None:
         """Now and then, and at once on a full disk: save a checkpoint a failed write

@@ -111,6 +111,28 @@ class JsonlSpool(Spool):
             return None
         return current.st_size
 
+    def _follow(self) -> None:
+        """With each size check: let go of an events.jsonl sealed or deleted since
+        (see _let_go_of_sealed). Only while no write is under way or queued: never
+        from inside this thread's own write (a signal handler's record()), which may
+        be using the descriptor, and never making appends wait that would otherwise
+        join a group commit; a later check does it."""
+        shared = self._sharing()
+        if shared.busy or shared.waiting or shared.lock._is_owned():
+            return
+        with shared.held():
+            self._let_go_of_sealed()
+
+    def _let_go_of_sealed(self) -> None:
+        """Close our descriptor of events.jsonl if the file is no longer at that name:
+        once the shipper deletes a sealed file, a descriptor kept open anywhere keeps
+        its blocks from the disk, and on a full disk a producer that is refused never
+        writes again to notice. The caller holds the lock, outside any write."""
+        fd = self._fd
+        if fd is not None and self._pid == os.getpid() and self._held_size(fd) is None:
+            self._fd, self._end = None, -1
+            os.close(fd)
+
     @property
     def drops_path(self) -> Path:
         return self.path / "dropped"
