@@ -797,3 +797,23 @@ def test_a_full_disk_with_the_host_down_delivers_every_accepted_event(
         assert daemon.poll() is None
     finally:
         assert stop(daemon) == 0, daemon.log[-3000:]
+
+
+def test_a_checkpoint_rebuilt_numbers_files_after_every_dead_letter(spool_path):
+    """Dead letters are known by their line's position: a file number given again
+    after the checkpoint is lost would make two letters one."""
+    spool = open_jsonl(spool_path, rotate_bytes=4096)
+    for n in range(4):
+        spool.append(event(n, pad="x" * 3000))  # a file each
+        items = spool.claim(10, now=time.time())
+        spool.dead_letter([i.id for i in items], status=400, reason="HTTP 400",
+                          now=time.time())
+    spool.close()
+    (spool_path / CHECKPOINT).unlink()
+    spool = open_jsonl(spool_path)
+    spool.append(event(9))
+    spool.recover()
+    [item] = spool.claim(10, now=time.time())
+    spool.dead_letter([item.id], status=400, reason="HTTP 400", now=time.time())
+    assert len({d["id"] for d in spool.dead_letters()}) == 5
+    spool.close()

@@ -55,11 +55,12 @@ class Shipping(Reading, Moves):
             self.ckpt = Checkpoint.load(self.dir / CHECKPOINT)
         except DamagedCheckpoint as exc:
             self.ckpt = self._rebuilt(exc)
-        fresh = self.unsaved or not (self.dir / CHECKPOINT).exists()
+        if self.unsaved or not (self.dir / CHECKPOINT).exists():
+            # No record of the numbers files had: none is given again that a dead
+            # letter's id names (the sealed files' names keep theirs).
+            self.ckpt.last_seq = max(self.ckpt.last_seq, self._dead_letter_seqs())
         self.stalled: tuple[int, int] | None = None
         self._open_files()
-        if fresh:  # no record of the numbers files had: dead letters keep theirs
-            self.ckpt.last_seq = max(self.ckpt.last_seq, self._dead_letter_seqs())
         self.settled_ahead: set[Position] = set(self.ckpt.ahead)
         self.order: deque[_Line] = deque()  # read, not yet behind the checkpoint
         self.lines: dict[Position, _Line] = {}  # unsettled, by id
