@@ -8,11 +8,10 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import time
 
 import pytest
-from conftest import API_KEY, run_kmagent, start_daemon, status, stop, wait_for
+from conftest import API_KEY, fill, run_kmagent, start_daemon, status, stop, wait_for
 
 import kmagent
 from kmagent import Client
@@ -248,32 +247,6 @@ def test_max_bytes_drop_drops_and_counts(write_config, spool_path):
     figures = status(config)
     assert figures["dropped_total"] > 0
     assert figures["pending"] + figures["dropped_total"] == 2000
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MB filesystem to fill up (tmpfs; skipped where mounting is not allowed)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-            capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small filesystem here")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
-def fill(directory) -> None:
-    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        for size in (65536, 4096, 512, 1):
-            try:
-                while True:
-                    os.write(fd, b"\0" * size)
-            except OSError:
-                pass  # full at this granularity; try smaller pieces
-    finally:
-        os.close(fd)
 
 
 def test_a_full_disk_refuses_quickly_and_the_daemon_resumes(

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
 import time
 
 import pytest
 
-from conftest import API_KEY, start_daemon, status, stop, wait_for
+from conftest import API_KEY, fill, run_kmagent, start_daemon, status, stop, wait_for
 import kmagent
 from kmagent import Client
 from kmagent.config import ConfigError, load_config
@@ -18,34 +17,6 @@ from kmagent.events import make_event
 from kmagent.spool import open_spool
 from kmagent.spool.salvage import readable_rows
 from kmagent.spool.space import Ballast, keep_free_bytes
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB filesystem to fill up (tmpfs: needs root)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a 2 MiB tmpfs needs root (CI runs as root)")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (a container without CAP_SYS_ADMIN?)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
-def fill_to_the_last_byte(directory) -> None:
-    """What another program does: take every byte left."""
-    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        for size in (65536, 4096, 512, 1):
-            try:
-                while True:
-                    os.write(fd, b"\0" * size)
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
 
 
 def names_delivered(host) -> set[str]:
@@ -78,7 +49,7 @@ def test_a_full_disk_heals_once_the_host_answers_without_a_restart(
         assert refusals == {kmagent.SpoolFull}  # refused before the disk ran out
         assert os.statvfs(small_disk).f_bavail > 0
         if who_fills == "another program":
-            fill_to_the_last_byte(small_disk)
+            fill(small_disk)
             for k in range(20):
                 record(f"late{k}")
         time.sleep(2)
@@ -229,8 +200,7 @@ def test_flush_on_a_full_disk_gives_up_the_ballast_and_drains(host, small_disk, 
     except kmagent.SpoolFull:
         pass
     assert Ballast(spool.with_name("spool.db.ballast"), 40_000).take(keep_free=0)
-    fill_to_the_last_byte(small_disk)  # and the daemon is not running
-    from conftest import run_kmagent
+    fill(small_disk)  # and the daemon is not running
     result = run_kmagent("flush", "--timeout", "20", "--config", str(config), timeout=90)
     assert result.returncode == 0, result.stderr
     assert len(names_delivered(host)) == accepted

@@ -15,7 +15,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import API_KEY, run_kmagent, start_daemon, status, stop, wait_for
+from conftest import API_KEY, fill, run_kmagent, start_daemon, status, stop, wait_for
 
 from kmagent import Client
 from kmagent.errors import SpoolError, SpoolFull
@@ -31,19 +31,6 @@ T0 = 1_700_000_000
 @pytest.fixture
 def backend() -> str:
     return "jsonl"
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB filesystem to fill up (tmpfs; skipped where mounting is not allowed)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-            capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small filesystem here (needs root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def open_jsonl(path, **options):
@@ -72,22 +59,6 @@ def drain(spool, *, with_key_only: bool = False, rounds: int = 10_000) -> list:
 def persons(items) -> list[str]:
     return [i.query.split("&")[0][3:] for i in items]
 
-
-def fill(directory, leave: int = 0, name: str = "filler") -> None:
-    """Fill the filesystem holding ``directory``, then give back ``leave`` bytes."""
-    path = directory / name
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        for size in (65536, 4096, 512, 1):
-            try:
-                while True:
-                    os.write(fd, b"\0" * size)
-            except OSError:
-                pass  # full at this granularity; try smaller pieces
-        if leave:
-            os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
-    finally:
-        os.close(fd)
 
 
 # --- 1. write_atomically never puts a partial file in place --------------------------
