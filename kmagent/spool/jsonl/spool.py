@@ -13,7 +13,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from ...config import DEFAULT_ROTATE_BYTES, DEFAULT_ROTATE_SECONDS
 from ...errors import SpoolError
@@ -28,6 +28,9 @@ from .checkpoint import CHECKPOINT, Checkpoint
 from .layout import ACTIVE, DEAD, DEAD_LOCK, TORN_END, dump_line
 from .shipping import Shipping
 from .view import CopyIndex, DiskView
+
+_T = TypeVar("_T")
+
 
 class _ShortWrite(OSError):
     """write() stopped short (disk full): the first ``written`` bytes of the data, whole
@@ -193,13 +196,18 @@ class JsonlSpool(Spool):
     def _active_end(self) -> tuple[int, int]:
         """(inode, size) of events.jsonl, measured under its lock, so that no short
         write is cut back below it: whatever is appended next lies at or after it."""
+        return self._under_active_lock(lambda fd, size: (self._held[0], size))
+
+    def _under_active_lock(self, act: Callable[[int, int], _T]) -> _T:
+        """``act(fd, size)`` with events.jsonl flocked and ``size`` its size under the
+        lock; reopened first if it was sealed under us."""
         while True:
             fd = self._active_fd()
             try:  # locked inside the try: a handler raising right after must not leak it
                 self._lock_active(fd)
                 size = self._held_size(fd)
                 if size is not None:
-                    return self._held[0], size
+                    return act(fd, size)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)  # sealed under us: reopen events.jsonl
@@ -221,33 +229,26 @@ class JsonlSpool(Spool):
         was not read). Should the cut fail, the torn rest stays unfinished until the
         next writer ends it with TORN_END, which makes it a bad line: a write that
         raised never becomes a line that is sent."""
-        while True:
-            fd = self._active_fd()
-            try:  # locked inside the try: a handler raising right after must not leak it
-                self._lock_active(fd)
-                size = self._held_size(fd)
-                if size is not None:
-                    line = data
-                    # If the file ends where our own last line did, it ends in a newline;
-                    # otherwise look: a torn fragment (a writer killed mid-line, a cut
-                    # that failed) must neither get ours glued on nor be completed.
-                    if size and size != self._end and os.pread(fd, 1, size - 1) != b"\n":
-                        line = TORN_END + data
-                    written = os.write(fd, line)
-                    if written != len(line):
-                        self._end = -1
-                        whole = line.rfind(b"\n", 0, written) + 1
-                        try:
-                            os.ftruncate(fd, size + whole)
-                        except OSError:
-                            pass  # see above: the next writer ends it
-                        raise _ShortWrite(max(0, whole - (len(line) - len(data))), fd)
-                    self._end = size + written
-                    return fd
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)  # sealed under us: reopen events.jsonl
-            self._fd, self._end = None, -1
+        return self._under_active_lock(lambda fd, size: self._append_locked(fd, size, data))
+
+    def _append_locked(self, fd: int, size: int, data: bytes) -> int:
+        line = data
+        # If the file ends where our own last line did, it ends in a newline;
+        # otherwise look: a torn fragment (a writer killed mid-line, a cut
+        # that failed) must neither get ours glued on nor be completed.
+        if size and size != self._end and os.pread(fd, 1, size - 1) != b"\n":
+            line = TORN_END + data
+        written = os.write(fd, line)
+        if written != len(line):
+            self._end = -1
+            whole = line.rfind(b"\n", 0, written) + 1
+            try:
+                os.ftruncate(fd, size + whole)
+            except OSError:
+                pass  # see above: the next writer ends it
+            raise _ShortWrite(max(0, whole - (len(line) - len(data))), fd)
+        self._end = size + written
+        return fd
 
     # --- shipper --------------------------------------------------------------------------
 
