@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import Config, load_config
 from .errors import InvalidEvent
-from .events import check_name, make_alias, make_event, make_set
+from .events import check_name, check_person, make_alias, make_event, make_set
 from .spool import open_configured
 
 
@@ -34,7 +34,7 @@ class Client:
         cfg = config if isinstance(config, Config) else load_config(config)
         self._spool = open_configured(cfg, spool)
 
-    def record(self, person: str, event: str | Mapping[str, Any], props: Mapping[str, Any] | None = None,
+    def record(self, person: str | int, event: str | Mapping[str, Any], props: Mapping[str, Any] | None = None,
                *, timestamp: Any = None) -> None:
         """``person`` did ``event`` (with ``props``); ``record(person, props)`` is a set."""
         if type(event) is not str and isinstance(event, Mapping) and props is None:
@@ -42,12 +42,12 @@ class Client:
         self._spool.append(make_event(person, event, props, timestamp=timestamp,
                                       api_key=self.api_key, now=time.time()))
 
-    def set(self, person: str, props: Mapping[str, Any], *, timestamp: Any = None) -> None:
+    def set(self, person: str | int, props: Mapping[str, Any], *, timestamp: Any = None) -> None:
         """Properties of ``person``, without an event."""
         self._spool.append(make_set(person, props, timestamp=timestamp,
                                     api_key=self.api_key, now=time.time()))
 
-    def alias(self, person: str, identity: str) -> None:
+    def alias(self, person: str | int, identity: str | int) -> None:
         """``person`` and ``identity`` are the same person (irreversible)."""
         self._spool.append(make_alias(person, identity, api_key=self.api_key))
 
@@ -77,9 +77,9 @@ class _KM:
         if old is not None:
             old.close()
 
-    def identify(self, person: str) -> None:
+    def identify(self, person: str | int) -> None:
         """Who the current person is, in this thread or task (no request is sent)."""
-        self._identity.set(check_name("person", person))
+        self._identity.set(check_person("person", person))
 
     def clear_identity(self) -> None:
         """Forget the current person in this thread or task."""
@@ -111,7 +111,7 @@ class _KM:
         client, person = self._client_and_person()
         client.set(person, props, timestamp=timestamp)
 
-    def alias(self, person: str, identity: str) -> None:
+    def alias(self, person: str | int, identity: str | int) -> None:
         """Two identities are one person (needs no current identity)."""
         self._get_client().alias(person, identity)
 

@@ -12,7 +12,9 @@ import logging
 import math
 from collections.abc import Mapping
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, NamedTuple, Union
+from uuid import UUID
 
 from .errors import InvalidEvent
 
@@ -41,6 +43,9 @@ MAX_REQUEST_LINE = 8190
 ASSUMED_KEY_CHARS = 40
 # Parameters the agent owns; a property may never override them.
 RESERVED_NAMES = frozenset({"_k", "_p", "_n"})
+# Kissmetrics' newline-JSON import (``kmagent export``) reads ``_p2`` as an alias's
+# second identity: a property of that name would alias two people there (PROTOCOL.md).
+IMPORT_RESERVED_NAMES = frozenset({"_p2"})
 # Parameters accepted as properties but meaning "the event's time" (the seed's style).
 TIME_NAMES = frozenset({"_t", "_d"})
 
@@ -81,6 +86,18 @@ def check_name(field: str, value: Any) -> str:
     return value
 
 
+def check_person(field: str, value: Any) -> str:
+    """A person or identity: a name (check_name), or an int, sent in decimal (an app's
+    ``user.id``, as Kissmetrics' own libraries sent it)."""
+    if type(value) is str:
+        return check_name(field, value)  # the common case: no more than check_name
+    if isinstance(value, int) and not isinstance(value, bool):
+        return check_name(field, str(int.__int__(value)))
+    if isinstance(value, str):
+        return check_name(field, str.__str__(value))
+    raise InvalidEvent(field, f"must be a str or an int, not {type(value).__name__}")
+
+
 def _check_utf8(field: str, value: str) -> int:
     try:
         return len(value.encode("utf-8"))
@@ -89,7 +106,8 @@ def _check_utf8(field: str, value: str) -> int:
 
 
 def check_value(name: str, value: Any) -> Value:
-    """A property value: str (≤8,192 UTF-8 bytes), int, finite float or bool."""
+    """A property value: str (≤8,192 UTF-8 bytes), int, finite float or bool; a Decimal
+    or a UUID is sent as its ``str()``."""
     kind = type(value)
     # The common cases first: short ASCII text, and numbers of everyday size.
     if kind is str:
@@ -126,6 +144,12 @@ def check_value(name: str, value: Any) -> Value:
         return check_value(name, int.__int__(value))
     if isinstance(value, float):
         return check_value(name, float.__float__(value))
+    if isinstance(value, Decimal):  # as text: a float would round it
+        if not value.is_finite():
+            raise InvalidEvent(field, "must be a finite number (not NaN or infinity)")
+        return check_value(name, str(value))
+    if isinstance(value, UUID):
+        return str(value)
     raise InvalidEvent(
         field, f"must be str, int, float or bool, not {kind.__name__} "
         "(Kissmetrics has no structured values)")
@@ -201,6 +225,9 @@ def _check_property_name(name: Any) -> int:
     check_name("property name", name)
     if name in RESERVED_NAMES:
         raise InvalidEvent(f"property {name!r}", "reserved: _k, _p and _n are set by kmagent")
+    if name in IMPORT_RESERVED_NAMES:
+        raise InvalidEvent(f"property {name!r}", "reserved: Kissmetrics' newline-JSON "
+                           "import reads it as an alias's second identity")
     size = 2 + _quoted_bound(name)
     if name not in TIME_NAMES and len(_plain_names) < _PLAIN_NAMES_MAX:
         _plain_names[name] = size
@@ -267,7 +294,7 @@ def _check_request_line(event: Event) -> Event:
 def make_event(person: Any, name: Any, props: Any = None, *, timestamp: Any = None,
                api_key: str | None = None, now: float) -> Event:
     """An ``e`` request: ``person`` did ``name``; time frozen at ``now`` unless given."""
-    check_name("person", person)
+    person = check_person("person", person)
     check_name("event", name)
     pairs, t, size = _properties(props, timestamp, now)
     event = Event(EVENT, person, name, t, pairs, api_key)
@@ -281,7 +308,7 @@ def make_event(person: Any, name: Any, props: Any = None, *, timestamp: Any = No
 def make_set(person: Any, props: Any, *, timestamp: Any = None,
              api_key: str | None = None, now: float) -> Event:
     """An ``s`` request: properties of ``person``; at least one is required."""
-    check_name("person", person)
+    person = check_person("person", person)
     pairs, t, size = _properties(props, timestamp, now)
     if not pairs:
         raise InvalidEvent("props", "a set needs at least one property (None values are left out)")
@@ -294,8 +321,8 @@ def make_set(person: Any, props: Any, *, timestamp: Any = None,
 
 def make_alias(person: Any, identity: Any, *, api_key: str | None = None) -> Event:
     """An ``a`` request: ``person`` and ``identity`` are the same person."""
-    check_name("person", person)
-    check_name("identity", identity)
+    person = check_person("person", person)
+    identity = check_person("identity", identity)
     event = Event(ALIAS, person, identity, None, (), api_key)
     if _QUOTED_PER_CHAR * (len(person) + len(identity) + (
             0 if api_key is None else len(api_key))) > _ROOM:

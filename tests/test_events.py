@@ -79,7 +79,11 @@ BAD_NAMES = [
 ]
 
 
-@pytest.mark.parametrize("bad", BAD_NAMES)
+# A person or an identity may also be an int (an app's user.id), sent in decimal.
+BAD_PERSONS = [p for p in BAD_NAMES if p.id != "int"] + [pytest.param(True, id="bool")]
+
+
+@pytest.mark.parametrize("bad", BAD_PERSONS)
 def test_person_is_refused_in_record_set_and_alias(client, spool_path, bad):
     assert_refused(spool_path, lambda: client.record(bad, "Signed Up"), r"\bperson\b")
     assert_refused(spool_path, lambda: client.set(bad, {"gender": "male"}), r"\bperson\b")
@@ -91,9 +95,28 @@ def test_event_name_is_refused(client, spool_path, bad):
     assert_refused(spool_path, lambda: client.record("bob", bad, {"a": 1}), r"\bevent\b")
 
 
-@pytest.mark.parametrize("bad", BAD_NAMES)
+@pytest.mark.parametrize("bad", BAD_PERSONS)
 def test_alias_identity_is_refused(client, spool_path, bad):
     assert_refused(spool_path, lambda: client.alias("bob", bad), r"\bidentity\b")
+
+
+def test_int_persons_and_identities_are_sent_in_decimal(client, spool_path):
+    client.record(900021, "Signed Up")
+    client.set(7, {"Plan": "Pro"})
+    client.alias(900021, 12345678901234567890)
+    kmagent.KM.identify(8)  # accepted, as in record()
+    kmagent.KM.clear_identity()
+    assert [params(q)[0] for _, q, _ in rows(spool_path)[-3:]] == [
+        ("_p", "900021"), ("_p", "7"), ("_p", "900021")]
+    assert params(rows(spool_path)[-1][1])[1] == ("_n", "12345678901234567890")
+
+
+def test_decimal_and_uuid_values_are_sent_as_their_str(client, spool_path):
+    order = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    client.record("bob", "Paid", {"Amount": Decimal("19.90"), "Order": order,
+                                  "Big": Decimal("1E+30")})
+    assert params(rows(spool_path)[-1][1])[-3:] == [
+        ("Amount", "19.90"), ("Order", str(order)), ("Big", "1E+30")]
 
 
 def test_names_of_255_characters_are_accepted(client, spool_path):
@@ -157,7 +180,8 @@ class Opaque:
     pytest.param(b"bytes", id="bytes"),
     pytest.param(bytearray(b"x"), id="bytearray"),
     pytest.param(Opaque(), id="object"),
-    pytest.param(Decimal("1.5"), id="Decimal"),
+    pytest.param(Decimal("NaN"), id="Decimal-NaN"),
+    pytest.param(Decimal("Infinity"), id="Decimal-inf"),
     pytest.param(1 + 2j, id="complex"),
     pytest.param(datetime(2020, 1, 1, tzinfo=timezone.utc), id="datetime"),
     pytest.param(math.nan, id="nan"),
