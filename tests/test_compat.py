@@ -3,7 +3,10 @@ of sending; the key given travels with each event to a real loopback host."""
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import inspect
+import uuid
 
 import pytest
 from conftest import run_kmagent, stored_rows
@@ -98,6 +101,34 @@ def test_what_py_kissmetrics_accepted_is_accepted(spool_path):
         ("Plan=Pro", "first-key"), ("Age=30", "second-key")]
     compat = KM("k", spool=spool_path)
     assert compat.log_file() == "/tmp/kissmetrics_error.log" and compat.now().tzinfo is None
+
+
+def test_values_py_kissmetrics_sent_as_their_str_are_sent_so(spool_path):
+    """py-KISSmetrics urlencoded every person, name and value: an int person
+    (``KM.identify(user.id)``), Decimal, UUID, dates, bytes and int property names
+    went out as their ``str()``; so they do here, parameter by parameter."""
+    from urllib.parse import parse_qsl
+    km = Client("k", spool=spool_path)
+    when = datetime.datetime(2026, 12, 1, 9, 30, tzinfo=datetime.timezone.utc)
+    km.record(900021, "Paid", {"Amount": decimal.Decimal("19.90"), "Order": uuid.UUID(int=7),
+                               "Day": datetime.date(2026, 12, 1), "At": when,
+                               "Note": "café".encode(), 7: "seven"}, timestamp=1700000000)
+    compat = KM("k", spool=spool_path)
+    compat.identify(42)
+    compat.set({"Plan": b"Pro"})
+    compat.alias(42, 43)
+    queries = [dict(parse_qsl(q)) for _, q, _ in stored_rows(spool_path)]
+    assert queries[0] == {"_p": "900021", "_n": "Paid", "_t": "1700000000", "_d": "1",
+                          "Amount": "19.90", "Order": str(uuid.UUID(int=7)),
+                          "Day": "2026-12-01", "At": "2026-12-01 09:30:00+00:00",
+                          "Note": "café", "7": "seven"}
+    assert (queries[1]["_p"], queries[1]["Plan"]) == ("42", "Pro")
+    assert (queries[2]["_p"], queries[2]["_n"]) == ("42", "43")
+    with pytest.raises(InvalidEvent, match="UTF-8"):
+        km.set("bob", {"Raw": b"caf\xe9"})
+    with pytest.raises(InvalidEvent, match="_p2"):
+        km.set("bob", {"_p2": "ann"})  # Kissmetrics' import would alias bob and ann
+    assert len(stored_rows(spool_path)) == 3
 
 
 def test_the_request_line_limit_counts_the_key_given_and_a_key_changed_later(spool_path):

@@ -21,7 +21,9 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 from ..client import Client as _SpoolClient
 from ..config import Config
@@ -37,17 +39,49 @@ __all__ = ["Client", "ClientCompat", "KM", "TRACKING_HOSTNAME", "TRACKING_SCHEME
            "RECORD_PATH", "SET_PATH", "ALIAS_PATH"]
 
 
-def _properties(properties: Any) -> Mapping[str, Any]:
-    """py-KISSmetrics merged properties with dict.update: a mapping or (name, value) pairs."""
+def _properties(properties: Any) -> dict[str, Any]:
+    """py-KISSmetrics merged properties with dict.update (a mapping or (name, value)
+    pairs) and sent every name and value as urlencode does: its ``str()``."""
     if not properties:
         return {}
-    if isinstance(properties, Mapping):
-        return properties
+    if not isinstance(properties, Mapping):
+        try:
+            properties = dict(properties)
+        except (TypeError, ValueError):
+            raise InvalidEvent("properties", "must be a mapping or (name, value) pairs, not "
+                                             f"{type(properties).__name__}") from None
+    return {_text("property name", name): _value(name, value)
+            for name, value in properties.items()}
+
+
+def _text(field: str, value: Any) -> Any:
+    """A person, event name or property name as py-KISSmetrics sent it: ``str()`` of
+    anything (bytes as their UTF-8 text); an int person stays an int (sent in decimal)."""
+    if type(value) is str or value is None or (type(value) is int and field != "property name"):
+        return value  # None is refused by kmagent: py-KISSmetrics sent the text "None"
+    if isinstance(value, bytes):
+        return _utf8(field, value)
+    return str(value)
+
+
+def _value(name: Any, value: Any) -> Any:
+    """A property value as py-KISSmetrics sent it (``str()``), except what it sent
+    wrongly, which kmagent refuses or fixes (README, "What differs"): containers (it
+    sent their repr), booleans (``True``) and None (``None``)."""
+    if value is None or isinstance(value, (str, int, float, Decimal, UUID)):
+        return value  # kmagent's own rules (bool is an int: sent as true/false)
+    if isinstance(value, bytes):
+        return _utf8(f"property {name!r}", value)
+    if isinstance(value, (list, tuple, dict, set, frozenset)):
+        return value  # refused by kmagent, naming the property
+    return str(value)  # dates, datetimes and other objects, as py-KISSmetrics sent them
+
+
+def _utf8(field: str, value: bytes) -> str:
     try:
-        return dict(properties)
-    except (TypeError, ValueError):
-        raise InvalidEvent("properties", "must be a mapping or (name, value) pairs, not "
-                                         f"{type(properties).__name__}") from None
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidEvent(field, "bytes must be UTF-8 text (Kissmetrics reads UTF-8)") from None
 
 
 def _only(path: str, expected: str) -> None:
@@ -78,20 +112,21 @@ class Client:
             self._spool_client.api_key = check_name("key", self.key)
         return self._spool_client
 
-    def record(self, person: str, event: str, properties: Mapping[str, Any] | None = None,
+    def record(self, person: Any, event: Any, properties: Mapping[str, Any] | None = None,
                timestamp: Any = None, path: str = RECORD_PATH) -> None:
         _only(path, RECORD_PATH)
-        self._client().record(person, event, _properties(properties),
-                              timestamp=timestamp or None)
+        self._client().record(_text("person", person), _text("event", event),
+                              _properties(properties), timestamp=timestamp or None)
 
-    def set(self, person: str, properties: Mapping[str, Any] | None = None,
+    def set(self, person: Any, properties: Mapping[str, Any] | None = None,
             timestamp: Any = None, path: str = SET_PATH) -> None:
         _only(path, SET_PATH)
-        self._client().set(person, _properties(properties), timestamp=timestamp or None)
+        self._client().set(_text("person", person), _properties(properties),
+                           timestamp=timestamp or None)
 
-    def alias(self, person: str, identity: str, path: str = ALIAS_PATH) -> None:
+    def alias(self, person: Any, identity: Any, path: str = ALIAS_PATH) -> None:
         _only(path, ALIAS_PATH)
-        self._client().alias(person, identity)
+        self._client().alias(_text("person", person), _text("identity", identity))
 
     def close(self) -> None:
         self._spool_client.close()
@@ -112,9 +147,9 @@ class ClientCompat:
         else:
             trk_host, scheme = TRACKING_HOSTNAME, TRACKING_SCHEME
         self.client = Client(key, trk_host, scheme, config=config, spool=spool)
-        self.identity: str | None = None
+        self.identity: Any = None
 
-    def identify(self, identity: str) -> None:
+    def identify(self, identity: Any) -> None:
         self.identity = identity
 
     def record(self, action: str, props: Mapping[str, Any] | None = None,
