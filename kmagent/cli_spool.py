@@ -139,7 +139,8 @@ def export(dead: bool, key: str | None, output) -> int:
     newline-JSON import lines, oldest first, for a bulk backfill. Read only: the spool
     is unchanged (after importing dead letters elsewhere, `kmagent dead purge --all`).
     An import is for one product: if the events carry several API keys, choose one
-    with --key.
+    with --key. An event the import would read differently (a property named _p2, a
+    parameter given twice, bytes that are not UTF-8) is left out and counted (exit 1).
 
     \b
     Example:
@@ -150,8 +151,12 @@ def export(dead: bool, key: str | None, output) -> int:
     config = _config()
     with _spool(config) as spool:
         # Events without a key of their own go with the agent's: tell the keys apart.
-        lines = export_lines(spool, dead=dead, key=key, configured_key=configured_api_key(config))
-    for line in lines:
+        result = export_lines(spool, dead=dead, key=key,
+                              configured_key=configured_api_key(config))
+    for line in result.lines:
         output.write(line + "\n")
-    click.echo(f"exported {len(lines)} {'dead letters' if dead else 'pending events'}", err=True)
-    return 0
+    click.echo(f"exported {len(result.lines)} {'dead letters' if dead else 'pending events'}",
+               err=True)
+    for reason, count in sorted(result.left_out.items()):
+        click.echo(f"kmagent: {count} left out: {reason}", err=True)
+    return 1 if result.left_out else 0

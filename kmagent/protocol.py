@@ -93,10 +93,11 @@ def request_line_length(path: str, query: str, key_length: int) -> int:
     return _REQUEST_LINE_FRAME + key_length + len((path + query).encode("utf-8", "surrogatepass"))
 
 
-def split_query(query: str) -> tuple[dict[str, str], dict[str, str]]:
+def split_query(query: str, errors: str = "replace") -> tuple[dict[str, str], dict[str, str]]:
     """A stored query read back: its ``_p``/``_n``/``_t`` fields, and its properties
-    (everything else but ``_d``), in the order sent."""
-    params = parse_qsl(query, keep_blank_values=True)
+    (everything else but ``_d``), in the order sent. ``errors`` is how bytes that are not
+    UTF-8 are decoded (an imported km log may hold them)."""
+    params = parse_qsl(query, keep_blank_values=True, errors=errors)
     fields = {name: value for name, value in params if name in ("_p", "_n", "_t")}
     properties = {name: value for name, value in params
                   if name not in ("_p", "_n", "_t", "_d")}

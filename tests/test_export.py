@@ -62,3 +62,18 @@ def test_events_of_several_keys_are_exported_one_key_at_a_time(host, write_confi
     assert refused.returncode == 2 and "2 API keys" in refused.stderr
     assert "project-b" not in refused.stderr  # keys are never printed
     assert [line["_p"] for line in exported(config, "--key", "project-b")] == ["bob"]
+
+
+@pytest.mark.parametrize("query, reason", [
+    ("_p=bob&_n=Did&_t=1700000000&_d=1&_p2=ann", "'_p2'"),
+    ("_p=bob&_n=Did&_t=1700000000&_d=1&Plan=a&Plan=b", "twice"),
+    ("_p=bob&_n=Did&_t=1700000000&_d=1&City=caf%E9", "not UTF-8"),
+])
+def test_an_event_the_import_would_read_differently_is_left_out(query, reason):
+    """Such requests reach the spool only from a km log imported byte for byte (record()
+    refuses them); the import would alias bob and ann, keep one Plan, or mangle é."""
+    from kmagent.export import Unexportable, import_line
+    with pytest.raises(Unexportable, match=reason):
+        import_line("e", query, 1700000000.0)
+    assert json.loads(import_line("e", "_p=bob&_n=Did&_t=1700000000&_d=1&p2=x", 0)) == {
+        "_p": "bob", "_n": "Did", "_t": 1700000000, "p2": "x"}
