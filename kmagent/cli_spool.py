@@ -101,13 +101,14 @@ def import_() -> None:
                 type=click.Path(exists=True, file_okay=False))
 @common_options
 def import_km_log(directories: tuple[str, ...]) -> int:
-    """Move the events in km/kmts/PHP cron logs into the spool: the query logs
-    (kissmetrics_<env>_query.log, kissmetrics_query.log) and the sending logs km_send
-    left behind (<timestamp>kissmetrics_<env>_sending.log). Each event keeps its _k,
-    person, name, properties and _t, and is sent with _d=1. Query logs are emptied
-    and sending logs deleted once their events are in the spool; importing again sends
-    nothing twice. Malformed lines are counted and set aside (exit 0); a log that
-    cannot be read is named and the others imported (exit 1).
+    """Move the events in the logs of km, kmts, km.php and kissmetrics-php into the
+    spool: the query logs (kissmetrics_<env>_query.log, kissmetrics_query.log) and
+    the sending logs their senders left behind. Each query log is renamed, read once
+    no writer can add to it, and deleted; nothing is cut out of a file a writer may
+    append to. Each request is sent as the library would have sent it, with _d=1;
+    importing again sends nothing twice. What Kissmetrics cannot accept is counted by
+    reason and set aside (exit 0); a log that cannot be read, or is in no format
+    kmagent reads, is named and left as it is, and the others imported (exit 1).
 
     \b
     Example:
@@ -115,13 +116,16 @@ def import_km_log(directories: tuple[str, ...]) -> int:
     """
     from pathlib import Path
 
-    from .kmlog import KmLogImporter
+    from .kmlog import REASONS, KmLogImporter
     with _spool(_config()) as spool:
-        result = KmLogImporter(spool).import_dirs([Path(d) for d in directories])
+        result = KmLogImporter(spool).import_and_finish([Path(d) for d in directories])
     click.echo(f"imported {result.imported} events from {len(result.files)} files")
-    if result.malformed:
-        click.echo(f"{result.malformed} malformed lines set aside in {result.bad_path}",
+    for reason, count in sorted(result.set_aside.items()):
+        click.echo(f"{count} set aside ({reason}: {REASONS[reason]}) in {result.bad_path}",
                    err=True)
+    for path in result.waiting:
+        click.echo(f"kmagent: {path} is still being written to; its rest is imported "
+                   "next time", err=True)
     for problem in result.errors:
         click.echo(f"kmagent: cannot import {problem}", err=True)
     return 1 if result.errors else 0

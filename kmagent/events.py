@@ -61,6 +61,9 @@ class Event(NamedTuple):
 
     ``kind`` is the request path (``e``, ``s`` or ``a``); ``name`` is the event name for
     ``e`` and the second identity for ``a``; ``time`` is ``_t`` (None only for aliases).
+    ``query`` is set only for a request imported from a km log (kmlog/requests.py): its
+    parameters exactly as that library would have sent them, percent-encoded, ``_k``
+    left out; it is sent as it stands, and ``props`` is empty.
     """
 
     kind: str
@@ -69,6 +72,7 @@ class Event(NamedTuple):
     time: int | None
     props: tuple[tuple[str, Value], ...] = ()
     api_key: str | None = None
+    query: str | None = None
 
 
 def check_name(field: str, value: Any) -> str:

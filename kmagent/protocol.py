@@ -62,6 +62,8 @@ def format_value(value: Value) -> str:
 
 def encode(event: Event) -> tuple[str, str]:
     """The request path (``e``/``s``/``a``) and its query string, ``_k`` left out."""
+    if event.query is not None:
+        return event.kind, event.query  # imported from a km log, as its library sent it
     query = "_p=" + quote_param(event.person)
     if event.kind == ALIAS:
         return event.kind, query + "&_n=" + quote_param(event.name)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import run_kmagent, start_daemon, stop, stored_rows, wait_for
 
-from kmagent.kmlog import BadLine, KmLogImporter, parse_line
+from kmagent.kmlog import BadRecord, KmLogImporter
+from kmagent.kmlog.requests import from_request_line
 from kmagent.spool import open_spool
 
 KEY = "km-app-key"
@@ -67,39 +68,49 @@ def query_log_of(tmp_path: Path, events: int) -> tuple[Path, Path]:
 
 # --- one line ------------------------------------------------------------------------
 
-def test_a_logged_event_keeps_key_person_name_properties_and_time():
-    event = parse_line("/e?_n=Signed+Up&_p=bob%40example.com&_k=K1&_t=1700000000&Plan=Pro%2B",
-                       now=0)
-    assert (event.kind, event.person, event.name, event.time, event.props, event.api_key) \
-        == ("e", "bob@example.com", "Signed Up", 1700000000, (("Plan", "Pro+"),), "K1")
+def test_a_logged_request_is_sent_as_logged_with_its_key_apart_and_d_after_t():
+    event = from_request_line(
+        b"/e?_n=Signed+Up&_p=bob%40example.com&_k=K1&_d=0&_t=1700000000&Plan=Pro%2B", now=0)
+    assert (event.kind, event.person, event.name, event.time, event.api_key) == (
+        "e", "bob@example.com", "Signed Up", 1700000000, "K1")
+    assert event.query == "_n=Signed+Up&_p=bob%40example.com&_t=1700000000&_d=1&Plan=Pro%2B"
 
 
 def test_sets_aliases_and_full_urls_are_read():
-    assert parse_line("/s?_p=bob&_k=K&_t=1700000000&Age=30", now=0).props == (("Age", "30"),)
-    alias = parse_line("/a?_p=bob&_n=robert&_k=K&_t=1700000000", now=0)
+    assert from_request_line(b"/s?_p=bob&_k=K&_t=1700000000&Age=30", now=0).kind == "s"
+    alias = from_request_line(b"/a?_p=bob&_n=robert&_k=K&_t=1700000000", now=0)
     assert (alias.kind, alias.person, alias.name) == ("a", "bob", "robert")
-    assert parse_line("https://trk.kissmetrics.io/e?_p=b&_n=x&_k=K&_t=1700000000",
-                      now=0).name == "x"
+    assert from_request_line(b"https://trk.kissmetrics.io/e?_p=b&_n=x&_k=K&_t=1700000000",
+                             now=0).name == "x"
 
 
 def test_a_line_without_t_is_dated_when_imported():
-    assert parse_line("/e?_p=bob&_n=Did&_k=K", now=1800000000.5).time == 1800000000
+    event = from_request_line(b"/e?_p=bob&_n=Did&_k=K", now=1800000000.5)
+    assert event.time == 1800000000 and event.query.endswith("&_t=1800000000&_d=1")
 
 
-@pytest.mark.parametrize("line, rule", [
-    ("GET /e?_p=bob", "/e?"),
-    ("/x?_p=bob&_n=y", "/e?"),
-    ("/e?_n=Did&_k=K&_t=1700000000", "person"),
-    ("/e?_p=bob&_k=K&_t=1700000000", "event"),
-    ("/e?_p=bob&_n=Did&_t=yesterday", "_t"),
-    ("/e?_p=bob&_n=Did&_t=1700000000&_d=0", "_d"),
-    ("/s?_p=bob&_t=1700000000", "at least one property"),
-    ("/e?_p=%FF&_n=Did", "decode"),
-    ("http://[x/e?_p=a&_n=b", "unreadable"),  # urlsplit raises ValueError
+def test_bytes_that_are_not_utf8_are_kept_as_logged():
+    """km_send sends them; so does kmagent, escape for escape."""
+    event = from_request_line(b"/e?_p=bob&_n=caf%E9&x=%FF%FE&raw=\xe9 t&_t=1700000000", now=0)
+    assert event.query == "_p=bob&_n=caf%E9&x=%FF%FE&raw=%E9%20t&_t=1700000000&_d=1"
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b"GET /e?_p=bob", "unreadable"),
+    (b"/x?_p=bob&_n=y", "unreadable"),
+    (b"/e?_n=Did&_k=K&_t=1700000000", "person"),
+    (b"/e?_p=bob&_k=K&_t=1700000000", "event"),
+    (b"/e?_p=bob&_n=Did&_t=yesterday", "time"),
+    (b"/e?_p=bob&_n=Did&_t=1000000000", "time"),
+    (b"/e?_p=bob&_n=Did&_t=1234567890000", "time"),
+    (b"/s?_p=bob&_t=1700000000", "empty"),
+    (b"/e?_p=bob&_n=" + b"E" * 256, "name"),
+    (b"/s?_p=bob&big=" + b"y" * 8193, "size"),
 ])
-def test_malformed_lines_say_why(line, rule):
-    with pytest.raises(BadLine, match=rule):
-        parse_line(line, now=0)
+def test_what_kissmetrics_cannot_accept_is_set_aside_with_its_reason(line, reason):
+    with pytest.raises(BadRecord) as info:
+        from_request_line(line, now=1700000000)
+    assert info.value.reason == reason
 
 
 # --- the command -------------------------------------------------------------------------
@@ -111,11 +122,9 @@ def test_import_moves_every_logged_event_and_a_second_import_sends_nothing(
     result = run_kmagent("import", "km-log", str(logs), "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert "imported 5 events from 3 files" in result.stdout
-    assert "1 malformed lines set aside" in result.stderr
-    # Query logs emptied (their writers keep appending to them), the orphan deleted.
-    assert sorted(p.name for p in logs.iterdir()) == ["kissmetrics_production_query.log",
-                                                      "kissmetrics_query.log"]
-    assert all(p.stat().st_size == 0 for p in logs.iterdir())
+    assert "1 set aside (unreadable: " in result.stderr
+    # Every log taken over, read once settled, and deleted; the orphan too.
+    assert list(logs.iterdir()) == []
 
     assert run_kmagent("flush", "--timeout", "20", "--config", str(config)).returncode == 0
     sent = {(r.path, dict(r.params).get("_p")): dict(r.params) for r in host.delivered()}
@@ -165,7 +174,7 @@ def test_a_writer_appending_during_imports_loses_nothing_and_nothing_is_doubled(
                 time.sleep(0.01)
     """)])
     spool = open_spool(spool_path, backend=backend)
-    importer = KmLogImporter(spool)
+    importer = KmLogImporter(spool, settle_s=0)
     imported = 0
     while writer.poll() is None:
         imported += importer.import_dirs([logs]).imported
@@ -176,7 +185,7 @@ def test_a_writer_appending_during_imports_loses_nothing_and_nothing_is_doubled(
     assert imported == 600 and persons == list(range(600))
 
 
-def test_a_crash_before_the_log_is_emptied_resumes_where_it_read(
+def test_a_crash_before_a_log_read_is_deleted_stores_nothing_twice(
         tmp_path, spool_path, backend, monkeypatch):
     logs = tmp_path / "km"
     logs.mkdir()
@@ -184,35 +193,29 @@ def test_a_crash_before_the_log_is_emptied_resumes_where_it_read(
     append_as_km_does(log, logged("e", _p="first", _n="A", _t="1700000000"))
     spool = open_spool(spool_path, backend=backend)
 
-    def crash(fd, size):
-        raise OSError(5, "crashed before emptying the log")
-    monkeypatch.setattr("kmagent.kmlog.os.ftruncate", crash)
-    assert KmLogImporter(spool).import_dirs([logs]).errors == [
-        f"{log}: crashed before emptying the log"]
+    def crash(path):
+        raise OSError(5, "crashed before deleting the log")
+    monkeypatch.setattr("kmagent.kmlog.importer.os.unlink", crash)
+    errors = KmLogImporter(spool, settle_s=0).import_dirs([logs]).errors
+    assert len(errors) == 1 and "crashed before deleting" in errors[0]
     monkeypatch.undo()
     append_as_km_does(log, logged("e", _p="second", _n="B", _t="1700000001"))
-    assert KmLogImporter(spool).import_dirs([logs]).imported == 1  # only the new line
+    assert KmLogImporter(spool, settle_s=0).import_dirs([logs]).imported == 1  # the new line
     spool.close()
     assert [q.split("&")[0] for _, q, _ in stored_rows(spool_path)] == ["_p=first", "_p=second"]
+    assert list(logs.iterdir()) == []
 
 
-def test_a_log_emptied_and_written_again_is_read_from_its_start(tmp_path, spool_path, backend):
-    logs = tmp_path / "km"
-    logs.mkdir()
-    log = logs / "kissmetrics_production_query.log"
-    append_as_km_does(log, logged("e", _p="first", _n="A", _t="1700000000"))
-    spool = open_spool(spool_path, backend=backend)
-    importer = KmLogImporter(spool)
-    state = importer.state_path
-    importer.import_dirs([logs])
-    # As if the import had died after emptying the log but before recording that it had:
-    # the record still says "read up to here" of a file that now holds other lines.
+def test_a_log_replaced_under_a_name_read_before_is_read_from_its_start(
+        tmp_path, spool_path, backend):
+    """What is remembered of a file (its inode, its first bytes) must be its own: a
+    record left by a crash, naming another file's offset, never skips a line."""
     import json
-    record = json.loads(state.read_text())
-    record[str(log)]["offset"] = 40
-    record[str(log)]["head"] = "0" * 64
-    state.write_text(json.dumps(record))
-    append_as_km_does(log, logged("e", _p="second", _n="B", _t="1700000001") * 2)
+    logs, log = query_log_of(tmp_path, 2)
+    spool = open_spool(spool_path, backend=backend)
+    importer = KmLogImporter(spool, settle_s=0)
+    importer.state_path.write_text(json.dumps({str(log): {
+        "inode": log.stat().st_ino, "offset": 40, "head": "0" * 64}}))
     assert importer.import_dirs([logs]).imported == 2
     spool.close()
 
@@ -229,7 +232,7 @@ def test_the_daemon_follows_km_log_dirs(tmp_path, host, write_config):
             time.sleep(0.05)
         wait_for(lambda: len(host.delivered()) == 5)
         assert {dict(r.params)["_k"] for r in host.delivered()} == {KEY}
-        wait_for(lambda: log.stat().st_size == 0)
+        wait_for(lambda: list(logs.iterdir()) == [])  # taken over, read, deleted
     finally:
         assert stop(daemon) == 0
 
@@ -259,15 +262,15 @@ def test_two_imports_at_once_store_each_line_once(tmp_path, spool_path, backend,
 
 def test_a_large_log_is_read_a_chunk_at_a_time_and_the_daemon_takes_one_per_turn(
         tmp_path, spool_path, backend, monkeypatch):
-    monkeypatch.setattr("kmagent.kmlog.CHUNK_BYTES", 1000)
+    monkeypatch.setattr("kmagent.kmlog.importer.CHUNK_BYTES", 1000)
     logs, log = query_log_of(tmp_path, 100)
     spool = open_spool(spool_path, backend=backend)
-    importer = KmLogImporter(spool)
+    importer = KmLogImporter(spool, settle_s=0)
     first = importer.import_dirs([logs], budget=1000)
     assert first.more and 0 < first.imported < 100 and log.stat().st_size > 0
     rest = importer.import_dirs([logs])
     assert first.imported + rest.imported == 100 and not rest.more
-    assert log.stat().st_size == 0
+    assert list(logs.iterdir()) == []
     spool.close()
     assert len(stored_rows(spool_path)) == 100
 
@@ -331,21 +334,20 @@ def test_a_log_cut_short_while_held_is_read_again_not_spun_on(tmp_path, spool_pa
 
     def cut_after_the_stat(fd, n, at):  # the file shrank between its fstat and the read
         calls.append(n)
-        return b"" if len(calls) == 1 else real_pread(fd, n, at)
-    monkeypatch.setattr("kmagent.kmlog.os.pread", cut_after_the_stat)
-    result = KmLogImporter(spool).import_dirs([logs])  # returns: no endless loop
-    assert result.imported == 0 and log.stat().st_size > 0
+        return b"" if len(calls) == 2 else real_pread(fd, n, at)  # 1: the format check
+    monkeypatch.setattr("kmagent.kmlog.importer.os.pread", cut_after_the_stat)
+    first = KmLogImporter(spool, settle_s=0).import_dirs([logs]).imported  # returns at all
     monkeypatch.undo()
-    assert KmLogImporter(spool).import_dirs([logs]).imported == 1
+    assert first + KmLogImporter(spool, settle_s=0).import_dirs([logs]).imported == 1
     spool.close()
 
 
 def test_a_query_log_renamed_midway_resumes_under_its_new_name(tmp_path, spool_path, backend,
                                                                 monkeypatch):
-    monkeypatch.setattr("kmagent.kmlog.CHUNK_BYTES", 200)
+    monkeypatch.setattr("kmagent.kmlog.importer.CHUNK_BYTES", 200)
     logs, log = query_log_of(tmp_path, 10)
     spool = open_spool(spool_path, backend=backend)
-    importer = KmLogImporter(spool)
+    importer = KmLogImporter(spool, settle_s=0)
     first = importer.import_dirs([logs], budget=200).imported
     log.rename(logs / "1700000999kissmetrics_production_sending.log")  # km_send took it
     rest = importer.import_dirs([logs]).imported
@@ -356,7 +358,7 @@ def test_a_query_log_renamed_midway_resumes_under_its_new_name(tmp_path, spool_p
 def test_a_state_file_of_the_wrong_shape_is_started_over(tmp_path, spool_path, backend):
     logs = km_dir(tmp_path)
     spool = open_spool(spool_path, backend=backend)
-    importer = KmLogImporter(spool)
+    importer = KmLogImporter(spool, settle_s=0)
     importer.state_path.write_text("[]")
     assert importer.import_dirs([logs]).imported == 5
     spool.close()

@@ -14,6 +14,11 @@ counts it as such), and finds a copy again after a crash in the middle of a move
 added at the end of the object and is no part of the event: the copy's request is the
 original's, byte for byte.
 
+``_q`` holds a request imported from a km log (kmlog/requests.py): its query exactly
+as that library would have sent it, ``_k`` left out; the line's ``_p``, ``_n``/``_p2``
+and ``_t`` then only name it for people (read as UTF-8), and it has no properties of
+its own.
+
 Keys beginning with ``_`` belong to the format. A property whose name begins with ``_``
 is written with one more ``_`` in front (``_plan`` → ``__plan``) and read back without
 it, so no property can be mistaken for a field. Any writer may append such lines (one
@@ -29,10 +34,11 @@ from json.encoder import encode_basestring
 from typing import Any
 
 from ...errors import InvalidEvent
-from ...events import ALIAS, EVENT, Event, check_name, make_alias, make_event, make_set
+from ...events import (ALIAS, EVENT, SET, Event, check_name, make_alias, make_event,
+                      make_set)
 
 FORMAT_VERSION = 1
-FIELDS = frozenset({"_p", "_n", "_p2", "_t", "_c", "_k", "_v", "_d", "_o"})
+FIELDS = frozenset({"_p", "_n", "_p2", "_t", "_c", "_k", "_v", "_d", "_o", "_q"})
 # How an ``_o`` field begins in a line. Found in a line, it may still be inside a
 # property's name (``"x\"_o":``), so a line that has it is parsed to be sure; a line
 # without it has no origin, and need not be parsed to know.
@@ -52,6 +58,8 @@ def to_line(event: Event, created: float) -> bytes:
     elif event.kind == ALIAS:
         text += ',"_p2":' + _string(event.name)
     text += ',"_t":' + str(int(created) if event.time is None else event.time)
+    if event.query is not None:
+        text += ',"_q":' + _string(event.query)
     for name, value in event.props:
         text += "," + _key(name) + ":" + (
             _string(value) if type(value) is str else _JSON_SCALARS[type(value)](value))
@@ -141,9 +149,11 @@ def _event(fields: dict[str, Any], props: dict[str, Any]) -> Event:
         check_name("_k", api_key)  # as Client checks its api_key
     if "_d" in fields:
         props["_d"] = fields["_d"]  # validated as the seed's _d: only 1 is accepted
+    if "_p2" in fields and "_n" in fields:
+        raise BadLine("both _n and _p2: an event or an alias, not both")
+    if "_q" in fields:
+        return _imported(fields, props, api_key)
     if "_p2" in fields:
-        if "_n" in fields:
-            raise BadLine("both _n and _p2: an event or an alias, not both")
         return make_alias(fields.get("_p"), fields["_p2"], api_key=api_key)
     if "_t" not in fields:
         raise BadLine("_t: missing (events and sets carry their time)")
@@ -151,6 +161,20 @@ def _event(fields: dict[str, Any], props: dict[str, Any]) -> Event:
         return make_event(fields.get("_p"), fields["_n"], props, timestamp=fields["_t"],
                           api_key=api_key, now=0)
     return make_set(fields.get("_p"), props, timestamp=fields["_t"], api_key=api_key, now=0)
+
+
+def _imported(fields: dict[str, Any], props: dict[str, Any], api_key: str | None) -> Event:
+    """A request imported from a km log: sent as its ``_q`` holds it."""
+    query, person, stamp = fields["_q"], fields.get("_p"), fields.get("_t")
+    if not (isinstance(query, str) and query.isascii() and query):
+        raise BadLine("_q: not a percent-encoded query")
+    if props or not isinstance(person, str) or type(stamp) is not int:
+        raise BadLine("_q: an imported request has _p and _t, and no properties")
+    kind = ALIAS if "_p2" in fields else EVENT if "_n" in fields else SET
+    name = fields.get("_p2", fields.get("_n"))
+    if name is not None and not isinstance(name, str):
+        raise BadLine("_n/_p2: not a string")
+    return Event(kind, person, name, stamp, (), api_key, query)
 
 
 def created_of(fields: dict[str, Any]) -> float:

@@ -1,0 +1,176 @@
+"""Migration from the real libraries' logs: the files km 1.3.0, kmts 3.1.0, km.php 1.1.1
+and kissmetrics-php wrote (tests/fixtures/km-logs, with what each sent in its direct
+mode), and writers that append as they do, with no lock, while the import runs."""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
+
+import pytest
+from conftest import run_kmagent, start_daemon, stop, stored_rows, wait_for
+
+from kmagent.kmlog import KmLogImporter
+from kmagent.spool import open_spool
+
+FIXTURES = Path(__file__).parent / "fixtures" / "km-logs"
+# Per library: what Kissmetrics itself cannot take, by reason (the fixtures' README).
+CANNOT_ACCEPT = {
+    "km-1.3.0": {"time": 2, "size": 1, "name": 1, "empty": 1},
+    "kmts-3.1.0": {"time": 2, "size": 1, "name": 1, "empty": 1},
+    "km.php-1.1.1": {"time": 1, "size": 1, "name": 1, "empty": 1},
+    "kissmetrics-php-master": {"time": 1, "size": 1, "name": 1},
+}
+
+
+@pytest.fixture(params=["sqlite", "jsonl"])
+def backend(request) -> str:
+    return request.param
+
+
+def comparable(path: str, params: list[tuple[str, str]], library: str) -> tuple:
+    """A request as compared with the library's own: ``_d`` left out (kmagent always
+    sends 1: the time was frozen when logged), and kissmetrics-php's alias ``_t``, which
+    its Delayed log adds and its direct mode does not send."""
+    kept = [(n, v) for n, v in params if n != "_d" and not (
+        library.startswith("kissmetrics-php") and path == "/a" and n == "_t")]
+    return path, tuple(sorted(kept))
+
+
+@pytest.mark.parametrize("library", sorted(CANNOT_ACCEPT))
+def test_each_librarys_logs_and_orphan_are_sent_as_it_sent_them(
+        library, tmp_path, host, write_config):
+    logs = tmp_path / "logs"
+    shutil.copytree(FIXTURES / library, logs)
+    (logs / "expected.jsonl").unlink()
+    config = write_config(host, api_key=None)
+    result = run_kmagent("import", "km-log", str(logs), "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert list(logs.iterdir()) == []  # query log and orphan: read, stored, deleted
+    for reason, count in CANNOT_ACCEPT[library].items():
+        assert f"{count} set aside ({reason}:" in result.stderr
+    assert run_kmagent("flush", "--timeout", "20", "--config", str(config)).returncode == 0
+
+    expected = [json.loads(line) for line in (FIXTURES / library / "expected.jsonl").open()]
+    delivered = [r for r in host.delivered()]
+    assert all(dict(r.params)["_d"] == "1" and "_t" in dict(r.params) for r in delivered)
+    sent = collections.Counter(comparable("/" + r.path, r.params, library) for r in delivered)
+    wanted = collections.Counter(comparable(e["path"], list(e["params"].items()), library)
+                                 for e in expected)
+    refused = sum(CANNOT_ACCEPT[library].values())
+    assert sum(sent.values()) == len(expected) - refused
+    assert not sent - wanted  # every request sent is one the library sent, byte for byte
+
+
+def test_bytes_that_are_not_utf8_reach_the_host_as_logged(tmp_path, host, write_config):
+    logs = tmp_path / "km"
+    logs.mkdir()
+    (logs / "kissmetrics_query.log").write_bytes(
+        b"/e?_n=caf%E9&_p=bob&_k=K&_t=1700000000&bytes=%FF%FE\n")
+    config = write_config(host)
+    assert run_kmagent("import", "km-log", str(logs), "--config", str(config)).returncode == 0
+    assert run_kmagent("flush", "--timeout", "20", "--config", str(config)).returncode == 0
+    (request,) = host.delivered()
+    raw = dict((unquote_to_bytes(n), unquote_to_bytes(v)) for n, _, v in (
+        item.partition("=") for item in urlsplit(request.target).query.split("&")))
+    assert (raw[b"_n"], raw[b"bytes"], raw[b"_k"]) == (b"caf\xe9", b"\xff\xfe", b"K")
+
+
+def test_a_log_in_no_known_format_is_left_as_it_is(tmp_path, write_config, spool_path):
+    logs = tmp_path / "km"
+    logs.mkdir()
+    odd = logs / "kissmetrics_query.log"
+    odd.write_text('{"_p": "bob", "_n": "Did", "_t": 1700000000}\n')  # JSON: not ours
+    (logs / "kissmetrics_production_query.log").write_text(
+        "/e?_p=ann&_n=Did&_k=K&_t=1700000000\n")
+    result = run_kmagent("import", "km-log", str(logs), "--config", str(write_config()))
+    assert result.returncode == 1 and "imported 1 events" in result.stdout
+    assert f"{odd}: not a log kmagent reads" in result.stderr
+    assert odd.read_text().startswith('{"_p": "bob"') and len(stored_rows(spool_path)) == 1
+
+
+def test_an_imported_p2_is_sent_but_left_out_of_an_export(tmp_path, write_config):
+    logs = tmp_path / "km"
+    logs.mkdir()
+    (logs / "kissmetrics_query.log").write_text(
+        "/e?_p=bob&_n=Did&_k=K&_t=1700000000&_p2=ann\n/e?_p=cat&_n=Did&_k=K&_t=1700000000\n")
+    config = write_config()
+    assert run_kmagent("import", "km-log", str(logs), "--config", str(config)).returncode == 0
+    result = run_kmagent("export", "--config", str(config))
+    assert result.returncode == 1 and "1 left out: a property named '_p2'" in result.stderr
+    assert [json.loads(line)["_p"] for line in result.stdout.splitlines()] == ["cat"]
+
+
+# --- writers that take no lock -------------------------------------------------------
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    log, style, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    for n in range(count):
+        if style == "php":  # kissmetrics-php: a serialize()d array, a newline inside
+            value = f"line1\\nline2 {n}"
+            entry = ('a:1:{i:0;a:2:{i:0;s:1:"s";i:1;a:4:{s:2:"nl";s:%d:"%s";s:2:"_p";'
+                     's:%d:"%s";s:2:"_t";i:1700000000;s:2:"_d";b:1;}}}'
+                     % (len(value), value, len(f"w{n}"), f"w{n}"))
+        else:  # km 1.3.0, km.php: one line
+            entry = f"/e?_n=Wrote&_p=w{n}&_k=K&_t=1700000000"
+        with open(log, "a") as fh:  # open, append, close: no flock
+            fh.write(entry + "\\n")
+        if n % 100 == 0:
+            time.sleep(0.005)
+""")
+
+
+def persons(spool_path) -> collections.Counter:
+    found = collections.Counter()
+    for _, query, _ in stored_rows(spool_path):
+        found.update(v for n, v in parse_qsl(query) if n == "_p")
+    return found
+
+
+@pytest.mark.parametrize("style", ["km", "php"])
+def test_writers_without_a_lock_lose_nothing_to_repeated_imports(
+        tmp_path, spool_path, backend, style):
+    logs = tmp_path / "km"
+    logs.mkdir()
+    log = logs / "kissmetrics_query.log"
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER.replace("w{n}", f"w{i}-{{n}}"),
+                                 str(log), style, "1500"]) for i in range(2)]
+    spool = open_spool(spool_path, backend=backend)
+    importer = KmLogImporter(spool, settle_s=0.2)
+    while any(w.poll() is None for w in writers):
+        importer.import_and_finish([logs], within=0.5)
+    assert [w.wait() for w in writers] == [0, 0]
+    importer.import_and_finish([logs])
+    spool.close()
+    found = persons(spool_path)
+    assert set(found) == {f"w{i}-{n}" for i in range(2) for n in range(1500)}
+    assert max(found.values()) == 1  # nothing twice
+    assert list(logs.iterdir()) == []
+
+
+def test_the_daemon_following_a_log_dir_loses_nothing_to_unlocked_writers(
+        tmp_path, host, write_config, spool_path, monkeypatch):
+    logs = tmp_path / "km"
+    logs.mkdir()
+    log = logs / "kissmetrics_production_query.log"
+    config = write_config(host, extra=f'[km_log]\ndirs = ["{logs}"]\n')
+    daemon = start_daemon(config)
+    try:
+        writer = subprocess.run([sys.executable, "-c", WRITER, str(log), "km", "3000"],
+                                timeout=60)
+        assert writer.returncode == 0
+        wait_for(lambda: len(host.delivered()) >= 3000, timeout=60)
+        wait_for(lambda: list(logs.iterdir()) == [], timeout=30)
+        time.sleep(0.5)
+    finally:
+        assert stop(daemon) == 0
+    sent = collections.Counter(dict(r.params)["_p"] for r in host.delivered())
+    assert set(sent) == {f"w{n}" for n in range(3000)} and max(sent.values()) == 1
