@@ -174,3 +174,31 @@ def test_the_daemon_following_a_log_dir_loses_nothing_to_unlocked_writers(
         assert stop(daemon) == 0
     sent = collections.Counter(dict(r.params)["_p"] for r in host.delivered())
     assert set(sent) == {f"w{n}" for n in range(3000)} and max(sent.values()) == 1
+
+
+def test_a_writer_stopped_with_the_log_open_is_waited_for(tmp_path, spool_path, backend):
+    """A writer that opened the log before it was taken over, then stopped (SIGSTOP, a
+    slow disk) for longer than the settle time: the file is not finished while a
+    process holds it open, so its line lands in the spool, not in a deleted file."""
+    logs = tmp_path / "km"
+    logs.mkdir()
+    log = logs / "kissmetrics_query.log"
+    log.write_text("/e?_n=First&_p=a&_k=K&_t=1700000000\n")
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        fh = open({str(log)!r}, "a")
+        print("open", flush=True)
+        sys.stdin.readline()  # held open, as a stopped writer would
+        fh.write("/e?_n=Late&_p=b&_k=K&_t=1700000000\\n")
+        fh.close()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "open\n"
+    spool = open_spool(spool_path, backend=backend)
+    importer = KmLogImporter(spool, settle_s=0.1)
+    first = importer.import_and_finish([logs], within=0.5)
+    assert first.imported == 1 and len(first.waiting) == 1  # not finished: held open
+    writer.communicate("go\n", timeout=10)
+    rest = importer.import_and_finish([logs], within=5)
+    spool.close()
+    assert rest.imported == 1 and not rest.waiting and list(logs.iterdir()) == []
+    assert set(persons(spool_path)) == {"a", "b"}
