@@ -162,12 +162,14 @@ def test_a_producer_killed_mid_stream_keeps_every_event_record_returned_for(
 
 
 def test_flush_beside_a_running_daemon_never_sends_twice(host, write_config, spool_path):
-    host.delay = 0.05  # 300 events take the daemon ~4 s: the flushes start well before
+    host.delay = 1.0  # slow until both flushes are surely up, on a loaded machine too
     config = write_config(host, extra="[ship]\nconcurrency = 4\n")
     record_many(config, 300)
     daemon = start_daemon(config)
     try:
         flushes = [start_kmagent("flush", "--config", str(config)) for _ in range(2)]
+        time.sleep(3)
+        host.delay = 0.01
         for flush in flushes:
             out, err = flush.communicate(timeout=60)
             assert flush.returncode == 0, err
