@@ -298,7 +298,9 @@ def _check_request_line(event: Event) -> Event:
 def make_event(person: Any, name: Any, props: Any = None, *, timestamp: Any = None,
                api_key: str | None = None, now: float) -> Event:
     """An ``e`` request: ``person`` did ``name``; time frozen at ``now`` unless given."""
-    person = check_person("person", person)
+    # str first, as before ints were allowed: this runs on every record()
+    person = (check_name("person", person) if type(person) is str
+              else check_person("person", person))
     check_name("event", name)
     pairs, t, size = _properties(props, timestamp, now)
     event = Event(EVENT, person, name, t, pairs, api_key)
@@ -312,7 +314,9 @@ def make_event(person: Any, name: Any, props: Any = None, *, timestamp: Any = No
 def make_set(person: Any, props: Any, *, timestamp: Any = None,
              api_key: str | None = None, now: float) -> Event:
     """An ``s`` request: properties of ``person``; at least one is required."""
-    person = check_person("person", person)
+    # str first, as before ints were allowed: this runs on every record()
+    person = (check_name("person", person) if type(person) is str
+              else check_person("person", person))
     pairs, t, size = _properties(props, timestamp, now)
     if not pairs:
         raise InvalidEvent("props", "a set needs at least one property (None values are left out)")
