@@ -65,9 +65,13 @@ def test_nothing_acknowledged_is_lost_and_resends_are_identical(host, write_conf
 
     killer = threading.Thread(target=producer_kill, daemon=True)
     killer.start()
-    for _ in range(5):  # the daemon dies again and again
+    for _ in range(5):  # the daemon dies again and again, each time mid-shipping
+        requests_before = len(host.received)
         daemon = start_kmagent("run", "--config", str(config))
-        time.sleep(0.8)
+        # A loaded machine can take longer than any fixed sleep to start the daemon:
+        # kill it only once it has sent something, so every death is mid-stream.
+        wait_for(lambda: len(host.received) > requests_before, timeout=60)
+        time.sleep(0.3)
         daemon.send_signal(signal.SIGKILL)
         daemon.communicate()
     killer.join(30)
