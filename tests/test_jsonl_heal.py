@@ -752,11 +752,11 @@ def test_a_full_disk_with_the_host_down_delivers_every_accepted_event(
     try:
         for n in range(100_000):
             try:
-                client.record(f"p{n:06d}", "While Full", {"pad": "y" * 100})
+                client.record(f"p{n:06d}", "While Full", {"pad": "y" * 1000})  # fewer, to ship fast
             except (SpoolFull, SpoolError):
                 break
             accepted.append(f"p{n:06d}")
-        assert len(accepted) > 5000
+        assert len(accepted) > 1000
         if filled == "to the last byte":
             fill(small_disk, name="other-program")
         host.status = 200
