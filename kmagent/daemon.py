@@ -116,6 +116,7 @@ class Daemon:
             if not acquire(lock, self._stop, "run"):
                 return 0
             upkeep = self._upkeep = Upkeep(spool, salvaging)
+            upkeep.resume_salvages()
             recovered = self._mended(upkeep, spool.recover)
             if recovered:
                 log.info("recovered %d events a previous shipper had in flight", recovered)

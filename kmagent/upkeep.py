@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import Config
 from .errors import SpoolDamaged, SpoolError
 from .spool import Spool, open_configured
-from .spool.space import Ballast, is_disk_full
+from .spool.space import Ballast, is_disk_full, keep_free_bytes
 
 log = logging.getLogger("kmagent.daemon")
 
@@ -25,52 +25,72 @@ MAINTAIN_WHEN_LOW_S = 1.0  # near the reserve: give room back sooner
 BALLAST_EVERY_S = 5.0  # how often a missing ballast is tried again
 
 
-def salvage(path: Path):
-    """Salvage the damaged SQLite spool at ``path`` (see spool/salvage.py)."""
+def salvage(path: Path, keep_free: int, aside: Path | None = None):
+    """Salvage the damaged SQLite spool at ``path``, or resume the salvage of its damaged
+    copy ``aside`` (see spool/salvage.py); ``keep_free``: the spool's reserve."""
     from .spool.salvage import Salvage
     from .spool.sqlite import SCHEMA
-    job = Salvage(path, SCHEMA)
-    job.start()
+    job = Salvage(path, SCHEMA, keep_free)
+    if aside is None:
+        job.start()
+    else:
+        job.resume(aside)
     return job
 
 
 def open_for_shipping(config: Config, attempts: int = 3):
-    """The configured spool, salvaged first if SQLite finds it damaged; and the salvage
-    under way (None if none), whose rescans Upkeep finishes."""
-    job = None
+    """The configured spool, salvaged first if SQLite finds it damaged; and the
+    salvages begun here, whose rescans Upkeep finishes."""
+    jobs = []
     for attempt in range(attempts):
         try:
-            return open_configured(config), job
+            return open_configured(config), jobs
         except SpoolDamaged as exc:
             if attempt == attempts - 1:
                 raise
-            job = salvage(Path(exc.path))
+            path = Path(exc.path)
+            jobs.append(salvage(path, keep_free_bytes(config.keep_free, path.parent)))
     raise AssertionError("unreachable")
 
 
 class Upkeep:
     """Housekeeping for one spool; ``tick`` every loop turn, ``failed`` on a SpoolError."""
 
-    def __init__(self, spool: Spool, salvaging=None, *, keep_ballast: bool = True) -> None:
-        """``keep_ballast``: allocate the ballast (the daemon); a flush only gives up
-        the daemon's when it must."""
+    def __init__(self, spool: Spool, salvaging=(), *, keep_ballast: bool = True) -> None:
+        """``salvaging``: the salvages under way; ``keep_ballast``: allocate the ballast
+        (the daemon); a flush only gives up the daemon's when it must."""
         self.spool = spool
         self.ballast = Ballast(spool.ballast_path, spool.keep_free)
-        self.salvaging = salvaging
+        self.salvaging = list(salvaging)
         self.keep_ballast = keep_ballast
         self._maintained = self._ballast_at = time.monotonic()
         if keep_ballast:
             self.ballast.take(spool.keep_free)
 
+    def resume_salvages(self) -> None:
+        """Take on the salvages a daemon before this one left part-way. Called holding
+        the shipper lock: one copier at a time."""
+        from .spool.salvage import unfinished
+        from .spool.sqlite import SqliteSpool
+        if not isinstance(self.spool, SqliteSpool):
+            return
+        begun = {job.aside for job in self.salvaging}
+        for aside in unfinished(self.spool.path):
+            if aside not in begun:
+                try:
+                    self.salvaging.append(salvage(self.spool.path, self.spool.keep_free, aside))
+                except SpoolError as exc:
+                    log.error("cannot resume the salvage of %s: %s", aside.name, exc)
+
     def tick(self) -> None:
         now = time.monotonic()
-        if self.salvaging is not None and self.salvaging.rescan():
-            self.salvaging = None
+        self._salvage()
         low = self.spool.space_low()
         if now - self._maintained >= (MAINTAIN_WHEN_LOW_S if low else MAINTAIN_EVERY_S):
             self._maintained = now
             self.spool.maintain()
-        if self.keep_ballast and now - self._ballast_at >= BALLAST_EVERY_S:
+        if self.keep_ballast and now - self._ballast_at >= BALLAST_EVERY_S \
+                and not any(job.needs_room for job in self.salvaging):
             self._ballast_at = now
             self.ballast.take(self.spool.keep_free)
 
@@ -78,16 +98,36 @@ class Upkeep:
         """Mend what ``exc`` says, if it can be mended here; True if worth trying again
         at once."""
         if isinstance(exc, SpoolDamaged):
-            if self.salvaging is not None:
-                self.salvaging.rescan()  # a damaged fresh spool: finish the old first
-            self.salvaging = salvage(Path(exc.path))
-            return True
-        if is_disk_full(exc):
-            released = self.ballast.release()
-            self._ballast_at = time.monotonic()  # not taken back at once
+            self._salvage()  # a damaged fresh spool: finish the old first
             try:
-                self.spool.maintain()
-            except SpoolError as again:
-                log.debug("maintenance on a full disk: %s", again)
-            return released
+                self.salvaging.append(salvage(Path(exc.path), self.spool.keep_free))
+            except SpoolError as again:  # e.g. the open-lock held: the next turn retries
+                log.error("salvage postponed: %s", again)
+                return False
+            return True
+        # SQLite can say "disk I/O error" when the disk is full (making the -shm, say):
+        # the filesystem, not the message, tells.
+        if is_disk_full(exc) or self.spool.space_low():
+            return self._make_room()
         return False
+
+    def _salvage(self) -> None:
+        """Carry the salvages on; a copy stopped by a full disk gets the ballast's room,
+        and a finished one gives up its damaged copy if the spool needs the room."""
+        for job in list(self.salvaging):
+            if job.rescan():
+                self.salvaging.remove(job)
+                if self.spool.space_low():
+                    job.remove_for_room()
+            elif job.needs_room:
+                self.ballast.release()  # and maintenance, every second while space is low
+                self._ballast_at = time.monotonic()
+
+    def _make_room(self) -> bool:
+        released = self.ballast.release()
+        self._ballast_at = time.monotonic()  # not taken back at once
+        try:
+            self.spool.maintain()
+        except SpoolError as again:
+            log.debug("maintenance on a full disk: %s", again)
+        return released

@@ -4,18 +4,23 @@ files (salvage), with real filesystems, real damage and a real daemon."""
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
+from urllib.parse import parse_qsl
 
 import pytest
 
-from conftest import API_KEY, fill, run_kmagent, start_daemon, status, stop, wait_for
+from conftest import (API_KEY, fill, record_many, run_kmagent, start_daemon, status, stop,
+                      wait_for)
 import kmagent
 from kmagent import Client
 from kmagent.config import ConfigError, load_config
 from kmagent.events import make_event
 from kmagent.spool import open_spool
-from kmagent.spool.salvage import readable_rows
+from kmagent.spool.salvage import ReadableRows
 from kmagent.spool.space import Ballast, keep_free_bytes
 
 
@@ -146,7 +151,9 @@ def test_salvage_reads_round_a_damaged_page(tmp_path):
             store.append(make_event(f"p{n}", "E", {"pad": "x" * 60}, now=time.time()))
     page = overwrite_a_leaf_page(db)
     conn = sqlite3.connect(db)
-    rows, unreadable = readable_rows(conn, "events", "query", set())
+    reader = ReadableRows(conn, "events", "query")
+    rows = list(reader)
+    unreadable = reader.unreadable
     conn.close()
     ids = [row[0] for row in rows]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
@@ -205,3 +212,91 @@ def test_flush_on_a_full_disk_gives_up_the_ballast_and_drains(host, small_disk, 
     assert result.returncode == 0, result.stderr
     assert len(names_delivered(host)) == accepted
     assert "gave up" in result.stderr
+
+
+# A salvage killed part-way: a real SIGKILL at a chosen point of a real salvage process.
+KILLED_SALVAGE = """
+import os, signal, sys
+from pathlib import Path
+from kmagent.spool import salvage
+from kmagent.spool.sqlite import SCHEMA
+where = sys.argv[2]
+if where == "after the rename":
+    salvage.Salvage._copy = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+else:  # mid-copy: once the first chunk is stored
+    store = salvage.Salvage._store
+    def store_then_die(self, *args):
+        store(self, *args)
+        os.kill(os.getpid(), signal.SIGKILL)
+    salvage.Salvage._store = store_then_die
+salvage.Salvage(Path(sys.argv[1]), SCHEMA).start()
+"""
+
+
+def readable_names(aside) -> set[str]:
+    conn = sqlite3.connect(aside)
+    try:
+        rows = list(ReadableRows(conn, "events", "query"))
+    finally:
+        conn.close()
+    return {dict(parse_qsl(query))["_p"] for _, query in rows}
+
+
+@pytest.mark.parametrize("killed", ["after the rename", "mid-copy"])
+def test_a_salvage_killed_part_way_is_finished_by_the_next_daemon(
+        host, write_config, spool_path, killed):
+    """The damaged file is put aside before its rows are copied: a salvage killed in
+    between must leave enough on disk for the next daemon to finish it, copying no row
+    twice."""
+    config = write_config(host)
+    record_many(config, 3000)
+    overwrite_a_leaf_page(spool_path)
+    died = subprocess.run([sys.executable, "-c", KILLED_SALVAGE, str(spool_path), killed])
+    assert died.returncode == -signal.SIGKILL
+    [aside] = [p for p in spool_path.parent.iterdir() if p.name.endswith("Z")]
+    readable = readable_names(aside)
+    assert 2500 < len(readable) < 3000
+    daemon = start_daemon(config)
+    try:
+        wait_for(lambda: readable <= names_delivered(host), timeout=60)
+        time.sleep(1)
+    finally:
+        assert stop(daemon) == 0, daemon.log
+    sent = [dict(r.params)["_p"] for r in host.delivered()]
+    assert len(sent) == len(set(sent))  # no row copied twice
+    assert status(config)["pending"] == 0
+
+
+def test_a_damaged_spool_on_a_full_disk_is_salvaged_as_room_comes(
+        host, small_disk, tmp_path):
+    """Damage met on a disk the backlog filled: the copy has no room to be made in one
+    go. The daemon must stay up, copy as delivered rows give room back, deliver every
+    readable row, and take events again."""
+    spool = small_disk / "spool.db"
+    config = tmp_path / "small.toml"
+    config.write_text(f'api_key = "{API_KEY}"\nendpoint = "{host.url}"\n[spool]\n'
+                      f'path = "{spool}"\n[ship]\nmax_backoff = 1\n')
+    host.status = 503
+    daemon = start_daemon(config)
+    client = Client(config=config)
+    accepted = []
+    try:
+        while True:
+            client.record(f"p{len(accepted)}", "Backlog", {"pad": "x" * 1000})
+            accepted.append(f"p{len(accepted)}")
+    except kmagent.SpoolFull:
+        pass
+    client.close()
+    assert stop(daemon) == 0, daemon.log
+    overwrite_a_leaf_page(spool)  # a page holds 3 of these rows
+    host.status = 200
+    daemon = start_daemon(config)
+    try:
+        wait_for(lambda: daemon.poll() is not None
+                 or len(set(accepted) - names_delivered(host)) <= 3, timeout=120)
+        assert daemon.poll() is None, "the daemon must not exit"
+        wait_for(lambda: _records(config), timeout=90)
+    finally:
+        code = stop(daemon)
+    assert code == 0, daemon.log
+    assert len(accepted) > 500

@@ -240,7 +240,8 @@ def _create(conn: sqlite3.Connection, schema: tuple[str, ...]) -> None:
             conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite rolls back by itself on a full disk
+            conn.execute("ROLLBACK")
         raise
 
 
