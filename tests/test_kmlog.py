@@ -362,3 +362,112 @@ def test_a_state_file_of_the_wrong_shape_is_started_over(tmp_path, spool_path, b
     importer.state_path.write_text("[]")
     assert importer.import_dirs([logs]).imported == 5
     spool.close()
+
+
+# --- what a crash, a kill or a deploy leaves behind ----------------------------------------
+
+@pytest.mark.parametrize("where", ["head", "tail", "mid-line"])
+def test_nul_bytes_a_crash_left_are_skipped_counted_and_never_sent(
+        where, tmp_path, write_config, spool_path):
+    """A crash can leave a log's last blocks zeroed (ext4's delayed allocation): at the
+    head of a log just created, or before what the app wrote after the reboot. The NULs
+    are no record: skipped, counted, and the first line after them is kept."""
+    logs = tmp_path / "km"
+    logs.mkdir()
+    log = logs / "kissmetrics_production_query.log"
+    before = "".join(logged("e", _p=f"a{n}", _n="Before", _t="1700000000") for n in range(3))
+    after = "".join(logged("e", _p=f"b{n}", _n="After", _t="1700000000") for n in range(3))
+    nuls = b"\0" * 300
+    log.write_bytes({"head": nuls + after.encode(),
+                     "tail": before.encode() + nuls + after.encode(),
+                     "mid-line": before.encode() + b"/e?_k=K&_p=torn&_n" + nuls + after.encode(),
+                     }[where])
+    result = run_kmagent("import", "km-log", str(logs), "--config", str(write_config()))
+    assert result.returncode == 0, result.stderr
+    assert "1 set aside (nul:" in result.stderr
+    queries = [q for _, q, _ in stored_rows(spool_path)]
+    wanted = {"head": 3, "tail": 6, "mid-line": 6}[where]
+    assert len(queries) == wanted and all("\0" not in q and "%00" not in q for q in queries)
+    assert sum("_p=b" in q for q in queries) == 3  # the first line after the NULs too
+    assert not any("_p=torn" in q for q in queries)  # torn by the crash: set aside
+    assert list(logs.iterdir()) == []
+
+
+def test_a_kill_between_taking_a_log_over_and_recording_it_stores_nothing_twice(
+        tmp_path, write_config, spool_path, backend):
+    """SIGKILL right after the rename, before anything else is saved; the app logs
+    again meanwhile (the query log's name exists anew). What was read in place before
+    the kill is not read again: the taken file is known by its identity, not its name."""
+    logs, log = query_log_of(tmp_path, 0)
+    config = write_config()
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from kmagent.kmlog import KmLogImporter, takeover
+        from kmagent.spool import open_spool
+        spool = open_spool(Path({str(spool_path)!r}), backend={backend!r})
+        importer = KmLogImporter(spool, settle_s=0.2)
+        for n in range(5):  # follower turns: read where it lies, not taken over
+            with open({str(log)!r}, "a") as fh:
+                fh.write("".join(f"/e?_k=K&_p=p{{n}}-{{i}}&_n=Logged&_t=1700000000\\n"
+                                 for i in range(200)))
+            importer.import_dirs([Path({str(logs)!r})], take_over=False)
+        real = takeover.take_over
+        def take_over_then_die(path):
+            real(path)
+            os.kill(os.getpid(), signal.SIGKILL)
+        takeover.take_over = take_over_then_die
+        importer.import_dirs([Path({str(logs)!r})])
+    """)], timeout=60)
+    assert killed.returncode == -9
+    assert len(stored_rows(spool_path)) == 1000
+    append_as_km_does(log, logged("e", _p="after", _n="Logged", _t="1700000000"))
+    result = run_kmagent("import", "km-log", str(logs), "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "imported 1 events" in result.stdout
+    assert len(stored_rows(spool_path)) == 1001 and list(logs.iterdir()) == []
+
+
+def test_a_symlinked_log_is_named_and_left_as_it_is(tmp_path, write_config, spool_path):
+    """Renaming a link would take the link, not the file: the target would never be
+    emptied and the apps would log to a new plain file. A link is left where it is,
+    its target untouched, and named (exit 1); the other logs are imported."""
+    logs = tmp_path / "km"
+    logs.mkdir()
+    target = tmp_path / "shared.log"
+    target.write_text(logged("e", _p="linked", _n="Logged", _t="1700000000"))
+    link = logs / "kissmetrics_production_query.log"
+    link.symlink_to(target)
+    orphan = logs / "1700000500kissmetrics_production_sending.log"
+    orphan.symlink_to(target)
+    append_as_km_does(logs / "kissmetrics_query.log",
+                      logged("e", _p="plain", _n="Logged", _t="1700000000"))
+    config = write_config()
+    for _ in range(2):
+        result = run_kmagent("import", "km-log", str(logs), "--config", str(config))
+        assert result.returncode == 1 and "imported 1 events" in result.stdout
+        assert f"{link}: a symbolic link" in result.stderr
+        assert f"{orphan}: a symbolic link" in result.stderr
+        assert "Traceback" not in result.stderr
+        append_as_km_does(logs / "kissmetrics_query.log",
+                          logged("e", _p="plain2", _n="Logged", _t="1700000000"))
+    assert link.is_symlink() and orphan.is_symlink()
+    assert target.read_text() == logged("e", _p="linked", _n="Logged", _t="1700000000")
+    assert sorted(q.split("&")[0] for _, q, _ in stored_rows(spool_path)) == [
+        "_p=plain", "_p=plain2"]
+
+
+def test_the_follower_says_once_that_a_log_is_a_symlink(tmp_path, spool_path, backend, caplog):
+    from kmagent.kmlog import KmLogFollower
+    logs = tmp_path / "km"
+    logs.mkdir()
+    (tmp_path / "shared.log").write_text(logged("e", _p="x", _n="L", _t="1700000000"))
+    (logs / "kissmetrics_query.log").symlink_to(tmp_path / "shared.log")
+    spool = open_spool(spool_path, backend=backend)
+    follower = KmLogFollower(spool)
+    for _ in range(3):
+        follower._last = -1.0
+        follower.follow((logs,))
+    spool.close()
+    assert caplog.text.count("a symbolic link") == 1
+    assert (logs / "kissmetrics_query.log").is_symlink()

@@ -202,3 +202,119 @@ def test_a_writer_stopped_with_the_log_open_is_waited_for(tmp_path, spool_path, 
     spool.close()
     assert rest.imported == 1 and not rest.waiting and list(logs.iterdir()) == []
     assert set(persons(spool_path)) == {"a", "b"}
+
+
+def php_entry(person: str) -> bytes:
+    """One kissmetrics-php Delayed entry, and its newline."""
+    return (b'a:1:{i:0;a:2:{i:0;s:1:"e";i:1;a:4:{s:2:"_n";s:2:"Ev";s:2:"_p";s:%d:"%s";'
+            b's:2:"_k";s:1:"K";s:2:"_t";i:1700000000;}}}\n' % (len(person), person.encode()))
+
+
+def test_a_torn_php_entry_costs_only_itself(tmp_path, spool_path, backend):
+    """A worker killed mid-fwrite (or a full disk) leaves an entry whose string runs
+    past the data, with no newline; other workers append whole entries right after it.
+    Only the torn part is set aside: reading starts again at the next entry."""
+    import json
+    logs = tmp_path / "km"
+    logs.mkdir()
+    log = logs / "kissmetrics_query.log"
+    torn = b'a:1:{i:0;a:2:{i:0;s:1:"e";i:1;a:5:{s:4:"note";s:5000:"' + b"x" * 100
+    log.write_bytes(b"".join(php_entry(f"p{n}") for n in range(5)) + torn
+                    + b"".join(php_entry(f"p{n}") for n in range(5, 30)))
+    spool = open_spool(spool_path, backend=backend)
+    importer = KmLogImporter(spool, settle_s=0.1)
+    result = importer.import_and_finish([logs], within=5)
+    spool.close()
+    assert result.imported == 30 and dict(result.set_aside) == {"unreadable": 1}
+    assert set(persons(spool_path)) == {f"p{n}" for n in range(30)}
+    (bad,) = [json.loads(line) for line in importer.bad_path.read_text().splitlines()]
+    assert bad["line"].encode() == torn and "bytes" not in bad
+    assert list(logs.iterdir()) == []
+
+
+NOT_DUMPABLE_WRITER = textwrap.dedent("""
+    import ctypes, sys
+    fh = open(sys.argv[1], "a")
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0, as php-fpm's workers
+    print("open", flush=True)
+    sys.stdin.readline()  # stalled before its write
+    fh.write("/e?_n=Late&_p=b&_k=K&_t=1700000000\\n")
+""")
+CHECK_SETTLED = textwrap.dedent("""
+    import os, sys
+    from kmagent.kmlog import takeover
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    st = os.fstat(fd)
+    print(takeover.held_open(st), takeover.settled(fd, st, 0.1))
+""")
+
+
+def test_a_writer_whose_fds_cannot_be_seen_is_given_the_longer_settle_time(tmp_path):
+    """php-fpm's workers are not dumpable: even of our own user, their /proc/<pid>/fd
+    cannot be read, so a stalled one holding the taken file open is not seen. Where
+    any process could not be inspected, a file is finished only once its last write is
+    BLIND_SETTLE_S old, not SETTLE_S. (As root: writer and checker run as nobody.)"""
+    import os
+    from kmagent.kmlog import takeover
+    as_nobody = (["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+                 if os.geteuid() == 0 else [])
+    if as_nobody and not shutil.which("setpriv"):
+        pytest.skip("needs setpriv to run as another user")
+    shared = Path(__import__("tempfile").mkdtemp())  # tmp_path is root's alone
+    try:
+        shared.chmod(0o777)
+        log = shared / "kmagent-taken-1-kissmetrics_query.log"
+        log.write_text("/e?_n=First&_p=a&_k=K&_t=1700000000\n")
+        log.chmod(0o666)
+        old = time.time() - 5  # older than SETTLE_S, younger than BLIND_SETTLE_S
+        os.utime(log, (old, old))
+        assert takeover.SETTLE_S < 5 < takeover.BLIND_SETTLE_S
+        env = {"PYTHONPATH": str(Path(__file__).parent.parent), "PATH": "/usr/bin:/bin"}
+        writer = subprocess.Popen(as_nobody + [sys.executable, "-c", NOT_DUMPABLE_WRITER,
+                                               str(log)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            assert writer.stdout.readline() == "open\n"
+            os.utime(log, (old, old))
+            check = subprocess.run(as_nobody + [sys.executable, "-c", CHECK_SETTLED,
+                                                str(log)], capture_output=True, text=True,
+                                   env=env, timeout=30)
+            assert check.stdout.split() == ["None", "False"], check.stderr  # unseen: wait
+            older = time.time() - takeover.BLIND_SETTLE_S - 1
+            os.utime(log, (older, older))
+            check = subprocess.run(as_nobody + [sys.executable, "-c", CHECK_SETTLED,
+                                                str(log)], capture_output=True, text=True,
+                                   env=env, timeout=30)
+            assert check.stdout.split() == ["None", "True"], check.stderr
+        finally:
+            writer.communicate("go\n", timeout=10)
+    finally:
+        shutil.rmtree(shared)
+
+
+def test_an_orphan_a_live_sender_holds_open_is_not_read(tmp_path, spool_path, backend):
+    """km_send still running beside kmagent (its cron job not yet removed) holds the
+    sending log open while it sends it: kmagent leaves that file to it, rather than
+    send each line a second time; once the sender is gone, an orphan is read."""
+    logs = tmp_path / "km"
+    logs.mkdir()
+    orphan = logs / "1700000500kissmetrics_production_sending.log"
+    orphan.write_text("/e?_n=Sending&_p=a&_k=K&_t=1700000000\n")
+    old = time.time() - 10
+    import os
+    os.utime(orphan, (old, old))
+    sender = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        fh = open({str(orphan)!r})
+        print("open", flush=True)
+        sys.stdin.readline()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert sender.stdout.readline() == "open\n"
+    spool = open_spool(spool_path, backend=backend)
+    importer = KmLogImporter(spool, settle_s=0.1)
+    first = importer.import_and_finish([logs], within=0.5)
+    sender.communicate("done\n", timeout=10)  # died without deleting it
+    rest = importer.import_and_finish([logs], within=5)
+    spool.close()
+    assert first.imported == 0 and first.waiting == [str(orphan)]
+    assert rest.imported == 1 and list(logs.iterdir()) == []

@@ -6,15 +6,18 @@ a writer may be finishing the last), and taken over now and then (takeover.py: r
 then read to the end and deleted once settled); km_send's orphaned sending logs are
 read and deleted the same way. A file is read in chunks; after each, its events are in
 the spool (synced) and how far it was read is recorded beside the spool with its inode
-and a hash of its first bytes, so a crash costs at most that chunk stored again (the
-same requests, the same ``_t`` and ``_d=1``: Kissmetrics counts them once) and a file
-replaced under the same name is never skipped into. A query log whose format is not
-one kmagent reads is left untouched and named.
+and a hash of its first bytes, keyed by the file's identity (device and inode), not
+its name: renaming a file (a takeover, km_send) changes nothing of what is known of it,
+so a crash costs at most that chunk stored again (the same requests, the same ``_t`` and
+``_d=1``: Kissmetrics counts them once) and a file replaced under the same name is
+never skipped into. A query log whose format is not one kmagent reads, or that is a
+symbolic link, is left untouched and named.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import json
 import logging
@@ -140,12 +143,18 @@ class KmLogImporter:
         except IsADirectoryError:
             result.errors.append(f"{path}: a directory, not a log")
         except OSError as exc:
-            result.errors.append(f"{path}: {exc.strerror or exc}")
+            if exc.errno != errno.ELOOP:
+                result.errors.append(f"{path}: {exc.strerror or exc}")
+                return
+            # Renaming a link would move the link, not the log: its target would never
+            # be emptied, and the apps would log to a new plain file beside it.
+            result.errors.append(f"{path}: a symbolic link; left as it is (name the "
+                                 "directory its target is in, or make it a plain file)")
 
     def _query_log(self, path: Path, state: dict, result: ImportResult,
                    left: list[int | None]) -> None:
         """Read what is new in a query log, where it lies; take it over when due."""
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             st = os.fstat(fd)
             if not self._recognised(path, fd, result):
@@ -155,11 +164,8 @@ class KmLogImporter:
                 return
             since = time.monotonic() - self._taken_at.get(str(path), -1e9)
             if self._taking_over and since >= self.take_over_every:
-                taken = takeover.take_over(path)
+                takeover.take_over(path)  # what is known of it goes with its inode
                 self._taken_at[str(path)] = time.monotonic()
-                if str(path) in state:
-                    state[str(taken)] = state.pop(str(path))
-                    self._save(state)
         finally:
             os.close(fd)
 
@@ -167,13 +173,16 @@ class KmLogImporter:
                  left: list[int | None]) -> None:
         """A file taken over, or an orphaned sending log: read what is new; once it is
         settled, read the rest and delete it."""
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             st = os.fstat(fd)
             if not self._recognised(path, fd, result):
                 return
             if not takeover.settled(fd, st, self.settle_s):
-                self._read(path, fd, st, state, result, left, final=False)
+                # A sending log held open is a sender's at work (its cron job not yet
+                # removed): reading it would send its lines a second time.
+                if takeover.TAKEN_LOG.match(path.name) or not takeover.held_open(st):
+                    self._read(path, fd, st, state, result, left, final=False)
                 if not result.more:
                     result.waiting.append(str(path))
                 return
@@ -184,14 +193,23 @@ class KmLogImporter:
             late = os.fstat(fd)  # written between the last look and the delete?
             if late.st_size > st.st_size:
                 self._read(path, fd, late, state, result, [None], final=True)
-            state.pop(str(path), None)
+            state.pop(_identity(st), None)
             self._save(state)
         finally:
             os.close(fd)  # and with it the flock settled() took
 
     @staticmethod
     def _recognised(path: Path, fd: int, result: ImportResult) -> bool:
-        if records.recognised(os.pread(fd, HEAD_BYTES, 0)):
+        # The format shows in its first record: past any NULs a crash left at the head
+        # of a log just created (or blank space), however long the run.
+        offset = 0
+        while chunk := os.pread(fd, CHUNK_BYTES, offset):
+            blank = len(chunk) - len(chunk.lstrip(records.BLANK))
+            if blank < len(chunk):
+                offset += blank
+                break
+            offset += len(chunk)
+        if records.recognised(os.pread(fd, HEAD_BYTES, offset)):
             return True
         result.errors.append(f"{path}: not a log kmagent reads (requests logged by km, "
                              "kmts, km.php or kissmetrics-php); left as it is")
@@ -199,7 +217,7 @@ class KmLogImporter:
 
     def _read(self, path: Path, fd: int, st: os.stat_result, state: dict,
               result: ImportResult, left: list[int | None], *, final: bool) -> None:
-        offset = self._resume_at(fd, st, path, state)
+        offset = self._resume_at(fd, st, state)
         while offset < st.st_size:
             if left[0] is not None and left[0] <= 0:
                 result.more = True
@@ -220,22 +238,19 @@ class KmLogImporter:
             offset += used
             if left[0] is not None:
                 left[0] -= used
-            state[str(path)] = {"inode": st.st_ino, "offset": offset, "head": _head(fd, offset)}
+            state[_identity(st)] = {"name": str(path), "dev": st.st_dev, "inode": st.st_ino,
+                                    "offset": offset, "head": _head(fd, offset)}
             self._save(state)
             result.imported += len(events)
             if str(path) not in result.files:
                 result.files.append(str(path))
 
     @staticmethod
-    def _resume_at(fd: int, st: os.stat_result, path: Path, state: dict) -> int:
+    def _resume_at(fd: int, st: os.stat_result, state: dict) -> int:
         """Where the unread part begins: 0 unless this is the very file read before
-        (under this name, or under the name it had before it was renamed), still
-        starting with the same bytes and not shorter than what was read."""
-        remembered = state.get(str(path))
-        if not remembered or remembered["inode"] != st.st_ino:
-            remembered = next((entry for name, entry in state.items()
-                               if entry["inode"] == st.st_ino and not os.path.exists(name)),
-                              None)
+        (the same device and inode, whatever its name now), still starting with the
+        same bytes and not shorter than what was read (the inode was not reused)."""
+        remembered = state.get(_identity(st))
         if not remembered:
             return 0
         offset = remembered["offset"]
@@ -247,9 +262,20 @@ class KmLogImporter:
     def _forget_missing(directory: Path, state: dict) -> None:
         """Drop what is remembered of files in ``directory`` that are gone (deleted
         by a crashed import after it had read them, or by an operator)."""
-        for name in [n for n in state if Path(n).parent == directory]:
-            if not os.path.exists(name):
-                del state[name]
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return  # gone, or unreadable since the pass began: next time
+        present = set()
+        for path in takeover.query_logs(directory, names) + takeover.renamed_logs(
+                directory, names):
+            try:
+                present.add(_identity(os.stat(path, follow_symlinks=False)))
+            except FileNotFoundError:
+                return  # renamed since the listing (km_send?): forget nothing this time
+        for key in [k for k, entry in state.items()
+                    if Path(entry["name"]).parent == directory and k not in present]:
+            del state[key]
 
     def _set_aside(self, path: Path, bad: list[records.Bad], result: ImportResult) -> None:
         if not bad:
@@ -274,7 +300,7 @@ class KmLogImporter:
             if isinstance(state, dict) and all(
                     isinstance(v, dict) and {"inode", "offset", "head"} <= set(v)
                     for v in state.values()):
-                return state
+                return _by_identity(state)
         except FileNotFoundError:
             return {}
         except (OSError, ValueError):
@@ -289,6 +315,24 @@ class KmLogImporter:
         except OSError as exc:  # the spool's side, not the log's: stop the import
             raise SpoolError(f"cannot record import progress in {self.state_path}: "
                              f"{exc.strerror or exc}") from None
+
+
+def _identity(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def _by_identity(state: dict) -> dict:
+    """The state, each file keyed by its identity: one written by an earlier kmagent
+    was keyed by name, with the inode only (the device is its directory's)."""
+    keyed = {}
+    for key, entry in state.items():
+        if "dev" not in entry or "name" not in entry:
+            try:
+                entry = {**entry, "name": key, "dev": os.stat(Path(key).parent).st_dev}
+            except OSError:
+                continue  # its directory is gone: so is the file
+        keyed[f"{entry['dev']}:{entry['inode']}"] = entry
+    return keyed
 
 
 def _head(fd: int, size: int) -> str:

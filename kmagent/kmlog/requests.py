@@ -34,6 +34,7 @@ REASONS = {
     "name": "a person, event or property name over 255 characters",
     "size": "a value over 8,192 bytes, or a request line over 8,190 bytes",
     "empty": "a set (/s) of no properties",
+    "nul": "a run of NUL bytes between records (a crash lost the writes there)",
 }
 
 PATHS = {b"/e": EVENT, b"/s": SET, b"/a": ALIAS}
