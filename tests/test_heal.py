@@ -21,7 +21,7 @@ from kmagent.config import ConfigError, load_config
 from kmagent.events import make_event
 from kmagent.spool import open_spool
 from kmagent.spool.salvage import ReadableRows
-from kmagent.spool.space import Ballast, keep_free_bytes
+from kmagent.spool.space import MIN_KEEP_FREE, Ballast, keep_free_bytes
 
 
 def names_delivered(host) -> set[str]:
@@ -172,7 +172,10 @@ def test_the_ballast_is_real_room_given_up_and_taken_back(tmp_path):
 
 
 def test_keep_free_is_bytes_or_a_share_and_refused_otherwise(tmp_path):
-    assert keep_free_bytes(4096, tmp_path) == 4096
+    assert keep_free_bytes(1 << 20, tmp_path) == 1 << 20
+    # Never less than the daemon needs to record what it delivered: with keep_free = 0
+    # producers took the last byte and shipping stopped for good.
+    assert keep_free_bytes(0, tmp_path) == keep_free_bytes("0%", tmp_path) == MIN_KEEP_FREE
     st = os.statvfs(tmp_path)
     assert keep_free_bytes("10%", tmp_path) == int(st.f_blocks * st.f_frsize * 0.10)
     assert keep_free_bytes(None, tmp_path) <= 64 * 1024 * 1024

@@ -733,7 +733,7 @@ def test_a_move_that_fails_for_want_of_space_is_finished_later(spool_path, monke
 
 # --- 7, end to end: a real daemon on a full disk, the host down, then up ------------
 
-@pytest.mark.parametrize("filled", ["to the reserve", "to the last byte"])
+@pytest.mark.parametrize("filled", ["to the reserve", "to the last byte", "keep_free = 0"])
 def test_a_full_disk_with_the_host_down_delivers_every_accepted_event(
         host, small_disk, tmp_path, filled):
     """Producers fill a 2 MiB filesystem while the host is down (and, in the second
@@ -744,7 +744,8 @@ def test_a_full_disk_with_the_host_down_delivers_every_accepted_event(
     config = tmp_path / "small.toml"
     config.write_text(f'api_key = "{API_KEY}"\nendpoint = "{host.url}"\n'
                       f'[ship]\nmax_backoff = 1\n[spool]\nbackend = "jsonl"\n'
-                      f'path = "{spool}"\n')
+                      f'path = "{spool}"\n'
+                      + ("keep_free = 0\n" if filled == "keep_free = 0" else ""))
     host.status = 503
     daemon = start_daemon(config)
     client = Client(config=config)

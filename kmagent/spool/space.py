@@ -28,6 +28,10 @@ log = logging.getLogger("kmagent.spool")
 # big disk (a disk 99 % full still takes events), a fair part of a small one.
 DEFAULT_KEEP_FREE_SHARE = 0.05
 DEFAULT_KEEP_FREE_MAX = 64 * 1024 * 1024
+# Whatever is configured: the daemon must always find room to record what it delivered
+# (a jsonl checkpoint, a SQLite WAL of 16 pages) before it can free anything; with less,
+# producers could take the last byte and shipping would stop for good.
+MIN_KEEP_FREE = 64 * 1024
 
 
 def free_bytes(path: Path) -> int:
@@ -45,10 +49,13 @@ def keep_free_bytes(setting: int | str | None, path: Path) -> int:
     """The reserve in bytes: ``setting`` is a number of bytes, a share like "10%" of
     the filesystem holding ``path``, or None for the default."""
     if setting is None:
-        return min(int(filesystem_bytes(path) * DEFAULT_KEEP_FREE_SHARE), DEFAULT_KEEP_FREE_MAX)
-    if isinstance(setting, str):
-        return int(filesystem_bytes(path) * float(setting.rstrip("%")) / 100)
-    return int(setting)
+        wanted = min(int(filesystem_bytes(path) * DEFAULT_KEEP_FREE_SHARE),
+                     DEFAULT_KEEP_FREE_MAX)
+    elif isinstance(setting, str):
+        wanted = int(filesystem_bytes(path) * float(setting.rstrip("%")) / 100)
+    else:
+        wanted = int(setting)
+    return max(wanted, MIN_KEEP_FREE)
 
 
 def is_disk_full(exc: BaseException | None) -> bool:
