@@ -223,6 +223,7 @@ class Daemon:
                 due = shipper.idle_until()
                 if due is not None:
                     timeout = min(timeout, max(0.0, due - time.time()))
+                timeout = min(timeout, upkeep.wait_at_most() or timeout)
                 pause = SPOOL_RETRY_S[0]
             except SpoolError as exc:
                 # Disk full, damaged, read-only... Keep running: nothing is lost (outcomes

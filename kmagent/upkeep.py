@@ -22,6 +22,7 @@ log = logging.getLogger("kmagent.daemon")
 
 MAINTAIN_EVERY_S = 30.0
 MAINTAIN_WHEN_LOW_S = 1.0  # near the reserve: give room back sooner
+SALVAGE_ROOM_EVERY_S = 0.2  # a salvage waiting for room: delivered rows' room back
 BALLAST_EVERY_S = 5.0  # how often a missing ballast is tried again
 
 
@@ -94,6 +95,12 @@ class Upkeep:
             self._ballast_at = now
             self.ballast.take(self.spool.keep_free)
 
+    def wait_at_most(self) -> float | None:
+        """How long the loop may sleep before ``tick`` has work (None: no limit)."""
+        if any(job.needs_room for job in self.salvaging):
+            return SALVAGE_ROOM_EVERY_S  # copy on as soon as delivered rows free room
+        return None
+
     def failed(self, exc: SpoolError) -> bool:
         """Mend what ``exc`` says, if it can be mended here; True if worth trying again
         at once."""
@@ -120,8 +127,16 @@ class Upkeep:
                 if self.spool.space_low():
                     job.remove_for_room()
             elif job.needs_room:
-                self.ballast.release()  # and maintenance, every second while space is low
+                # Room for the copy comes from delivered rows: give theirs back sooner
+                # than the once a second of a low disk.
+                self.ballast.release()
                 self._ballast_at = time.monotonic()
+                if self._ballast_at - self._maintained >= SALVAGE_ROOM_EVERY_S:
+                    self._maintained = self._ballast_at
+                    try:
+                        self.spool.maintain()
+                    except SpoolError as exc:
+                        log.debug("maintenance for the salvage: %s", exc)
 
     def _make_room(self) -> bool:
         released = self.ballast.release()
