@@ -127,14 +127,19 @@ def same_head(fd: int, stored: Fingerprint | int) -> bool:
 
 def active_seq(ckpt: Checkpoint, known: Collection[int], ino: int, fd: int) -> int:
     """The sequence number of the file now at events.jsonl (inode ``ino``, open as
-    ``fd``): the one the checkpoint knows it by if it is the same file (its inode, and
-    the same first bytes; a file the checkpoint saw without a complete first line only
-    if nothing of it was settled, and never one now shorter than the settled part);
-    else a number no file ever had. ``known``: the numbers of the files present."""
+    ``fd``): the one the checkpoint knows it by if it is the same file (the same first
+    bytes; a file the checkpoint saw without a complete first line only if it has the
+    same inode and nothing of it was settled; never one now shorter than the settled
+    part); else a number no file ever had. ``known``: the numbers of the files present.
+
+    The first bytes decide, not the inode: a spool copied or restored elsewhere (cp,
+    rsync, a backup) has new inodes and is the same, and a new file that took a deleted
+    one's inode is not. The first line is an event, with its own time and fields."""
     if ckpt.active is not None:
         seq, active_ino, head = ckpt.active
-        if active_ino == ino and seq not in known and (
-                ckpt.nothing_settled_in(seq) if head is None else same_head(fd, head)) \
+        same = (active_ino == ino and ckpt.nothing_settled_in(seq) if head is None
+                else same_head(fd, head))
+        if same and seq not in known \
                 and not (ckpt.seq == seq and os.fstat(fd).st_size < ckpt.offset):
             return seq
     return next_seq(ckpt, known)

@@ -32,7 +32,7 @@ class DiskView:
         if st is not None:
             known = [f[0] for f in self.files]
             active = self.checkpoint.active
-            if active is not None and st.st_ino == active[1]:  # else surely a new file
+            if active is not None:
                 fd = os.open(path / ACTIVE, os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     seq = active_seq(self.checkpoint, known, st.st_ino, fd)
