@@ -34,6 +34,10 @@ App patterns (PATTERNS; ``--patterns`` runs a subset, each can run alone):
   signal_raises       a SIGALRM handler raises (like KeyboardInterrupt) into the main
                       thread's record() while other threads record
   cli_commands        `kmagent record/set/alias` commands, ledgered on exit 0
+  km_log_km, km_log_kmts, km_log_kmphp, km_log_kissmetrics_php
+                      a writer of Kissmetrics' own query log in one of the daemon's
+                      [km_log] dirs, as that library writes it (kmts under an flock,
+                      the others with none; kissmetrics-php as serialize()d arrays)
 
 Faults (FAULTS, in two lanes that overlap; ``--faults`` picks, ``none`` for none):
   process lane: kill_producer (SIGKILL a live app process), kill_daemon (SIGKILL and
@@ -792,6 +796,73 @@ def pat_signal_raises(app: App) -> None:
     helper.join(60)
 
 
+# -- Kissmetrics' own libraries, writing the query logs kmagent takes over ([km_log]) --
+# Each writes as its library does: open, append one record, close; km 1.3.0, km.php and
+# kissmetrics-php take no lock, kmts takes an flock. A record is ledgered "ok" once its
+# write() returned whole: from then on it is kmagent's to deliver.
+KM_LOG_DIRS = ("km", "kmts", "kmphp", "kissmetrics_php")
+
+
+def km_log_dir(workdir: Path, style: str) -> Path:
+    return workdir / "km-logs" / style
+
+
+def _php_string(text: str) -> str:
+    return f's:{len(text.encode())}:"{text}";'
+
+
+def km_log_record(style: str, kind: str, fields: dict[str, str]) -> bytes:
+    """One record as the library ``style`` logs it, newline included."""
+    if style == "kissmetrics_php":  # its Delayed transport: PHP serialize()d arrays
+        inner = "".join(_php_string(k) + _php_string(v) for k, v in fields.items())
+        record = (f"a:1:{{i:0;a:2:{{i:0;{_php_string(kind)}i:1;"
+                  f"a:{len(fields)}:{{{inner}}}}}}}")
+    else:
+        from urllib.parse import quote
+        record = f"/{kind}?" + "&".join(f"{quote(k, safe='')}={quote(v, safe='')}"
+                                         for k, v in fields.items())
+    return record.encode() + b"\n"
+
+
+def km_log_writer(app: App, style: str) -> None:
+    import fcntl
+    rng = app.rng
+    name = "kissmetrics_query.log" if style in ("kmphp", "kissmetrics_php") \
+        else "kissmetrics_production_query.log"
+    path = km_log_dir(app.workdir, style) / name
+    while app.running():
+        tid = app.tid()
+        person = f"person{rng.randrange(50)}"
+        kind = rng.choice("eeees")
+        fields = {"_k": API_KEY, "_p": person, "tid": tid, "who": person,
+                  "_t": str(int(time.time())), "_d": "1"}
+        if kind == "e":
+            fields.update({"_n": rng.choice(EVENT_NAMES), "pad": "z" * rng.randrange(200)})
+        record = km_log_record(style, kind, fields)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                if style == "kmts":
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                written = os.write(fd, record)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            app.ledger.line("raised", tid, "OSError", json.dumps(str(exc)))
+            app.pace(rng)
+            continue
+        if written == len(record):
+            app.ledger.line("ok", tid)
+        else:
+            app.ledger.line("raised", tid, "short_write", json.dumps(f"{written} bytes"))
+        app.pace(rng)
+
+
+for _style in KM_LOG_DIRS:
+    pattern(f"km_log_{_style}", f"{_style}-style writer of a Kissmetrics query log",
+            weight=0.5)(lambda app, style=_style: km_log_writer(app, style))
+
+
 @pattern("cli_commands", "kmagent record/set/alias commands, ledgered on exit 0")
 def pat_cli(app: App) -> None:
     rng = app.rng
@@ -1230,9 +1301,14 @@ class Run:
             f"shutdown_timeout = {self.shutdown_timeout:g}",
             "connect_timeout = 2",
             "read_timeout = 3",
+            "[km_log]",
+            "dirs = [" + ", ".join(f'"{km_log_dir(self.workdir, style)}"'
+                                   for style in KM_LOG_DIRS) + "]",
             "[log]",
             'level = "info"',
         ]) + "\n"
+        for style in KM_LOG_DIRS:
+            km_log_dir(self.workdir, style).mkdir(parents=True, exist_ok=True)
         self.config = self.workdir / "config.toml"
         self.config.write_text(text)
         self.config.chmod(0o600)
