@@ -9,6 +9,7 @@ $(BIN)/kmagent: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps py-KISSmetrics==1.1.0  # for the compat differential
 	touch $@
 
 run: $(BIN)/kmagent  ## the agent, in the foreground, on the default SQLite spool
