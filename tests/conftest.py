@@ -144,10 +144,26 @@ def status(config) -> dict:
     return json.loads(result.stdout)
 
 
+def shipper_pid(config) -> int | None:
+    """What ``status`` says as ``daemon_pid`` (the holder of the spool's shipper lock),
+    read in-process: a poll of ``kmagent status`` costs a Python start each time."""
+    from kmagent.config import load_config
+    from kmagent.lock import ShipperLock
+    settings = load_config(config)
+    path = settings.spool_path
+    lock = (path.with_name(path.name + ".lock") if settings.spool_backend == "sqlite"
+            else path / "shipper.lock")
+    return ShipperLock(lock).holder()
+
+
 def start_daemon(config) -> subprocess.Popen:
     """``kmagent run`` in the background, returned once it holds the spool."""
     daemon = start_kmagent("run", "--config", str(config))
-    wait_for(lambda: status(config)["daemon_pid"] == daemon.pid, timeout=20)
+    wait_for(lambda: daemon.poll() is not None or shipper_pid(config) == daemon.pid,
+             timeout=20)
+    if daemon.poll() is not None:
+        raise AssertionError(f"kmagent run exited {daemon.returncode}: "
+                             f"{daemon.communicate()[1][-3000:]}")
     return daemon
 
 
