@@ -299,7 +299,13 @@ def test_a_damaged_spool_on_a_full_disk_is_salvaged_as_room_comes(
                  or len(set(accepted) - names_delivered(host)) <= 3, timeout=120)
         assert daemon.poll() is None, "the daemon must not exit"
         wait_for(lambda: _records(config), timeout=90)
+    except AssertionError:
+        stop(daemon)
+        missing = sorted(set(accepted) - names_delivered(host))
+        raise AssertionError(f"{len(missing)} of {len(accepted)} missing {missing[:5]}; "
+                             f"files {sorted(os.listdir(small_disk))}; daemon log:\n"
+                             f"{daemon.log[-4000:]}") from None
     finally:
-        code = stop(daemon)
+        code = stop(daemon) if daemon.returncode is None else daemon.returncode
     assert code == 0, daemon.log
     assert len(accepted) > 500

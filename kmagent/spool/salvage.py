@@ -55,6 +55,7 @@ BATCH = 500  # rows read, and at most rows copied, per transaction
 PROBE_SPAN = 10_000  # ids probed one by one past a damaged page when the top is unknown
 RESCAN_AFTER_S = (1.0, 5.0, 20.0, 60.0)  # for rows written by producers not yet following
 ROW_OVERHEAD = 64  # bytes a row costs beyond its text, roughly (a page is 4,096)
+COMMIT_OVERHEAD = 3 * 4096  # the pages a commit writes beside the rows' own
 ROOM_RETRY_S = 0.2  # how often a copy stopped by a full disk tries again (cheap)
 FINISHED_STATES = (None, "done", "removed")  # None: a line from before states existed
 
@@ -106,9 +107,9 @@ class Salvage:
     copy left part-way), then ``rescan`` every daemon turn until it says finished."""
 
     def __init__(self, path: Path, schema: tuple[str, ...], keep_free: int = 0) -> None:
-        """``keep_free``: the spool's reserve. The reserve is the daemon's room, so the
-        copy may take half of it (producers may take none); the other half stays for
-        the shipper, whose claims and acks need room to free any."""
+        """``keep_free``: the spool's reserve, which the copy leaves whole, as producers
+        do: it is the shipper's, whose claims and acks need room to free any (a copy
+        that took part of it wedged a full disk: no claim could be written)."""
         self.path = path
         self.schema = schema
         self.keep_free = keep_free
@@ -242,9 +243,9 @@ class Salvage:
 
     def _fitting(self, rows: list[tuple]) -> list[tuple]:
         """As many of ``rows`` as the filesystem takes above the reserve (twice their
-        size: the WAL, then the database)."""
+        size, the WAL then the database, and a commit's own pages)."""
         try:
-            room = free_bytes(self.path.parent) - self.keep_free // 2 - ROW_OVERHEAD * 4
+            room = free_bytes(self.path.parent) - self.keep_free - COMMIT_OVERHEAD
         except OSError:
             return rows
         for n, row in enumerate(rows):
