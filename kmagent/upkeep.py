@@ -76,7 +76,9 @@ class Upkeep:
         if not isinstance(self.spool, SqliteSpool):
             return
         begun = {job.aside for job in self.salvaging}
-        for aside in unfinished(self.spool.path):
+        # Newest first: a damaged copy that was a salvage's fresh spool brings that
+        # salvage's marks, which the older copy's resume then reads.
+        for aside in reversed(unfinished(self.spool.path)):
             if aside not in begun:
                 try:
                     self.salvaging.append(salvage(self.spool.path, self.spool.keep_free, aside))

@@ -98,8 +98,15 @@ def unfinished(path: Path) -> list[Path]:
         else:
             finished.discard(name)
     prefix = f"{path.name}.damaged-"
-    return sorted(p for p in path.parent.glob(prefix + "*")
-                  if p.name.endswith("Z") and p.name not in finished)
+    return sorted((p for p in path.parent.glob(prefix + "*")
+                   if p.name.endswith("Z") and p.name not in finished), key=_aside_order)
+
+
+def _aside_order(aside: Path) -> tuple[str, int]:
+    """Oldest first: by time, then by the number a second copy in the same second got."""
+    stamp = aside.name.rsplit(".damaged-", 1)[1].rstrip("Z")
+    when, _, n = stamp.partition(".")
+    return when, int(n) if n.isdigit() else 1
 
 
 class Salvage:
@@ -123,12 +130,17 @@ class Salvage:
         self._rescans: list[float] = []
         self._room_at = 0.0
         self._damaged: sqlite3.Connection | None = None
+        self._marks_carried = False
 
     def start(self) -> None:
         """Put the damaged file aside, let a fresh spool take its place, save the rows."""
         self.started = time.time()
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.started))
-        self.aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.started))
+        self.aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}Z")
+        for n in range(2, 1000):  # a second salvage within the second must not overwrite
+            if not os.path.lexists(self.aside):
+                break
+            self.aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}.{n}Z")
         with sqlite_conn.opening(self.path, exclusive=True):
             for suffix in ("", "-wal", "-shm"):
                 try:
@@ -207,6 +219,8 @@ class Salvage:
         """Copy every readable row past the progress mark, chunk by chunk."""
         if self._damaged is None:
             return
+        if not self._marks_carried:
+            self._carry_marks()
         self.needs_room = False
         unreadable = 0
         for table in COPIED:
@@ -243,9 +257,13 @@ class Salvage:
 
     def _fitting(self, rows: list[tuple]) -> list[tuple]:
         """As many of ``rows`` as the filesystem takes above the reserve (twice their
-        size, the WAL then the database, and a commit's own pages)."""
+        size, the WAL then the database, and a commit's own pages). While the fresh
+        spool has rows to ship, the reserve is theirs, whole; once it has none, nothing
+        more will free room, so a few rows may go into half of it (their claim needs
+        little)."""
         try:
-            room = free_bytes(self.path.parent) - self.keep_free - COMMIT_OVERHEAD
+            floor = self.keep_free if self._fresh_has_rows() else self.keep_free // 2
+            room = free_bytes(self.path.parent) - floor - COMMIT_OVERHEAD
         except OSError:
             return rows
         for n, row in enumerate(rows):
@@ -255,6 +273,16 @@ class Salvage:
                     raise _NoRoom
                 return rows[:n]
         return rows
+
+    def _fresh_has_rows(self) -> bool:
+        shared = sqlite_conn.join(self.path, "normal", self.schema)
+        try:
+            with shared.held():
+                return shared.conn.execute("SELECT 1 FROM events LIMIT 1").fetchone() is not None
+        except sqlite3.Error:
+            return True
+        finally:
+            sqlite_conn.leave(shared)
 
     def _commit(self, table: str, rows: list[tuple]) -> None:
         insert = COPIED[table][1]
@@ -285,6 +313,37 @@ class Salvage:
         self._after[table] = max(rows[-1][0], mark[0] if mark else 0)
         if table == "events":
             self.saved += len(fresh)
+
+    def _carry_marks(self) -> None:
+        """A damaged spool that was itself a salvage's fresh spool holds that salvage's
+        marks: they come along (with its rows), so that the older damaged copy, resumed,
+        is not copied again from its start."""
+        try:
+            marks = self._damaged.execute(
+                "SELECT kept_as, tbl, after FROM salvage_progress").fetchall()
+        except sqlite3.DatabaseError:
+            marks = []  # none, or unreadable: then the older copy is copied again
+        shared = sqlite_conn.join(self.path, "normal", self.schema)
+        try:
+            with shared.held():
+                conn = shared.conn
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.execute(PROGRESS)
+                    for kept_as, table, after in marks:
+                        conn.execute("INSERT INTO salvage_progress VALUES (?, ?, ?) ON "
+                                     "CONFLICT DO UPDATE SET after = max(after, excluded.after)",
+                                     (kept_as, table, after))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            raise sqlite_conn.spool_error(self.path, "salvage failed", exc) from None
+        finally:
+            sqlite_conn.leave(shared)
+        self._marks_carried = True
 
     def _progress(self) -> dict[str, int]:
         after = {table: 0 for table in COPIED}
