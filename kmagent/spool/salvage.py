@@ -29,6 +29,7 @@ import logging
 import os
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -274,33 +275,26 @@ class Salvage:
                 return rows[:n]
         return rows
 
-    def _fresh_has_rows(self) -> bool:
+    @contextmanager
+    def _fresh(self) -> Iterator[sqlite3.Connection]:
+        """This process's connection to the fresh spool, held for the block."""
         shared = sqlite_conn.join(self.path, "normal", self.schema)
         try:
             with shared.held():
-                return shared.conn.execute("SELECT 1 FROM events LIMIT 1").fetchone() is not None
-        except sqlite3.Error:
-            return True
+                yield shared.conn
         finally:
             sqlite_conn.leave(shared)
 
-    def _commit(self, table: str, rows: list[tuple]) -> None:
-        insert = COPIED[table][1]
-        shared = sqlite_conn.join(self.path, "normal", self.schema)
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction in the fresh spool, its progress table there; sqlite3
+        errors become SpoolError."""
         try:
-            with shared.held():
-                conn = shared.conn
+            with self._fresh() as conn:
+                conn.execute("BEGIN IMMEDIATE")
                 try:
-                    conn.execute("BEGIN IMMEDIATE")
                     conn.execute(PROGRESS)
-                    # Read again inside the transaction: whoever else copied this file
-                    # (a daemon before us) is never copied over.
-                    mark = conn.execute("SELECT after FROM salvage_progress WHERE kept_as = ?"
-                                        " AND tbl = ?", (self.aside.name, table)).fetchone()
-                    fresh = [row for row in rows if mark is None or row[0] > mark[0]]
-                    conn.executemany(insert, [row[1:] for row in fresh])
-                    conn.execute("INSERT OR REPLACE INTO salvage_progress VALUES (?, ?, ?)",
-                                 (self.aside.name, table, max(rows[-1][0], mark[0] if mark else 0)))
+                    yield conn
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:  # SQLite rolls back by itself on a full disk
@@ -308,9 +302,26 @@ class Salvage:
                     raise
         except sqlite3.Error as exc:
             raise sqlite_conn.spool_error(self.path, "salvage failed", exc) from None
-        finally:
-            sqlite_conn.leave(shared)
-        self._after[table] = max(rows[-1][0], mark[0] if mark else 0)
+
+    def _fresh_has_rows(self) -> bool:
+        try:
+            with self._fresh() as conn:
+                return conn.execute("SELECT 1 FROM events LIMIT 1").fetchone() is not None
+        except sqlite3.Error:
+            return True
+
+    def _commit(self, table: str, rows: list[tuple]) -> None:
+        with self._transaction() as conn:
+            # Read again inside the transaction: whoever else copied this file (a daemon
+            # before us) is never copied over.
+            mark = conn.execute("SELECT after FROM salvage_progress WHERE kept_as = ? AND "
+                                "tbl = ?", (self.aside.name, table)).fetchone()
+            after = max(rows[-1][0], mark[0] if mark else 0)
+            fresh = [row for row in rows if mark is None or row[0] > mark[0]]
+            conn.executemany(COPIED[table][1], [row[1:] for row in fresh])
+            conn.execute("INSERT OR REPLACE INTO salvage_progress VALUES (?, ?, ?)",
+                         (self.aside.name, table, after))
+        self._after[table] = after
         if table == "events":
             self.saved += len(fresh)
 
@@ -323,41 +334,23 @@ class Salvage:
                 "SELECT kept_as, tbl, after FROM salvage_progress").fetchall()
         except sqlite3.DatabaseError:
             marks = []  # none, or unreadable: then the older copy is copied again
-        shared = sqlite_conn.join(self.path, "normal", self.schema)
-        try:
-            with shared.held():
-                conn = shared.conn
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    conn.execute(PROGRESS)
-                    for kept_as, table, after in marks:
-                        conn.execute("INSERT INTO salvage_progress VALUES (?, ?, ?) ON "
-                                     "CONFLICT DO UPDATE SET after = max(after, excluded.after)",
-                                     (kept_as, table, after))
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-        except sqlite3.Error as exc:
-            raise sqlite_conn.spool_error(self.path, "salvage failed", exc) from None
-        finally:
-            sqlite_conn.leave(shared)
+        with self._transaction() as conn:
+            for kept_as, table, after in marks:
+                conn.execute("INSERT INTO salvage_progress VALUES (?, ?, ?) ON CONFLICT "
+                             "DO UPDATE SET after = max(after, excluded.after)",
+                             (kept_as, table, after))
         self._marks_carried = True
 
     def _progress(self) -> dict[str, int]:
         after = {table: 0 for table in COPIED}
-        shared = sqlite_conn.join(self.path, "normal", self.schema)
         try:
-            with shared.held():
-                for table, mark in shared.conn.execute(
+            with self._fresh() as conn:
+                for table, mark in conn.execute(
                         "SELECT tbl, after FROM salvage_progress WHERE kept_as = ?",
                         (self.aside.name,)):
                     after[table] = mark
         except sqlite3.OperationalError:
             pass  # no table: nothing was copied yet
-        finally:
-            sqlite_conn.leave(shared)
         return after
 
     def _report(self, state: str) -> None:
