@@ -22,18 +22,47 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from .adaptive import AdaptiveLimit
 from .gate import Gate
 from .sender import DELIVERED, PERMANENT, Outcome, Sender, backoff_delay
+from .errors import SpoolError
 from .spool import Claimed, Spool
+from .spool.space import is_disk_full
 
 log = logging.getLogger("kmagent.shipper")
 
 # Claim a little ahead of the workers so none idles waiting for the next claim; this is
 # also the bound on what a SIGKILL can make us send twice.
 WINDOW_PER_WORKER = 2
+T = TypeVar("T")
+
+
+class BatchLimit:
+    """How many events one spool write (a claim, or the record of what finished) may
+    cover. None, no limit, until a write fails on a full disk: a claim or an ack of a
+    wide window can need more room (SQLite's WAL) than the reserve holds, so that it
+    would fail for good. Then each failure halves it, down to one event, and each
+    write that succeeds at the limit doubles it back."""
+
+    UNLIMITED_FROM = 4096  # above any window (max_concurrency is at most 1,024)
+
+    def __init__(self) -> None:
+        self.limit: int | None = None
+
+    def cap(self, count: int) -> int:
+        return count if self.limit is None else min(count, self.limit)
+
+    def shrink(self, tried: int) -> int:
+        self.limit = max(1, tried // 2)
+        return self.limit
+
+    def succeeded(self, count: int) -> None:
+        if self.limit is not None and count >= self.limit:
+            self.limit *= 2
+            if self.limit >= self.UNLIMITED_FROM:
+                self.limit = None
 
 
 class Shipper:
@@ -59,6 +88,7 @@ class Shipper:
         self._done: deque[tuple[Claimed, Outcome | None]] = deque()
         self._workers: list[threading.Thread] = []
         self._add_workers()
+        self.batch = BatchLimit()
         self.delivered_total = 0
         self.retried_total = 0
         self.dead_total = 0
@@ -118,11 +148,28 @@ class Shipper:
         room = self.window - len(self._in_flight)
         if room <= 0:
             return 0
-        items = self.spool.claim(room, now=self.clock(), with_key_only=self._with_key_only)
+        items, _ = self._shrinking(room, lambda n: self.spool.claim(
+            n, now=self.clock(), with_key_only=self._with_key_only))
         for item in items:
             self._in_flight[item.id] = item
             self._todo.put(item)
         return len(items)
+
+    def _shrinking(self, count: int, write: Callable[[int], T]) -> tuple[T, int]:
+        """``write(n)`` for up to ``count`` events, as many as the batch limit allows;
+        on a full disk again with half as many, down to one. Returns its result and n."""
+        n = self.batch.cap(count)
+        while True:
+            try:
+                result = write(n)
+            except SpoolError as exc:
+                # SQLite can say "disk I/O error" for a full disk: the filesystem tells.
+                if n == 1 or not (is_disk_full(exc) or self.spool.space_low()):
+                    raise
+                n = self.batch.shrink(n)
+                continue
+            self.batch.succeeded(n)
+            return result, n
 
     def _work(self) -> None:
         while (item := self._todo.get()) is not None:
@@ -149,15 +196,18 @@ class Shipper:
         finished = []
         while self._done:
             finished.append(self._done.popleft())
-        if not finished:
-            return 0
-        try:
-            delivered = self._record(finished)
-        except BaseException:
-            self._done.extendleft(reversed(finished))
-            raise
-        for item, _ in finished:
-            self._in_flight.pop(item.id, None)
+        delivered = 0
+        while finished:
+            try:
+                count, written = self._shrinking(
+                    len(finished), lambda n: self._record(finished[:n]))
+            except BaseException:
+                self._done.extendleft(reversed(finished))
+                raise
+            delivered += count
+            for item, _ in finished[:written]:
+                self._in_flight.pop(item.id, None)
+            finished = finished[written:]
         if self.gate.recovered.is_set():
             self.gate.recovered.clear()
             woken = self.spool.expedite()  # the outage is over: drain at full speed

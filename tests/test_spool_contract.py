@@ -398,3 +398,41 @@ def test_a_settle_repeated_after_a_spool_error_touches_only_its_own_claim(store,
         assert store.next_due() == pytest.approx(time.time() + 3600, abs=60)
     finally:
         shipper.shutdown(0)
+
+
+def test_claims_and_acks_too_big_for_a_full_disk_go_in_smaller_batches(store, monkeypatch):
+    """On a full disk, a write for the whole window can need more room than the reserve
+    holds while a smaller one fits (SQLite's WAL): the shipper must shrink its claims
+    and acks down to what fits, not fail the same write for ever. (The real case, on a
+    real full filesystem: test_heal.)"""
+    from kmagent.sender import DELIVERED, Outcome
+    from kmagent.shipper import Shipper
+    for n in range(20):
+        store.append(event(n))
+    real_claim, real_ack = store.claim, store.ack
+
+    def fits(count: int) -> None:
+        if count > 3:
+            raise SpoolError("spool x: claim failed: database or disk is full")
+
+    def claim(limit, **kwargs):
+        fits(limit)
+        return real_claim(limit, **kwargs)
+
+    def ack(ids):
+        ids = list(ids)
+        fits(len(ids))
+        real_ack(ids)
+    monkeypatch.setattr(store, "claim", claim)
+    monkeypatch.setattr(store, "ack", ack)
+    shipper = Shipper(store, OneAnswer(Outcome(DELIVERED, 200, None)), concurrency=8,
+                      max_backoff=1)
+    try:
+        deadline = time.monotonic() + 10
+        while store.stats(time.time())["pending"] and time.monotonic() < deadline:
+            shipper.step()
+            time.sleep(0.01)
+        assert shipper.delivered_total == 20
+        assert shipper.batch.limit is not None  # it shrank, and stays near what fits
+    finally:
+        shipper.shutdown(0)
