@@ -68,8 +68,12 @@ def flush(config: Config, *, timeout: float | None = None,
                 try:
                     _ship_for(shipper, POLL_S)
                     upkeep.tick()
-                except SpoolDamaged:
-                    raise  # the daemon salvages it: it rescans what apps write after
+                except SpoolDamaged as exc:
+                    # The daemon salvages it: it rescans, for a minute, what apps still
+                    # write to the damaged file, which a flush would leave behind.
+                    raise SpoolDamaged(f"{exc}; start the daemon (kmagent run): it keeps "
+                                       "the file aside and saves every readable event",
+                                       exc.path) from exc
                 except SpoolError as exc:
                     # A full disk, say: give up the daemon's ballast, free what was
                     # delivered, try again until the timeout (outcomes wait in memory).
