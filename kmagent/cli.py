@@ -76,6 +76,30 @@ def run() -> int:
     return daemon.run()
 
 
+@cli.command(name="reload")
+@click.option("--pid", type=click.IntRange(min=1), metavar="PID",
+              help="The daemon's pid (systemd passes $MAINPID); default: the one "
+                   "shipping the configured spool.")
+@common_options
+def reload_(pid: int | None) -> int:
+    """Make the running daemon read its configuration again (SIGHUP) and wait for
+    it: 0 applied; 78 refused (the daemon keeps the running one, and says why);
+    1 no daemon, or no answer.
+
+    \b
+    Example (the unit's ExecReload):
+      kmagent reload --pid $MAINPID --config /etc/kmagent/config.toml
+    """
+    from .reloading import reload
+    result = reload(_config(), pid)
+    if result.error is not None:
+        click.echo(f"kmagent: reload refused by pid {result.pid}, which keeps its running "
+                   f"configuration: {result.error}", err=True)
+        return EX_CONFIG
+    click.echo(f"pid {result.pid}: configuration reloaded", err=True)
+    return 0
+
+
 @cli.command()
 @click.option("--timeout", type=click.FloatRange(min=0), metavar="S",
               help="Give up when nothing was delivered for S seconds "

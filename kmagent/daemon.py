@@ -215,7 +215,7 @@ class Daemon:
         while not self._stop.is_set():
             try:
                 if self._reload.is_set():
-                    shipper = figures.shipper = self._reloaded(shipper)
+                    shipper = figures.shipper = self._reloaded(shipper, figures)
                 more_logs = km_logs.follow(self.config.km_log_dirs)  # never raises
                 shipper.step()
                 upkeep.tick()
@@ -262,8 +262,9 @@ class Daemon:
                              f"{now['delivered_total']} delivered, "
                              f"{now['rate_1m']:.1f}/s over the last minute")
 
-    def _reloaded(self, shipper: Shipper) -> Shipper:
-        """SIGHUP: finish or give back in-flight work, then ship with the new settings."""
+    def _reloaded(self, shipper: Shipper, figures: RunFigures) -> Shipper:
+        """SIGHUP: finish or give back in-flight work, then ship with the new settings.
+        The outcome goes into the figures, for ``kmagent reload``."""
         self._reload.clear()
         if self._reload_config is None:
             return shipper
@@ -272,6 +273,7 @@ class Daemon:
             fresh = shipping_config(self._reload_config())
         except KmagentError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
+            figures.reloaded(str(exc))
             self.notifier.notify("READY=1")
             return shipper
         for key in ("spool_backend", "spool_path", "durability", "rotate_bytes",
@@ -286,6 +288,8 @@ class Daemon:
         self.config = fresh
         replacement = make_shipper(fresh, shipper.spool, self._wake)
         replacement.carry_on_from(shipper)
+        figures.shipper = replacement
+        figures.reloaded(None)
         log.info("configuration reloaded from %s", fresh.source)
         self.notifier.notify("READY=1")
         return replacement

@@ -31,7 +31,9 @@ def read_figures(path: Path) -> dict[str, Any]:
 
 class RunFigures:
     """``in_flight``, ``concurrency``, ``delivered_total``, ``retried_total``, ``dead_total``,
-    ``last_success_at``, ``last_error_at``, ``last_error``, ``rate_1m``."""
+    ``last_success_at``, ``last_error_at``, ``last_error``, ``rate_1m``; and ``reloads``
+    (finished this run, refused or not) and ``reload_error`` (the last one's refusal, or
+    None), which ``kmagent reload`` waits on."""
 
     def __init__(self, path: Path, shipper: "Shipper") -> None:
         self.path = path
@@ -40,6 +42,14 @@ class RunFigures:
         self._base = {name: int(previous.get(name) or 0) for name in CARRIED}
         self._samples: deque[tuple[float, int]] = deque()
         self._published = 0.0
+        self.reloads = 0
+        self.reload_error: str | None = None
+
+    def reloaded(self, error: str | None) -> None:
+        """A reload finished: applied (``error`` None) or refused. Published at once."""
+        self.reloads += 1
+        self.reload_error = error
+        self.publish(force=True)
 
     def current(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
@@ -61,6 +71,8 @@ class RunFigures:
             "last_error_at": shipper.last_error_at,
             "last_error": shipper.last_error,
             "rate_1m": (delivered - first) / span,
+            "reloads": self.reloads,
+            "reload_error": self.reload_error,
         }
 
     def publish(self, force: bool = False) -> None:

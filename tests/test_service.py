@@ -10,7 +10,8 @@ import socket
 import time
 
 import pytest
-from conftest import free_port, record_many, run_kmagent, start_kmagent, stop, wait_for
+from conftest import (free_port, record_many, run_kmagent, start_daemon, start_kmagent, stop,
+                      wait_for)
 
 from kmagent import Client
 from kmagent.notify import Notifier
@@ -109,6 +110,44 @@ def test_sighup_reloads_without_losing_anything(systemd, host, write_config, tmp
     assert daemon.returncode == 0  # ...is refused, and the agent kept running
     assert "configuration reloaded" in log and "reload refused" in log
     assert "(concurrency 2)" in log
+
+
+def test_reload_waits_for_the_daemon_and_fails_when_the_config_is_refused(
+        host, write_config):
+    """``kmagent reload`` (the unit's ExecReload) returns once the daemon has reloaded,
+    and fails when it refused the new configuration, so that ``systemctl reload``
+    does; it needs nothing but Python (no procps)."""
+    config = write_config(host, extra="[ship]\nconcurrency = 2\n")
+    daemon = start_daemon(config)
+    try:
+        write_config(host, extra="[ship]\nconcurrency = 3\n")
+        applied = run_kmagent("reload", "--config", str(config))
+        assert applied.returncode == 0, applied.stderr
+        assert f"pid {daemon.pid}: configuration reloaded" in applied.stderr
+        assert shipper_figures(config)["concurrency"] == 3  # done by the time it returned
+        # A file that does not parse is refused before the daemon is asked...
+        config.write_text(config.read_text() + "[ship]\n")
+        broken = run_kmagent("reload", "--pid", str(daemon.pid), "--config", str(config))
+        assert broken.returncode == 78 and "not valid TOML" in broken.stderr
+        # ...one that only the daemon can judge (it reads the CA file), by the daemon.
+        write_config(host, extra='[ship]\nca_file = "/nonexistent/ca.pem"\n')
+        refused = run_kmagent("reload", "--pid", str(daemon.pid), "--config", str(config))
+        assert refused.returncode == 78, refused.stderr
+        assert "reload refused" in refused.stderr and "ca_file" in refused.stderr
+        assert daemon.poll() is None  # the daemon keeps its running configuration
+        Client(config=config).record("bob", "After A Refused Reload")
+        wait_for(lambda: len(host.delivered()) == 1)
+    finally:
+        assert stop(daemon) == 0, daemon.log
+    gone = run_kmagent("reload", "--config", str(config))
+    assert gone.returncode == 1 and "no daemon ships" in gone.stderr
+
+
+def shipper_figures(config) -> dict:
+    from kmagent.config import load_config
+    from kmagent.spool import open_configured
+    with open_configured(load_config(config)) as spool:
+        return json.loads(spool.figures_path.read_text())
 
 
 def test_notifier_does_nothing_without_notify_socket(monkeypatch):
