@@ -8,8 +8,10 @@ command's own output; logs and messages go to standard error.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -220,10 +222,20 @@ def check() -> int:
     """
     from .config import shipping_config
     from .daemon import make_sender
-    config = shipping_config(_config())
+    config = _config()
+    key_file = config.api_key_file
+    # The probe sends no key: an app user, who may not read the service's credential,
+    # can still check the rest (the daemon says at start if it cannot read it).
+    unreadable = key_file is not None and not os.access(key_file, os.R_OK)
+    if unreadable:
+        config = dataclasses.replace(config, api_key_file=None)
+    config = shipping_config(config)
     click.echo(f"configuration: {config.source}: ok")
     click.echo(f"spool:         {config.spool_backend} at {config.spool_path}")
-    if config.api_key is None:
+    if unreadable:
+        click.echo(f"api key:       in {key_file}, which this user cannot read (the "
+                   "service can: not checked)")
+    elif config.api_key is None:
         click.echo("api key:       none configured: events without a key of their own will wait")
     else:
         click.echo("api key:       configured")

@@ -233,6 +233,32 @@ def test_check_makes_one_harmless_request(host, write_config, tmp_path):
     assert run_kmagent("check", "--config", str(bad)).returncode == 78
 
 
+def test_check_as_an_app_user_who_cannot_read_the_key(host, tmp_path):
+    """After install the README has app users run ``kmagent check``: the key is the
+    service's credential, which they cannot read, and the probe sends no key."""
+    import shutil
+    import subprocess
+    import sys
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("reading as a user who may not needs root and setpriv (CI has both)")
+    key = tmp_path / "api_key"
+    key.write_text("k" * 32)
+    key.chmod(0o600)
+    os.chown(key, 65534, 65534)  # another user's, 0600
+    config = tmp_path / "config.toml"
+    config.write_text(f'api_key_file = "{key}"\nendpoint = "{host.url}"\n[spool]\n'
+                      f'path = "{tmp_path / "spool.db"}"\n')
+    # Root without the capabilities that let it read any file: an app user, for the key.
+    without_dac = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all",
+                   "--bounding-set=-dac_override,-dac_read_search", "--"]
+    result = subprocess.run([*without_dac, sys.executable, "-m", "kmagent", "check",
+                             "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "cannot read" in result.stdout and "HTTP 200" in result.stdout
+    assert [r.target for r in host.received] == ["/"]
+
+
 def test_a_stuck_loop_stops_the_watchdog_pings(systemd, host, write_config, monkeypatch):
     import threading
 
