@@ -22,9 +22,10 @@ needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
 
 
 def verify(unit_text: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    # verify needs ExecStart's binary to exist: point a copy at this installation's.
+    # verify needs the Exec binaries to exist: point a copy at this installation's.
     unit = tmp_path / "kmagent.service"
-    unit.write_text(re.sub(r"ExecStart=\S+", f"ExecStart={KMAGENT}", unit_text))
+    unit.write_text(re.sub(r"(Exec(?:Start|Reload))=/usr/local/bin/kmagent", rf"\1={KMAGENT}",
+                           unit_text))
     return subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                           text=True, timeout=60)
 
