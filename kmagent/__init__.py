@@ -13,7 +13,7 @@ from typing import Any
 from .client import KM, Client
 from .errors import ConfigError, InvalidEvent, KmagentError, SpoolError, SpoolFull
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["Client", "KM", "KmagentError", "InvalidEvent", "SpoolError", "SpoolFull",
            "ConfigError", "status", "__version__"]

@@ -30,8 +30,7 @@ def salvage(path: Path, keep_free: int, aside: Path | None = None):
     """Salvage the damaged SQLite spool at ``path``, or resume the salvage of its damaged
     copy ``aside`` (see spool/salvage.py); ``keep_free``: the spool's reserve."""
     from .spool.salvage import Salvage
-    from .spool.sqlite import SCHEMA
-    job = Salvage(path, SCHEMA, keep_free)
+    job = Salvage(path, keep_free)
     if aside is None:
         job.start()
     else:

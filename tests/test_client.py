@@ -228,6 +228,10 @@ def test_client_is_fork_safe_while_another_thread_records(client, spool_path):
 
 
 def test_recording_does_not_import_the_http_stack_watchdog_or_click(tmp_path):
+    """Once the spool exists: whoever creates (or upgrades) it imports sqlite-utils,
+    and with it click, once in the spool's life (spool/sqlite_schema.py)."""
+    from kmagent.spool import open_spool
+    open_spool(tmp_path / "s.db").close()
     code = (
         "import kmagent, sys\n"
         f"km = kmagent.Client('k', spool={str(tmp_path / 's.db')!r})\n"

@@ -230,7 +230,6 @@ KILLED_SALVAGE = """
 import os, signal, sys
 from pathlib import Path
 from kmagent.spool import salvage
-from kmagent.spool.sqlite import SCHEMA
 where = sys.argv[2]
 if where == "after the rename":
     salvage.Salvage._copy = lambda self: os.kill(os.getpid(), signal.SIGKILL)
@@ -240,7 +239,7 @@ else:  # mid-copy: once the first chunk is stored
         store(self, *args)
         os.kill(os.getpid(), signal.SIGKILL)
     salvage.Salvage._store = store_then_die
-salvage.Salvage(Path(sys.argv[1]), SCHEMA).start()
+salvage.Salvage(Path(sys.argv[1])).start()
 """
 
 

@@ -151,14 +151,14 @@ def test_a_spool_opened_from_inside_an_open_is_refused_at_once(spool_path, monke
     real_connect = sqlite_conn._connect
     nested: list[str] = []
 
-    def connect_interrupted_by_a_handler(path, schema):
+    def connect_interrupted_by_a_handler(path):
         if not nested:
             try:
                 open_spool(spool_path).close()
                 nested.append("opened")
             except SpoolError as exc:
                 nested.append(f"refused: {exc}")
-        return real_connect(path, schema)
+        return real_connect(path)
 
     monkeypatch.setattr(sqlite_conn, "_connect", connect_interrupted_by_a_handler)
     within(10, lambda: open_spool(spool_path).close())

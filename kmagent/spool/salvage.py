@@ -49,9 +49,6 @@ COPIED = {
              "INSERT INTO dead (path, query, api_key, created, attempts, failed_at, status,"
              " reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
 }
-# Kept in the fresh spool, committed with each chunk: the last id copied, per table.
-PROGRESS = ("CREATE TABLE IF NOT EXISTS salvage_progress (kept_as TEXT NOT NULL, "
-            "tbl TEXT NOT NULL, after INTEGER NOT NULL, PRIMARY KEY (kept_as, tbl))")
 BATCH = 500  # rows read, and at most rows copied, per transaction
 PROBE_SPAN = 10_000  # ids probed one by one past a damaged page when the top is unknown
 RESCAN_AFTER_S = (1.0, 5.0, 20.0, 60.0)  # for rows written by producers not yet following
@@ -114,12 +111,11 @@ class Salvage:
     """One damaged copy being saved: ``start`` (puts the file aside) or ``resume`` (a
     copy left part-way), then ``rescan`` every daemon turn until it says finished."""
 
-    def __init__(self, path: Path, schema: tuple[str, ...], keep_free: int = 0) -> None:
+    def __init__(self, path: Path, keep_free: int = 0) -> None:
         """``keep_free``: the spool's reserve, which the copy leaves whole, as producers
         do: it is the shipper's, whose claims and acks need room to free any (a copy
         that took part of it wedged a full disk: no claim could be written)."""
         self.path = path
-        self.schema = schema
         self.keep_free = keep_free
         self.aside: Path | None = None
         self.saved = 0
@@ -278,7 +274,7 @@ class Salvage:
     @contextmanager
     def _fresh(self) -> Iterator[sqlite3.Connection]:
         """This process's connection to the fresh spool, held for the block."""
-        shared = sqlite_conn.join(self.path, "normal", self.schema)
+        shared = sqlite_conn.join(self.path, "normal")
         try:
             with shared.held():
                 yield shared.conn
@@ -287,13 +283,11 @@ class Salvage:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction in the fresh spool, its progress table there; sqlite3
-        errors become SpoolError."""
+        """A write transaction in the fresh spool; sqlite3 errors become SpoolError."""
         try:
             with self._fresh() as conn:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    conn.execute(PROGRESS)
                     yield conn
                     conn.execute("COMMIT")
                 except BaseException:

@@ -28,36 +28,8 @@ from ..protocol import describe, encode
 from . import sqlite_conn
 from .base import Claimed, Spool, unknown_ids
 from .shared import CLOSED
-from .sqlite_conn import BUSY_TIMEOUT_S, FORMAT_VERSION  # noqa: F401 (FORMAT re-exported)
+from .sqlite_conn import BUSY_TIMEOUT_S
 from .sqlite_conn import spool_error
-
-SCHEMA = (
-    """CREATE TABLE events (
-        id INTEGER PRIMARY KEY,
-        path TEXT NOT NULL,
-        query TEXT NOT NULL,
-        api_key TEXT,
-        created REAL NOT NULL,
-        due REAL NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        lease INTEGER,
-        last_error TEXT)""",
-    "CREATE INDEX events_backoff ON events(due) WHERE due > 0 AND lease IS NULL",
-    "CREATE INDEX events_leased ON events(lease) WHERE lease IS NOT NULL",
-    # Without a key of its own the agent claims only events that carry one; this keeps
-    # that claim cheap however many keyless events wait (keyless rows never enter it).
-    "CREATE INDEX events_keyed ON events(id) WHERE api_key IS NOT NULL AND lease IS NULL",
-    """CREATE TABLE dead (
-        id INTEGER PRIMARY KEY,
-        path TEXT NOT NULL,
-        query TEXT NOT NULL,
-        api_key TEXT,
-        created REAL NOT NULL,
-        attempts INTEGER NOT NULL,
-        failed_at REAL NOT NULL,
-        status INTEGER,
-        reason TEXT NOT NULL)""",
-)
 
 # A fresh event is due at once (due = 0): only retries carry a wall-clock time, so a
 # clock that jumps backwards never holds back events that were never tried.
@@ -111,7 +83,7 @@ class SqliteSpool(Spool):
     # --- connection -------------------------------------------------------------------
 
     def _share(self) -> sqlite_conn.Connection:
-        return sqlite_conn.join(self.path, self._durability, SCHEMA)
+        return sqlite_conn.join(self.path, self._durability)
 
     def _follow(self) -> None:
         sqlite_conn.follow(self._shared)

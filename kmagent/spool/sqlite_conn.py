@@ -31,8 +31,9 @@ from ..errors import SpoolDamaged, SpoolError
 from .files import FILE_MODE, FLOCK_WAIT_S, flock_within, make_dirs, open_file
 from .shared import Shared, hold_across_fork
 from .space import filesystem_bytes
+from . import sqlite_schema
+from .sqlite_schema import FORMAT_VERSION
 
-FORMAT_VERSION = 1  # stored as PRAGMA user_version
 BUSY_TIMEOUT_S = 5.0  # how long a writer waits for another before SpoolError
 SYNC_LEVELS = {"normal": "NORMAL", "full": "FULL"}
 # The WAL is checkpointed (and, once reset, cut back) at about 1 % of its filesystem,
@@ -58,12 +59,12 @@ def spool_error(path: Path, what: str, exc: sqlite3.Error) -> SpoolError:
 class Connection(Shared):
     """This process's connection to one spool file, and the handles using it."""
 
-    def __init__(self, path: Path, schema: tuple[str, ...]) -> None:
+    def __init__(self, path: Path) -> None:
         super().__init__()
         self.path = path
         self.users = 0
         self.synchronous = "NORMAL"
-        self.conn = _connect(path, schema)
+        self.conn = _connect(path)
         self.identity = _identity(path)
 
     def want(self, synchronous: str) -> None:
@@ -93,7 +94,7 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def join(path: Path, durability: str, schema: tuple[str, ...]) -> Connection:
+def join(path: Path, durability: str) -> Connection:
     """The process's connection to ``path`` (opened on first use), counted as used."""
     if _registry._is_owned():
         raise SpoolError(f"spool {path}: opened from a signal handler while this thread "
@@ -106,7 +107,7 @@ def join(path: Path, durability: str, schema: tuple[str, ...]) -> Connection:
         if shared is None:
             _close_inherited(path)
             with opening(path):
-                shared = _open[str(path)] = Connection(path, schema)
+                shared = _open[str(path)] = Connection(path)
         shared.users += 1
     shared.want(SYNC_LEVELS[durability])
     return shared
@@ -185,7 +186,7 @@ def _close_inherited(path: Path) -> None:
             pass
 
 
-def _connect(path: Path, schema: tuple[str, ...]) -> sqlite3.Connection:
+def _connect(path: Path) -> sqlite3.Connection:
     try:
         make_dirs(path.parent)
         created = not path.exists()
@@ -201,12 +202,9 @@ def _connect(path: Path, schema: tuple[str, ...]) -> sqlite3.Connection:
                 pass
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > FORMAT_VERSION:
-                raise SpoolError(
-                    f"spool {path}: format {version} is newer than this kmagent "
-                    f"understands ({FORMAT_VERSION}); upgrade kmagent")
+            sqlite_schema.writable(conn, path, version)
             if version < FORMAT_VERSION:
-                _create(conn, schema)
+                sqlite_schema.install(conn, version)
             conn.execute("PRAGMA synchronous = NORMAL")
             _size_wal(conn, path)
         except BaseException:
@@ -225,24 +223,6 @@ def _size_wal(conn: sqlite3.Connection, path: Path) -> None:
     pages = max(WAL_PAGES[0], min(WAL_PAGES[1], pages))
     conn.execute(f"PRAGMA wal_autocheckpoint = {pages}").fetchall()
     conn.execute(f"PRAGMA journal_size_limit = {pages * page}").fetchall()
-
-
-def _create(conn: sqlite3.Connection, schema: tuple[str, ...]) -> None:
-    # Both must come before the first table: auto_vacuum lets the file shrink as
-    # delivered rows go (PRAGMA incremental_vacuum); WAL is persistent.
-    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("BEGIN IMMEDIATE")  # two processes creating at once: one wins
-    try:
-        if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-            for statement in schema:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:  # SQLite rolls back by itself on a full disk
-            conn.execute("ROLLBACK")
-        raise
 
 
 def _in_child() -> None:
