@@ -195,6 +195,8 @@ def test_sqlite_spool_is_wal_and_refuses_a_newer_format(tmp_path):
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.execute("PRAGMA user_version = 99")
+    conn.execute("UPDATE kmagent_format SET writable_by = 99")  # not for this kmagent
+    conn.commit()
     conn.close()
     with pytest.raises(SpoolError, match="newer"):
         open_spool(path)
