@@ -50,14 +50,58 @@ class _Redact(logging.Filter):
 _redact = _Redact()
 
 
+# sd-daemon(3) priority prefixes (SD_DEBUG ... SD_CRIT): syslog levels.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+               (logging.INFO, 6))
+
+
+def priority(levelno: int) -> int:
+    """The syslog priority of a logging level: CRITICAL 2, ERROR 3, WARNING 4, INFO 6,
+    anything lower 7 (DEBUG); levels in between take the next lower standard one's."""
+    for threshold, value in _PRIORITIES:
+        if levelno >= threshold:
+            return value
+    return 7
+
+
+def stderr_is_journal() -> bool:
+    """True when standard error is the journal's stream: ``JOURNAL_STREAM`` (systemd.exec:
+    "DEV:INODE", decimal) names the device and inode of file descriptor 2. A child that
+    inherited the variable but writes its stderr elsewhere does not match."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, sep, ino = value.partition(":")
+    if not sep:
+        return False
+    try:
+        st = os.fstat(2)
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError):
+        return False
+
+
+class _JournalFormatter(logging.Formatter):
+    """Prefixes every line of a record with ``<N>``, its syslog priority, as journald
+    reads it (sd-daemon(3)). journald makes each line of the stream a separate entry and
+    gives a line without a prefix the default priority (6, info): so every line of a
+    traceback carries the prefix too, or ``journalctl -p err`` would show only its first."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
 def setup(level: str) -> None:
     """Log to standard error; under journald (JOURNAL_STREAM set) without timestamps,
-    which the journal adds itself."""
+    which the journal adds itself, and when stderr really is the journal's stream, with
+    each line's priority as an sd-daemon ``<N>`` prefix."""
     fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") \
         else "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+    journal = stderr_is_journal()
     for handler in logging.getLogger().handlers:
         handler.addFilter(_redact)
+        if journal:
+            handler.setFormatter(_JournalFormatter(fmt))
 
 
 # Shorter strings are too common to replace everywhere (a one-letter test key would turn
