@@ -16,7 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..errors import SpoolError, SpoolFull
 from ..events import Event
@@ -359,9 +359,13 @@ class Spool(abc.ABC):
         """Release the backend's handles; the object may not be used afterwards."""
 
     @property
-    def watch_target(self) -> tuple[Path, str]:
-        """The directory to watch and the prefix of the spool's file names in it."""
-        return self.path.parent, self.path.name
+    def watch_target(self) -> tuple[Path, Callable[[str], bool]]:
+        """The directory to watch, and which file names in it a change to wakes the
+        shipper: those producers write (SQLite: the database, its -wal, or its -journal
+        when WAL is unavailable), never the daemon's own files beside them (lock,
+        figures, ballast, salvage state, their temp files), or it would wake itself."""
+        return self.path.parent, frozenset(
+            self.path.name + suffix for suffix in ("", "-wal", "-journal")).__contains__
 
     @property
     def spool_dir(self) -> Path:

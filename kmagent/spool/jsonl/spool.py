@@ -25,7 +25,7 @@ from ..files import FLOCK_WAIT_S, flock_within
 from ..shared import Shared, shared_for
 from .line import from_line, to_line
 from .checkpoint import CHECKPOINT, Checkpoint
-from .layout import ACTIVE, DEAD, DEAD_LOCK, TORN_END, dump_line
+from .layout import ACTIVE, DEAD, DEAD_LOCK, SEALED, TORN_END, dump_line
 from .shipping import Shipping
 from .view import CopyIndex, DiskView
 
@@ -89,8 +89,10 @@ class JsonlSpool(Spool):
         return self.path / "ballast"
 
     @property
-    def watch_target(self) -> tuple[Path, str]:
-        return self.path, "events."
+    def watch_target(self) -> tuple[Path, Callable[[str], bool]]:
+        # What producers write: events.jsonl, and the sealed files they rotate it to;
+        # not checkpoint.json, dead letters, the lock, figures or ballast (the shipper's).
+        return self.path, lambda name: name == ACTIVE or SEALED.match(name) is not None
 
     # --- producer -----------------------------------------------------------------------
 
