@@ -6,17 +6,21 @@ collector. Uses prometheus-client, the maintained reference implementation.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, start_http_server, write_to_textfile
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .spool.files import write_atomically
 
 log = logging.getLogger("kmagent.metrics")
 
 TEXTFILE_EVERY_S = 15.0
+# node_exporter (another user) reads the textfile, and metrics hold no secrets: unlike
+# the spool's own files (0660), world-readable whatever the daemon's umask (UMask=0007).
+TEXTFILE_MODE = 0o644
 
 
 class _Collector:
@@ -69,6 +73,9 @@ class Exporter:
         if force or now - self._written >= TEXTFILE_EVERY_S:
             self._written = now
             try:
-                write_to_textfile(os.fspath(self.textfile), self.registry)
+                # Temp file (``.prom.tmp``, which the textfile collector skips), written
+                # whole or not at all, then renamed: a scrape never reads half of it.
+                write_atomically(self.textfile, generate_latest(self.registry),
+                                 mode=TEXTFILE_MODE)
             except OSError as exc:
                 log.warning("cannot write metrics to %s: %s", self.textfile, exc)

@@ -75,8 +75,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory.
+    The file gets ``mode`` whatever the umask (the spool's own by default).
 
     Only a temp file written whole and synced is renamed: on a nearly full disk write()
     stores part of the data and says so, and a part renamed into place would replace a
@@ -85,6 +86,8 @@ def write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
+        if mode != FILE_MODE:
+            os.fchmod(fd, mode)
         view, written = memoryview(data), 0
         while written < len(data):
             count = os.write(fd, view[written:])
