@@ -179,10 +179,11 @@ def _listen(value: Any, base: Path) -> str:
 def _proxy(value: Any, base: Path) -> str:
     url = _string(value, base)
     parts = urlsplit(url)
-    # The tunnel is opened with CONNECT in the clear, then TLS runs inside it.
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError("must be an http:// proxy URL (HTTPS goes through it with CONNECT), "
-                         "such as http://proxy.example:3128")
+    # requests (urllib3) opens the tunnel with CONNECT, in the clear to an http:// proxy
+    # or inside TLS to an https:// one, then TLS to the endpoint runs inside it.
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// proxy URL (HTTPS goes through it "
+                         "with CONNECT), such as http://proxy.example:3128")
     _check_port(parts)
     return url
 
@@ -249,8 +250,8 @@ def _read_key_file(value: Any, base: Path) -> str:
 
 def config_from_mapping(data: Mapping[str, Any], *, source: str, base: Path,
                         environ: Mapping[str, str] | None = None) -> Config:
-    """Validate a parsed TOML document; refuse unknown keys, wrong types and bad values."""
-    environ = os.environ if environ is None else environ
+    """Validate a parsed TOML document; refuse unknown keys, wrong types and bad values.
+    (``environ`` is no longer read here: the environment's proxy is the Sender's.)"""
     values: dict[str, Any] = {}
     for name, item in data.items():
         if name in SECTIONS:
@@ -283,13 +284,6 @@ def config_from_mapping(data: Mapping[str, Any], *, source: str, base: Path,
                               f"must not be above [ship] max_concurrency ({ceiling})")
     if "spool_path" not in values:
         values["spool_path"] = default_spool_path(values.get("spool_backend", DEFAULT_BACKEND))
-    if "proxy" not in values:
-        # Read once at start (the sender ignores the environment per request), and
-        # checked only by shipping_config: a proxy meant for other programs must not
-        # stop an app from recording.
-        env_proxy = (environ.get("HTTPS_PROXY") or environ.get("https_proxy") or "").strip()
-        if env_proxy:
-            values["proxy"] = env_proxy
     return Config(source=source, **values)
 
 
@@ -369,11 +363,18 @@ def shipping_config(config: Config) -> Config:
             _existing_file(str(config.ca_file), Path("/"))
         except ValueError as exc:
             raise ConfigError(config.source, "[ship] ca_file", str(exc)) from None
-    if config.proxy is not None:
+    # Without [ship] proxy, the environment's (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY; NO_PROXY
+    # honoured), as requests resolves it for the endpoint: checked here, not at load, so
+    # that a proxy meant for other programs does not stop an app from recording.
+    from .sender import resolve_proxy
+    proxy = config.proxy or resolve_proxy(config.endpoint)
+    if proxy is not None:
         try:
-            _proxy(config.proxy, Path("/"))
+            _proxy(proxy, Path("/"))
         except ValueError as exc:
-            raise ConfigError(config.source, "[ship] proxy (or $HTTPS_PROXY)", str(exc)) from None
+            where = ("[ship] proxy" if config.proxy else
+                     "the environment's proxy ($HTTPS_PROXY, $HTTP_PROXY or $ALL_PROXY)")
+            raise ConfigError(config.source, where, str(exc)) from None
     complete = replace(config, **changes) if changes else config
     logs.hide(complete.api_key)  # whoever logs what, the key is never written
     return complete

@@ -12,18 +12,23 @@ refuse or drop such a request unanswered: it is permanent, not retried forever.
 
 from __future__ import annotations
 
-import base64
 import email.utils
 import http.client
+import ipaddress
 import logging
+import os
 import random
-import ssl
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import SplitResult, unquote, urlsplit
+from urllib.parse import urlsplit
 
 import certifi
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from requests.utils import get_environ_proxies, select_proxy
 
 from . import __version__
 from .logs import redact
@@ -41,9 +46,13 @@ TRANSIENT_STATUSES = frozenset({408, 429})
 DELIVERED, TRANSIENT, PERMANENT = "delivered", "transient", "permanent"
 MAX_BODY = 64 * 1024
 HEADERS = {"User-Agent": USER_AGENT, "Accept": "*/*", "Accept-Encoding": "identity"}
-# What a request on a connection the host already closed fails with, before any answer.
+# What a request on a connection the host already closed fails with, before any answer
+# (urllib3 wraps it in a ProtocolError, requests that in a ConnectionError).
 STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
                     ConnectionAbortedError)
+# What a request can fail with: requests' errors from adapter.send, urllib3's (and the
+# socket's) from reading the streamed body, which requests does not wrap.
+FAILURES = (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,23 +107,79 @@ def backoff_delay(attempts: int, cap: float, rng: random.Random = random._inst) 
     return rng.uniform(0, backoff_ceiling(attempts, cap))
 
 
-def _proxy_authorization(proxy: SplitResult | None) -> dict[str, str] | None:
-    """Basic credentials for a proxy URL that carries ``user:password@``."""
-    if proxy is None or proxy.username is None:
+def resolve_proxy(endpoint: str, proxy: str | None = None) -> str | None:
+    """The proxy for ``endpoint``, resolved once as requests would per request: ``proxy``
+    (``[ship] proxy``) for an https endpoint; otherwise the environment's (HTTPS_PROXY,
+    HTTP_PROXY, ALL_PROXY, lower case too) unless NO_PROXY bypasses the endpoint."""
+    if proxy:
+        return proxy if urlsplit(endpoint).scheme == "https" else None
+    target = urlsplit(endpoint)
+    if target.scheme == "http" and _loopback(target.hostname or ""):
+        # http is for loopback only (kmagent testhost, a local relay), which a proxy
+        # set for other programs could not reach.
         return None
-    secret = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}"
-    return {"Proxy-Authorization": "Basic " + base64.b64encode(secret.encode()).decode()}
+    found = select_proxy(endpoint, get_environ_proxies(endpoint))
+    if found and "://" not in found:
+        found = "http://" + found  # as requests reads a proxy given without a scheme
+    return found or None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_ca_bundle(ca_file: str | os.PathLike | None = None) -> str:
+    """What TLS is verified against: ``ca_file``, else REQUESTS_CA_BUNDLE or
+    CURL_CA_BUNDLE (as requests users expect), else certifi's bundle. Never nothing."""
+    if ca_file:
+        return str(ca_file)
+    return (os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+            or certifi.where())
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: requests wraps urllib3's errors (in args, or a
+    MaxRetryError's ``reason``), urllib3 the socket's or http.client's."""
+    chain, todo = [], [exc]
+    while todo and len(chain) < 8:
+        current = todo.pop(0)
+        if current in chain:
+            continue
+        chain.append(current)
+        todo += [arg for arg in current.args if isinstance(arg, BaseException)]
+        for inner in (getattr(current, "reason", None), current.__cause__):
+            if isinstance(inner, BaseException):
+                todo.append(inner)
+    return chain
+
+
+def _describe(exc: BaseException) -> str:
+    """``ConnectionError: <what urllib3 said>``, without requests' "Max retries
+    exceeded" wrapper (nothing is retried)."""
+    inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc
+    if isinstance(inner, urllib3.exceptions.MaxRetryError) and inner.reason is not None:
+        inner = inner.reason
+    return f"{type(exc).__name__}: {inner}"
+
+
+def _timed_out(exc: BaseException) -> bool:
+    return isinstance(exc, (requests.Timeout, urllib3.exceptions.ReadTimeoutError,
+                            TimeoutError))
 
 
 class Sender:
-    """GETs stored events from the tracking host, each worker thread on its own
-    keep-alive connection.
+    """GETs stored events from the tracking host with requests' transport: each worker
+    thread sends through its own ``HTTPAdapter`` (urllib3 pool of one keep-alive
+    connection), with a ``PreparedRequest`` built directly (no Session: nothing of the
+    environment is merged per request; bench/shipping.py).
 
-    http.client directly: no pool to check out from, no per-request environment or
-    proxy lookups (bench/shipping.py: urllib3's pool reached a third of what bare
-    http.client threads did on loopback). TLS is always verified, against certifi's
-    bundle (what requests would use) or ``ca_file``; ``proxy`` is an HTTPS proxy,
-    reached with CONNECT, for an https endpoint.
+    Resolved once, here: the proxy (``proxy``, for an https endpoint, or the
+    environment's with NO_PROXY honoured; credentials in its URL go as
+    Proxy-Authorization) and the CA bundle (``ca_file``, REQUESTS_CA_BUNDLE,
+    CURL_CA_BUNDLE or certifi's). TLS is always verified; redirects are never followed.
     """
 
     def __init__(self, endpoint: str, *, connect_timeout: float,
@@ -123,71 +188,63 @@ class Sender:
         self.endpoint = endpoint.rstrip("/")
         self.api_key = api_key
         target = urlsplit(self.endpoint)
-        self._https = target.scheme == "https"
-        self._host = target.hostname or ""
-        self._port = target.port or (443 if self._https else 80)
         self._prefix = target.path  # an endpoint may carry a path before /e
-        self._context = ssl.create_default_context(
-            cafile=str(ca_file) if ca_file else certifi.where()) if self._https else None
-        self._proxy = urlsplit(proxy) if proxy and self._https else None
-        self._proxy_headers = _proxy_authorization(self._proxy)
-        self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
+        self._verify = resolve_ca_bundle(ca_file)
+        self.proxy = resolve_proxy(self.endpoint, proxy)
+        self._proxies = {target.scheme: self.proxy} if self.proxy else None
+        self._timeout = (connect_timeout, read_timeout)
+        self._headers = CaseInsensitiveDict(HEADERS)  # shared, never changed
         self._local = threading.local()
-        self._open: set[http.client.HTTPConnection] = set()
-        self._open_lock = threading.Lock()
+        self._adapters: set[HTTPAdapter] = set()
+        self._adapters_lock = threading.Lock()
 
-    def _new_connection(self) -> http.client.HTTPConnection:
-        if self._proxy is not None:
-            conn = http.client.HTTPSConnection(
-                self._proxy.hostname or "", self._proxy.port or 80,
-                timeout=self._connect_timeout, context=self._context)
-            conn.set_tunnel(self._host, self._port, headers=self._proxy_headers)
-        elif self._https:
-            conn = http.client.HTTPSConnection(self._host, self._port,
-                                               timeout=self._connect_timeout,
-                                               context=self._context)
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port,
-                                              timeout=self._connect_timeout)
-        conn.connect()
-        conn.sock.settimeout(self._read_timeout)  # connected: from now on, reads wait
-        with self._open_lock:
-            self._open.add(conn)
-        return conn
-
-    def _drop(self, conn: http.client.HTTPConnection) -> None:
-        conn.close()
-        self._local.conn = None
-        with self._open_lock:
-            self._open.discard(conn)
+    def _adapter(self) -> HTTPAdapter:
+        """This thread's adapter: one pool of one connection (no checkout contention)."""
+        adapter = getattr(self._local, "adapter", None)
+        if adapter is None:
+            # max_retries=0: requests' default, Retry(0, read=False); nothing is retried
+            # by urllib3 (a read timeout sent again could count an event twice).
+            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1)
+            self._local.adapter, self._local.warm = adapter, False
+            with self._adapters_lock:
+                self._adapters.add(adapter)
+        return adapter
 
     def _get(self, path: str, key: str | None) -> tuple[int, str, str | None] | Outcome:
         """(status, reason, Retry-After) for ``GET path``, or the failure's Outcome."""
+        adapter = self._adapter()
+        request = requests.PreparedRequest()
+        request.method, request.url, request.headers = "GET", self.endpoint + path, self._headers
         for attempt in (1, 2):
-            conn = getattr(self._local, "conn", None)
-            reused = conn is not None
+            warm = self._local.warm  # a connection kept alive after an earlier answer
+            response = None
             try:
-                if conn is None:
-                    conn = self._local.conn = self._new_connection()
-                conn.request("GET", self._prefix + path, headers=HEADERS)
-                response = conn.getresponse()
-                # The connection is reusable once the body is read; the host sends a
-                # 43-byte GIF, so anything past MAX_BODY is not read: the connection goes.
-                response.read(MAX_BODY)
-                if response.will_close or not response.isclosed():
-                    self._drop(conn)
+                response = adapter.send(request, stream=True, timeout=self._timeout,
+                                        verify=self._verify, proxies=self._proxies)
+                raw = response.raw
+                # The connection goes back to the pool once the body is read (the host
+                # sends a 43-byte GIF); anything past MAX_BODY is not read: it is closed.
+                raw.read(MAX_BODY, decode_content=False)
+                original = getattr(raw, "_original_response", None)
+                self._local.warm = raw.closed and not getattr(original, "will_close", True)
+                if not raw.closed:
+                    response.close()
                 if log.isEnabledFor(logging.DEBUG):
-                    log.debug("GET %s -> %s", path, response.status)
-                return (response.status, response.reason, response.getheader("Retry-After"))
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                if conn is not None:
-                    self._drop(conn)
+                    log.debug("GET %s -> %s", path, response.status_code)
+                return (response.status_code, response.reason,
+                        response.headers.get("Retry-After"))
+            except FAILURES as exc:
+                self._local.warm = False
+                if response is not None:
+                    response.close()
                 # A kept-alive connection the host closed while idle fails at once:
                 # once more on a fresh one (a GET of the same bytes is safe to repeat).
-                if reused and attempt == 1 and isinstance(exc, STALE_CONNECTION):
+                # Never after a timeout: the host may have counted it.
+                if (warm and attempt == 1 and not _timed_out(exc)
+                        and any(isinstance(e, STALE_CONNECTION) for e in _causes(exc))):
                     continue
-                return Outcome(TRANSIENT, None, redact(f"{type(exc).__name__}: {exc}", (key or "",)),
-                               timed_out=isinstance(exc, TimeoutError))
+                return Outcome(TRANSIENT, None, redact(_describe(exc), (key or "",)),
+                               timed_out=_timed_out(exc))
         raise AssertionError("unreachable")
 
     def send(self, item: Claimed) -> Outcome:
@@ -225,7 +282,7 @@ class Sender:
         return Outcome(DELIVERED, answer[0])
 
     def close(self) -> None:
-        with self._open_lock:
-            connections, self._open = self._open, set()
-        for conn in connections:
-            conn.close()
+        with self._adapters_lock:  # kept: a thread may send again, on a new connection
+            adapters = list(self._adapters)
+        for adapter in adapters:
+            adapter.close()

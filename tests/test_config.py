@@ -313,17 +313,32 @@ def test_a_directory_as_config_file_refused(tmp_path):
 
 # --- proxy from the environment ----------------------------------------------------------
 
-def test_https_proxy_taken_from_environment_when_ship_proxy_absent(tmp_path, monkeypatch):
+def test_https_proxy_is_left_to_the_sender_not_copied_into_the_config(tmp_path, monkeypatch):
+    """The environment's proxy (and NO_PROXY) is resolved by requests for the endpoint,
+    when the Sender is made: the config keeps only what [ship] proxy says."""
+    from kmagent.config import shipping_config
+    from kmagent.sender import Sender
     monkeypatch.setenv("HTTPS_PROXY", "http://envproxy.example:3128")
     path = toml(tmp_path / "config.toml", "[ship]\nconcurrency = 2\n")
-    assert load_config(path).proxy == "http://envproxy.example:3128"
-    assert load_config().proxy == "http://envproxy.example:3128"  # built-in defaults too
+    assert load_config(path).proxy is None
+    config = shipping_config(load_config())  # built-in defaults too: checked, accepted
+    sender = Sender(config.endpoint, connect_timeout=1, read_timeout=1, proxy=config.proxy)
+    assert sender.proxy == "http://envproxy.example:3128"
+    monkeypatch.setenv("NO_PROXY", "trk.kissmetrics.io")
+    assert Sender(config.endpoint, connect_timeout=1, read_timeout=1).proxy is None
 
 
 def test_ship_proxy_wins_over_https_proxy(tmp_path, monkeypatch):
+    from kmagent.daemon import make_sender
     monkeypatch.setenv("HTTPS_PROXY", "http://envproxy.example:3128")
     path = toml(tmp_path / "config.toml", '[ship]\nproxy = "http://fileproxy.example:8080"\n')
     assert load_config(path).proxy == "http://fileproxy.example:8080"
+    assert make_sender(load_config(path)).proxy == "http://fileproxy.example:8080"
+
+
+def test_an_https_proxy_url_is_accepted(tmp_path):
+    path = toml(tmp_path / "config.toml", '[ship]\nproxy = "https://proxy.example:3129"\n')
+    assert load_config(path).proxy == "https://proxy.example:3129"
 
 
 def test_an_unusable_https_proxy_stops_shipping_not_recording(tmp_path, monkeypatch):
