@@ -204,6 +204,46 @@ def test_record_refuses_at_the_reserve_whatever_max_bytes_says(write_config, spo
         Client(config=config).record("bob", "Refused")
 
 
+def test_a_shipper_killed_on_a_full_disk_does_not_stop_the_next(host, small_disk, tmp_path):
+    """SIGKILL while a wide window (concurrency 256) is in flight on a disk another
+    program filled: the next daemon must give every lease back (recover) on that full
+    disk, in writes that fit, and deliver everything."""
+    spool = small_disk / "spool.db"
+    config = tmp_path / "small.toml"
+    config.write_text(f'api_key = "{API_KEY}"\nendpoint = "{host.url}"\n[spool]\n'
+                      f'path = "{spool}"\n[ship]\nmax_backoff = 1\nconcurrency = 256\n')
+    host.delay = 30  # every request hangs: the whole window stays leased
+    daemon = start_daemon(config)
+    client = Client(config=config)
+    accepted = []
+    try:
+        while True:
+            client.record(f"p{len(accepted)}", "Backlog", {"pad": "x" * 1000})
+            accepted.append(f"p{len(accepted)}")
+    except kmagent.SpoolFull:
+        pass
+    client.close()
+    try:
+        fill(small_disk)
+        wait_for(lambda: host.started >= 200, timeout=30)
+    finally:
+        daemon.kill()
+        daemon.wait(10)
+    with sqlite3.connect(f"file:{spool}?mode=ro", uri=True) as conn:
+        assert conn.execute("SELECT count(*) FROM events WHERE lease IS NOT NULL"
+                            ).fetchone()[0] >= 200
+    host.delay = 0
+    daemon = start_daemon(config)
+    try:
+        wait_for(lambda: set(accepted) <= names_delivered(host), timeout=90)
+    except AssertionError:
+        stop(daemon)
+        raise AssertionError(f"{len(set(accepted) - names_delivered(host))} of "
+                             f"{len(accepted)} missing; {disk_contents(small_disk)}; daemon "
+                             f"log:\n{daemon.log[-3000:]}") from None
+    assert stop(daemon) == 0, daemon.log
+
+
 def test_flush_on_a_full_disk_gives_up_the_ballast_and_drains(host, small_disk, tmp_path):
     spool = small_disk / "spool.db"
     config = tmp_path / "small.toml"

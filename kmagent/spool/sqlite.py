@@ -23,12 +23,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..errors import SpoolError
 from ..events import Event
 from ..protocol import describe, encode
 from . import sqlite_conn
 from .base import Claimed, Spool, unknown_ids
 from .shared import CLOSED
 from .sqlite_conn import BUSY_TIMEOUT_S
+from .space import is_disk_full
 from .sqlite_conn import spool_error
 
 # A fresh event is due at once (due = 0): only retries carry a wall-clock time, so a
@@ -304,8 +306,23 @@ class SqliteSpool(Spool):
         return self._run("dead purge", run)
 
     def recover(self) -> int:
-        return self._run("recover", lambda c: c.execute(
-            "UPDATE events SET lease = NULL WHERE lease IS NOT NULL").rowcount)
+        """In chunks that halve on a full disk, down to one row: the leases of a whole
+        window in one transaction can need more room than the reserve holds, and a
+        shipper killed on a full disk would leave its successor unable to start."""
+        total, chunk = 0, IDS_PER_STATEMENT
+        while True:
+            try:
+                given_back = self._run("recover", lambda c: c.execute(
+                    "UPDATE events SET lease = NULL WHERE id IN (SELECT id FROM events "
+                    "WHERE lease IS NOT NULL LIMIT ?)", (chunk,)).rowcount)
+            except SpoolError as exc:
+                if chunk == 1 or not (is_disk_full(exc) or self.space_low()):
+                    raise
+                chunk //= 2
+                continue
+            total += given_back
+            if given_back < chunk:
+                return total
 
     def next_due(self, *, with_key_only: bool = False) -> float | None:
         key_filter = " AND api_key IS NOT NULL" if with_key_only else ""
