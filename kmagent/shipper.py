@@ -88,7 +88,10 @@ class Shipper:
         self._done: deque[tuple[Claimed, Outcome | None]] = deque()
         self._workers: list[threading.Thread] = []
         self._add_workers()
-        self.batch = BatchLimit()
+        # Apart: dead letters (an INSERT and a DELETE each) failing on a full disk must
+        # not hold claims down to one event at a time.
+        self.claim_limit = BatchLimit()
+        self.record_limit = BatchLimit()
         self.delivered_total = 0
         self.retried_total = 0
         self.dead_total = 0
@@ -148,17 +151,18 @@ class Shipper:
         room = self.window - len(self._in_flight)
         if room <= 0:
             return 0
-        items, _ = self._shrinking(room, lambda n: self.spool.claim(
+        items, _ = self._shrinking(self.claim_limit, room, lambda n: self.spool.claim(
             n, now=self.clock(), with_key_only=self._with_key_only))
         for item in items:
             self._in_flight[item.id] = item
             self._todo.put(item)
         return len(items)
 
-    def _shrinking(self, count: int, write: Callable[[int], T]) -> tuple[T, int]:
-        """``write(n)`` for up to ``count`` events, as many as the batch limit allows;
-        on a full disk again with half as many, down to one. Returns its result and n."""
-        n = self.batch.cap(count)
+    def _shrinking(self, limit: BatchLimit, count: int,
+                   write: Callable[[int], T]) -> tuple[T, int]:
+        """``write(n)`` for up to ``count`` events, as many as ``limit`` allows; on a
+        full disk again with half as many, down to one. Returns its result and n."""
+        n = limit.cap(count)
         while True:
             try:
                 result = write(n)
@@ -166,9 +170,9 @@ class Shipper:
                 # SQLite can say "disk I/O error" for a full disk: the filesystem tells.
                 if n == 1 or not (is_disk_full(exc) or self.spool.space_low()):
                     raise
-                n = self.batch.shrink(n)
+                n = limit.shrink(n)
                 continue
-            self.batch.succeeded(n)
+            limit.succeeded(n)
             return result, n
 
     def _work(self) -> None:
@@ -200,7 +204,7 @@ class Shipper:
         while finished:
             try:
                 count, written = self._shrinking(
-                    len(finished), lambda n: self._record(finished[:n]))
+                    self.record_limit, len(finished), lambda n: self._record(finished[:n]))
             except BaseException:
                 self._done.extendleft(reversed(finished))
                 raise

@@ -435,6 +435,7 @@ def test_claims_and_acks_too_big_for_a_full_disk_go_in_smaller_batches(store, mo
             shipper.step()
             time.sleep(0.01)
         assert shipper.delivered_total == 20
-        assert shipper.batch.limit is not None  # it shrank, and stays near what fits
+        assert shipper.claim_limit.limit is not None  # they shrank, and stay near what fits
+        assert shipper.record_limit.limit is not None
     finally:
         shipper.shutdown(0)
