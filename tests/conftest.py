@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -159,20 +160,32 @@ def shipper_pid(config) -> int | None:
 
 
 def start_daemon(config) -> subprocess.Popen:
-    """``kmagent run`` in the background, returned once it holds the spool."""
+    """``kmagent run`` in the background, returned once it holds the spool. Its stderr
+    is read as it comes (a pipe left unread would block a daemon that logs a lot)."""
     daemon = start_kmagent("run", "--config", str(config))
+    lines: list[str] = []
+    daemon.drained = lines
+    daemon.drainer = threading.Thread(target=lambda: lines.extend(daemon.stderr),
+                                      daemon=True)
+    daemon.drainer.start()
     wait_for(lambda: daemon.poll() is not None or shipper_pid(config) == daemon.pid,
              timeout=20)
     if daemon.poll() is not None:
+        daemon.drainer.join(10)
         raise AssertionError(f"kmagent run exited {daemon.returncode}: "
-                             f"{daemon.communicate()[1][-3000:]}")
+                             f"{''.join(lines)[-3000:]}")
     return daemon
 
 
 def stop(process: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 30) -> int:
     """Signal the process, wait for it, and keep its stderr in ``process.log``."""
     process.send_signal(sig)
-    _, process.log = process.communicate(timeout=timeout)
+    if hasattr(process, "drainer"):
+        process.wait(timeout)
+        process.drainer.join(10)
+        process.log = "".join(process.drained)
+    else:
+        _, process.log = process.communicate(timeout=timeout)
     return process.returncode
 
 
