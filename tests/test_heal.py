@@ -244,6 +244,48 @@ def test_a_shipper_killed_on_a_full_disk_does_not_stop_the_next(host, small_disk
     assert stop(daemon) == 0, daemon.log
 
 
+@pytest.mark.parametrize("backend_name", ["sqlite", pytest.param("jsonl", marks=pytest.mark.skip(
+    reason="open (issue 12): dead.jsonl grows into the reserve that the checkpoint "
+    "needs, and acks then fail ENOSPC for good; it would wait out 90 s"))])
+def test_dead_letters_on_a_full_disk_do_not_take_the_room_acks_need(
+        host, small_disk, tmp_path, backend_name):
+    """A third of a backlog refused (400) on a disk another program filled: the dead
+    letters are written into the reserve that acknowledgements need to free any room
+    (jsonl: the checkpoint), so they must wait while the disk is low, and every good
+    event be delivered."""
+    spool = small_disk / ("spool.db" if backend_name == "sqlite" else "spool.jsonl.d")
+    config = tmp_path / "small.toml"
+    config.write_text(f'api_key = "{API_KEY}"\nendpoint = "{host.url}"\n[spool]\n'
+                      f'backend = "{backend_name}"\npath = "{spool}"\n'
+                      '[ship]\nmax_backoff = 2\nconcurrency = 256\n')
+    host.status = 503
+    daemon = start_daemon(config)
+    client = Client(config=config)
+    accepted = []
+    try:
+        while True:
+            client.record(f"p{len(accepted)}", "Backlog", {"pad": "x" * 500})
+            accepted.append(f"p{len(accepted)}")
+    except kmagent.SpoolFull:
+        pass
+    client.close()
+    refused = {name for name in accepted if name.endswith(("0", "3", "6"))}
+    good = set(accepted) - refused
+    try:
+        fill(small_disk)
+        host.answer_for = lambda target: 400 if dict(parse_qsl(target.split("?", 1)[1])).get(
+            "_p", "").endswith(("0", "3", "6")) else None
+        host.status = 200
+        wait_for(lambda: good <= names_delivered(host), timeout=90)
+    except AssertionError:
+        stop(daemon)
+        raise AssertionError(f"{len(good - names_delivered(host))} of {len(good)} good "
+                             f"events missing; {disk_contents(small_disk)}; daemon log:\n"
+                             f"{daemon.log[-3000:]}") from None
+    assert daemon.poll() is None
+    assert stop(daemon) == 0, daemon.log
+
+
 def test_flush_on_a_full_disk_gives_up_the_ballast_and_drains(host, small_disk, tmp_path):
     spool = small_disk / "spool.db"
     config = tmp_path / "small.toml"
