@@ -75,6 +75,21 @@ def test_a_full_disk_heals_once_the_host_answers_without_a_restart(
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+def record_until_full(config, pad: int) -> list[str]:
+    """Record events of ``pad`` bytes until the spool answers SpoolFull; their names."""
+    client = Client(config=config)
+    accepted: list[str] = []
+    try:
+        while True:
+            client.record(f"p{len(accepted)}", "Backlog", {"pad": "x" * pad})
+            accepted.append(f"p{len(accepted)}")
+    except kmagent.SpoolFull:
+        pass
+    finally:
+        client.close()
+    return accepted
+
+
 def disk_contents(directory) -> str:
     """What fills a small filesystem, for a failure's message."""
     sizes = {p.name: p.stat().st_size for p in sorted(directory.iterdir())}
@@ -214,15 +229,7 @@ def test_a_shipper_killed_on_a_full_disk_does_not_stop_the_next(host, small_disk
                       f'path = "{spool}"\n[ship]\nmax_backoff = 1\nconcurrency = 256\n')
     host.delay = 30  # every request hangs: the whole window stays leased
     daemon = start_daemon(config)
-    client = Client(config=config)
-    accepted = []
-    try:
-        while True:
-            client.record(f"p{len(accepted)}", "Backlog", {"pad": "x" * 1000})
-            accepted.append(f"p{len(accepted)}")
-    except kmagent.SpoolFull:
-        pass
-    client.close()
+    accepted = record_until_full(config, pad=1000)
     try:
         fill(small_disk)
         wait_for(lambda: host.started >= 200, timeout=30)
@@ -260,15 +267,7 @@ def test_dead_letters_on_a_full_disk_do_not_take_the_room_acks_need(
                       '[ship]\nmax_backoff = 2\nconcurrency = 256\n')
     host.status = 503
     daemon = start_daemon(config)
-    client = Client(config=config)
-    accepted = []
-    try:
-        while True:
-            client.record(f"p{len(accepted)}", "Backlog", {"pad": "x" * 500})
-            accepted.append(f"p{len(accepted)}")
-    except kmagent.SpoolFull:
-        pass
-    client.close()
+    accepted = record_until_full(config, pad=500)
     refused = {name for name in accepted if name.endswith(("0", "3", "6"))}
     good = set(accepted) - refused
     try:
@@ -371,15 +370,7 @@ def test_a_damaged_spool_on_a_full_disk_is_salvaged_as_room_comes(
     # A window of 128: claiming it at once needs more room than the reserve holds.
     host.status = 503
     daemon = start_daemon(config)
-    client = Client(config=config)
-    accepted = []
-    try:
-        while True:
-            client.record(f"p{len(accepted)}", "Backlog", {"pad": "x" * 1000})
-            accepted.append(f"p{len(accepted)}")
-    except kmagent.SpoolFull:
-        pass
-    client.close()
+    accepted = record_until_full(config, pad=1000)
     assert stop(daemon) == 0, daemon.log
     overwrite_a_leaf_page(spool)  # a page holds 3 of these rows
     host.status = 200

@@ -133,12 +133,12 @@ def test_backoff_is_capped_exponential_with_full_jitter():
         assert max(delays) > ceiling * 0.8  # spread over the whole range
 
 
-class ConnectProxy:
-    """A minimal HTTPS (CONNECT) proxy on 127.0.0.1 that remembers what it tunnelled."""
+class LoopbackServer:
+    """A TCP server on 127.0.0.1: each connection handled by ``_handle`` in a thread of
+    its own, and counted."""
 
     def __init__(self) -> None:
-        self.tunnels: list[str] = []
-        self.heads: list[bytes] = []  # each CONNECT request, headers included
+        self.connections = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -149,12 +149,28 @@ class ConnectProxy:
     def _serve(self) -> None:
         while True:
             try:
-                client, _ = self._listener.accept()
+                conn, _ = self._listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
-    def _tunnel(self, client: socket.socket) -> None:
+    def _handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+class ConnectProxy(LoopbackServer):
+    """A minimal HTTPS (CONNECT) proxy on 127.0.0.1 that remembers what it tunnelled."""
+
+    def __init__(self) -> None:
+        self.tunnels: list[str] = []
+        self.heads: list[bytes] = []  # each CONNECT request, headers included
+        super().__init__()
+
+    def _handle(self, client: socket.socket) -> None:
         head = b""
         while b"\r\n\r\n" not in head:
             head += client.recv(4096)
@@ -176,9 +192,6 @@ class ConnectProxy:
             pass
         finally:
             sink.close()
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 def test_https_goes_through_the_configured_proxy(tls):
@@ -207,7 +220,7 @@ def test_proxy_credentials_in_the_url_are_sent_to_the_proxy(tls):
         proxy.close()
 
 
-class RawHost:
+class RawHost(LoopbackServer):
     """A loopback host that answers every request on a connection with ``answer`` (bytes,
     or a callable of the request head) and counts connections and requests. ``hang``:
     read requests after the first ``hang`` and never answer them. ``per_connection``:
@@ -216,24 +229,9 @@ class RawHost:
     def __init__(self, answer=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
                  hang: int | None = None, per_connection: int | None = None) -> None:
         self.answer, self.hang, self.per_connection = answer, hang, per_connection
-        self.connections = 0
         self.heads: list[bytes] = []
         self.write_failed = threading.Event()  # a send to a client that hung up failed
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        super().__init__()
 
     def _handle(self, conn: socket.socket) -> None:
         buffer, answered = b"", 0
@@ -259,9 +257,6 @@ class RawHost:
             self.write_failed.set()
         finally:
             conn.close()
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 @pytest.fixture
