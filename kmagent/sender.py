@@ -111,9 +111,9 @@ def resolve_proxy(endpoint: str, proxy: str | None = None) -> str | None:
     """The proxy for ``endpoint``, resolved once as requests would per request: ``proxy``
     (``[ship] proxy``) for an https endpoint; otherwise the environment's (HTTPS_PROXY,
     HTTP_PROXY, ALL_PROXY, lower case too) unless NO_PROXY bypasses the endpoint."""
-    if proxy:
-        return proxy if urlsplit(endpoint).scheme == "https" else None
     target = urlsplit(endpoint)
+    if proxy:
+        return proxy if target.scheme == "https" else None
     if target.scheme == "http" and _loopback(target.hostname or ""):
         # http is for loopback only (kmagent testhost, a local relay), which a proxy
         # set for other programs could not reach.

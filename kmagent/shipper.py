@@ -29,7 +29,6 @@ from .gate import Gate
 from .sender import DELIVERED, PERMANENT, Outcome, Sender, backoff_delay
 from .errors import SpoolError
 from .spool import Claimed, Spool
-from .spool.space import is_disk_full
 
 log = logging.getLogger("kmagent.shipper")
 
@@ -167,8 +166,7 @@ class Shipper:
             try:
                 result = write(n)
             except SpoolError as exc:
-                # SQLite can say "disk I/O error" for a full disk: the filesystem tells.
-                if n == 1 or not (is_disk_full(exc) or self.spool.space_low()):
+                if n == 1 or not self.spool.out_of_room(exc):
                     raise
                 n = limit.shrink(n)
                 continue

@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import Config
 from .errors import SpoolDamaged, SpoolError
 from .spool import Spool, open_configured
-from .spool.space import Ballast, is_disk_full, keep_free_bytes
+from .spool.space import Ballast, keep_free_bytes
 
 log = logging.getLogger("kmagent.daemon")
 
@@ -113,9 +113,7 @@ class Upkeep:
                 log.error("salvage postponed: %s", again)
                 return False
             return True
-        # SQLite can say "disk I/O error" when the disk is full (making the -shm, say):
-        # the filesystem, not the message, tells.
-        if is_disk_full(exc) or self.spool.space_low():
+        if self.spool.out_of_room(exc):
             return self._make_room()
         return False
 

@@ -23,7 +23,7 @@ from ..events import Event
 from .files import (DIR_MODE, FILE_MODE, append_to, flocked, fsync_dir,  # noqa: F401 (re-exported)
                     make_dirs, open_file, write_atomically)
 from .shared import Shared
-from .space import free_bytes, keep_free_bytes
+from .space import free_bytes, is_disk_full, keep_free_bytes
 
 # How often a producer re-measures the spool's size (max_bytes) and the filesystem's
 # free space (keep_free); in between it adds what it wrote itself, and measures again
@@ -240,6 +240,11 @@ class Spool(abc.ABC):
             return (f"spool {self.path}: its filesystem is down to the {self.keep_free} "
                     "bytes it keeps free ([spool] keep_free)")
         return None
+
+    def out_of_room(self, exc: BaseException) -> bool:
+        """Whether ``exc`` failed for want of room: by what it says, or, as SQLite can
+        say "disk I/O error" on a full disk (making the -shm, say), by the filesystem."""
+        return is_disk_full(exc) or self.space_low()
 
     def space_low(self) -> bool:
         """Whether the filesystem is near the reserve (under twice it): time for the

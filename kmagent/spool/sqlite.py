@@ -30,7 +30,6 @@ from . import sqlite_conn
 from .base import Claimed, Spool, unknown_ids
 from .shared import CLOSED
 from .sqlite_conn import BUSY_TIMEOUT_S
-from .space import is_disk_full
 from .sqlite_conn import spool_error
 
 # A fresh event is due at once (due = 0): only retries carry a wall-clock time, so a
@@ -316,7 +315,7 @@ class SqliteSpool(Spool):
                     "UPDATE events SET lease = NULL WHERE id IN (SELECT id FROM events "
                     "WHERE lease IS NOT NULL LIMIT ?)", (chunk,)).rowcount)
             except SpoolError as exc:
-                if chunk == 1 or not (is_disk_full(exc) or self.space_low()):
+                if chunk == 1 or not self.out_of_room(exc):
                     raise
                 chunk //= 2
                 continue
