@@ -87,6 +87,7 @@ class Upkeep:
     def tick(self) -> None:
         now = time.monotonic()
         self._salvage()
+        self.spool.rotate()
         low = self.spool.space_low()
         if now - self._maintained >= (MAINTAIN_WHEN_LOW_S if low else MAINTAIN_EVERY_S):
             self._maintained = now

@@ -291,6 +291,10 @@ class Spool(abc.ABC):
     def maintain(self) -> None:
         """Housekeeping the shipper runs now and then (e.g. giving free pages back)."""
 
+    def rotate(self) -> None:
+        """Cheap housekeeping the shipper runs every turn, whether or not it claims (an
+        outage claims little): jsonl seals the active file once it is due."""
+
     @abc.abstractmethod
     def claim(self, limit: int, *, now: float, with_key_only: bool = False) -> list[Claimed]:
         """Up to ``limit`` pending events due by ``now``, oldest first, marked in flight.

@@ -135,3 +135,37 @@ def flock_within(fd: int, seconds: float = FLOCK_WAIT_S) -> bool:
         except BlockingIOError:
             continue
     return False
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_fallocate = None  # libc's fallocate(2), once looked up; False where there is none
+
+
+def punch_hole(path: Path, length: int) -> bool:
+    """Give the filesystem back the blocks of ``path``'s first ``length`` bytes (rounded
+    down to whole 4 KiB pages), its size and offsets unchanged: reading them gives NUL
+    bytes. Linux fallocate(2) with FALLOC_FL_PUNCH_HOLE (ext4, xfs, btrfs, tmpfs); False
+    where the filesystem or the platform cannot, and the file is left as it was."""
+    global _fallocate
+    length -= length % 4096
+    if length <= 0:
+        return False
+    if _fallocate is None:
+        import ctypes
+        import ctypes.util
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            _fallocate = libc.fallocate
+            _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        except (OSError, AttributeError):
+            _fallocate = False
+    if not _fallocate:
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, length) == 0
+    finally:
+        os.close(fd)

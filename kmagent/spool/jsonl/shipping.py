@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from ...protocol import encode
 from ..base import Claimed, append_to, write_atomically
+from ..files import punch_hole
+from ..space import is_disk_full
 from .checkpoint import CHECKPOINT, Checkpoint, DamagedCheckpoint, Position
 from .layout import BAD, DEAD, MAX_AHEAD, ClaimId, dump_line, sealed_name
 from .line import BadLine, from_line
@@ -42,6 +44,9 @@ _leases = itertools.count(1)
 # becomes bad.jsonl.1 (replacing the one before): set-asides never fill the disk.
 BAD_KEEP_BYTES = 4096
 BAD_MAX_BYTES = 64 * 1024 * 1024
+# How far the checkpoint moves into a sealed file before its settled start is given back
+# (at every 4 KiB page while space is low).
+PUNCH_STEP = 1 << 20
 
 
 class Shipping(Reading, Moves):
@@ -71,6 +76,10 @@ class Shipping(Reading, Moves):
         # instant, but a set-aside that failed (a full disk) leaves its line here, and
         # every claim tries it again until it is written.
         self.unclassified: dict[Position, _Line] = {}
+        # Dead letters not yet written (see _write_dead_letters): their lines stay in
+        # flight, so nothing claims them again; after a restart they are sent again,
+        # and the host refuses them again.
+        self.dead_waiting: dict[Position, dict[str, Any]] = {}
         if self.ckpt.moving is not None:  # a shipper died in the middle of a move
             try:
                 self._finish_move()
@@ -112,6 +121,7 @@ class Shipping(Reading, Moves):
         if self.unsaved:
             self._save()  # one that failed (a full disk): nothing else would retry it
         self._maybe_rotate(now)
+        self._write_dead_letters(or_later=True)
         for line in list(self.unclassified.values()):
             if self._classify(line, with_key_only):
                 heapq.heappush(self.ready, (0.0, line.id))
@@ -218,16 +228,45 @@ class Shipping(Reading, Moves):
     def dead_letter(self, ids: Iterable[Any], status: int | None, reason: str,
                     now: float) -> None:
         """(claim ids) Moved to dead.jsonl, if still their claims'."""
-        ids = self.leased(ids)
-        if not ids:
+        for pos in self.leased(ids):
+            self.dead_waiting[pos] = {"id": f"{pos[0]}:{pos[1]}", "status": status,
+                                      "reason": reason, "failed_at": now,
+                                      "line": json.loads(self.lines[pos].raw)}
+        self._write_dead_letters()
+
+    def _write_dead_letters(self, *, or_later: bool = False) -> None:
+        """Write the dead letters waiting, then settle their lines. While space is low,
+        only those that move the checkpoint on (the first unsettled lines): room comes
+        back only behind the checkpoint, and dead letters from further on would spend
+        the room (the reserve) that the checkpoint needs to move, until none is left.
+        ``or_later``: a disk-full error leaves them waiting rather than raising (a claim
+        must go on: what it claims is what frees room)."""
+        if not self.dead_waiting:
             return
-        records = [{"id": f"{pos[0]}:{pos[1]}", "status": status, "reason": reason,
-                    "failed_at": now, "line": json.loads(self.lines[pos].raw)}
-                   for pos in ids]
-        with self.spool._dead_locked():
-            # Synced before the lines are settled (after which they may be deleted).
-            append_to(self.dir / DEAD, b"".join(dump_line(r) for r in records), sync=True)
-        self.settle(ids)
+        if self.spool.space_low():
+            due = []
+            for line in self.order:
+                if line.settled:
+                    continue
+                if line.id not in self.dead_waiting:
+                    break
+                due.append(line.id)
+            if not due:
+                return
+        else:
+            due = sorted(self.dead_waiting)
+        try:
+            with self.spool._dead_locked():
+                # Synced before the lines are settled (after which they may be deleted).
+                append_to(self.dir / DEAD, b"".join(
+                    dump_line(self.dead_waiting[pos]) for pos in due), sync=True)
+        except OSError as exc:
+            if or_later and is_disk_full(exc):
+                return
+            raise
+        for pos in due:
+            del self.dead_waiting[pos]
+        self.settle(due)
 
     def settle(self, ids: list[Position]) -> None:
         """Delivered, dead or set aside: advance the checkpoint and persist it."""
@@ -274,6 +313,22 @@ class Shipping(Reading, Moves):
             deleted = True
         if deleted:
             self.spool._let_go_of_sealed()  # its own handle may still hold one open
+        self._give_back_settled(seq, offset)
+
+    def _give_back_settled(self, seq: int, offset: int) -> None:
+        """Free the blocks of the settled start of the oldest file, if sealed: room would
+        otherwise come back only once the whole file is settled, and a file sealed in a
+        burst (or after an outage, or while the daemon was stopped) can hold most of the
+        disk. Nothing reads a sealed file before the checkpoint again (a checkpoint
+        rebuilt reads the NUL bytes as bad lines: settled, so nothing is lost)."""
+        entry = self.files.get(seq)
+        if entry is None or not entry.sealed or offset - entry.punched < 4096:
+            return
+        if offset - entry.punched >= PUNCH_STEP or self.spool.space_low():
+            if punch_hole(self.dir / sealed_name(seq), offset):
+                entry.punched = offset - offset % 4096
+            else:
+                entry.punched = offset  # not here: try again one step further on
 
     def maintain(self) -> None:
         """Now and then, and at once on a full disk: save a checkpoint a failed write
@@ -282,6 +337,7 @@ class Shipping(Reading, Moves):
         if self.unsaved:
             self._save()
         self._maybe_rotate(time.time())
+        self._write_dead_letters(or_later=True)
 
     def expedite(self) -> int:
         waiting = [line for line in self.lines.values()

@@ -77,6 +77,15 @@ class JsonlSpool(Spool):
         return shared_for(str(self.path))
 
     @property
+    def rotate_limit(self) -> int:
+        """The size at which the shipper seals the active file: rotate_bytes, but never
+        more than a quarter of the reserve. A sealed file's room comes back only once
+        every line of it is settled, and settling costs room first (dead letters, the
+        checkpoint): on a disk another program filled, that room is the reserve (the
+        ballast given up), so one file's whole worth of dead letters must fit in it."""
+        return max(4096, min(self.rotate_bytes, self.keep_free // 4))
+
+    @property
     def lock_path(self) -> Path:
         return self.path / "shipper.lock"
 
@@ -293,6 +302,10 @@ class JsonlSpool(Spool):
     def maintain(self) -> None:
         if self._shipping is not None:  # only a shipper has anything to give back
             self._guard("maintain", self._shipping.maintain)
+
+    def rotate(self) -> None:
+        if self._shipping is not None:
+            self._guard("rotate", lambda: self._shipping._maybe_rotate(time.time()))
 
     def next_due(self, *, with_key_only: bool = False) -> float | None:
         return self._guard("read", lambda: self._ship().next_due(with_key_only))
