@@ -189,9 +189,12 @@ class Sender:
         self.api_key = api_key
         target = urlsplit(self.endpoint)
         self._prefix = target.path  # an endpoint may carry a path before /e
-        self._verify = resolve_ca_bundle(ca_file)
         self.proxy = resolve_proxy(self.endpoint, proxy)
         self._proxies = {target.scheme: self.proxy} if self.proxy else None
+        tls = target.scheme == "https" or (self.proxy or "").startswith("https:")
+        # Without TLS there is nothing to verify: True spares requests a stat() of the
+        # bundle per request (it asks whether the path is a directory), ~7 % at 0 ms.
+        self._verify = resolve_ca_bundle(ca_file) if tls else True
         self._timeout = (connect_timeout, read_timeout)
         self._headers = CaseInsensitiveDict(HEADERS)  # shared, never changed
         self._local = threading.local()
