@@ -18,6 +18,7 @@ from typing import Callable
 import pytest
 
 from kmagent.testhost import StandInHost
+from torture import MACHINE_NETWORK_ENV
 
 API_KEY = "test-key"
 
@@ -35,9 +36,7 @@ def isolated_env(tmp_path, monkeypatch):
     """No test ever reads the machine's config or writes the user's state directory."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.delenv("KMAGENT_CONFIG", raising=False)
-    # requests reads these (the Sender, once when made): none of the machine's apply.
-    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
-                 "all_proxy", "NO_PROXY", "no_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+    for name in MACHINE_NETWORK_ENV:  # read by requests (the Sender, once when made)
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr("kmagent.config.SYSTEM_CONFIG", tmp_path / "no-system-config.toml")
 

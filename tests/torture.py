@@ -50,7 +50,7 @@ Faults (FAULTS, in two lanes that overlap; ``--faults`` picks, ``none`` for none
                 tmpfs for a while), damage_checkpoint (jsonl: garbage in checkpoint.json);
                 root only (a tmpfs), else left out
 Operators, at random times: status [--json], flush --timeout 2, dead list [--json],
-dead retry --all, export [--dead]. Exit codes may be nonzero; a traceback on stderr
+dead retry --all, export [--dead], reload. Exit codes may be nonzero; a traceback on stderr
 or a hang is a failure.
 
 The oracle, once producers are done, faults over, the host healthy and the spool
@@ -1039,6 +1039,11 @@ class Result:
         return "\n".join(lines)
 
 
+# requests reads these (proxies, CA bundles): none of the machine's may apply to a test.
+MACHINE_NETWORK_ENV = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                       "all_proxy", "NO_PROXY", "no_proxy", "REQUESTS_CA_BUNDLE",
+                       "CURL_CA_BUNDLE")
+
 OPERATOR_COMMANDS: list[tuple[float, list[str]]] = [
     (3, ["status", "--json"]),
     (1, ["status"]),
@@ -1048,6 +1053,7 @@ OPERATOR_COMMANDS: list[tuple[float, list[str]]] = [
     (1, ["dead", "retry", "--all"]),
     (1, ["export", "-o", "{workdir}/export.jsonl"]),
     (1, ["export", "--dead", "-o", "{workdir}/export-dead.jsonl"]),
+    (1, ["reload"]),  # SIGHUP, then waits for the daemon's answer (1: none running)
 ]
 
 
@@ -1313,7 +1319,7 @@ class Run:
         self.config.write_text(text)
         self.config.chmod(0o600)
         env = os.environ.copy()
-        for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        for name in MACHINE_NETWORK_ENV:
             env.pop(name, None)
         env["KMAGENT_CONFIG"] = str(self.config)
         env["XDG_STATE_HOME"] = str(self.workdir / "state")
