@@ -111,7 +111,7 @@ class Daemon:
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
         config = self.config = shipping_config(self.config)
         spool, salvaging = open_for_shipping(config)
-        lock = ShipperLock(spool.lock_path)
+        lock = self._lock = ShipperLock(spool.lock_path)
         try:
             if not acquire(lock, self._stop, "run"):
                 return 0
@@ -219,6 +219,7 @@ class Daemon:
                 more_logs = km_logs.follow(self.config.km_log_dirs)  # never raises
                 shipper.step()
                 upkeep.tick()
+                self._lock.sign()  # deferred by a full disk at start
                 timeout = KmLogFollower.FOLLOW_EVERY_S if more_logs else RESCAN_INTERVAL_S
                 due = shipper.idle_until()
                 if due is not None:

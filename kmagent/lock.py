@@ -19,6 +19,7 @@ class ShipperLock:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._fd: int | None = None
+        self._signed = False
 
     @property
     def held(self) -> bool:
@@ -36,13 +37,22 @@ class ShipperLock:
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
                 return False
             raise
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError:
-            pass  # the pid is for people (status); the lock is what counts (disk full...)
-        self._fd = fd
+        self._fd, self._signed = fd, False
+        self.sign()
         return True
+
+    def sign(self) -> None:
+        """Write our pid into the lock file, if not done yet. It is for others (status,
+        reload); the lock is what counts, so a full disk only defers it: the daemon
+        calls this every turn until it succeeds (once room is given back)."""
+        if self._fd is None or self._signed:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+            self._signed = True
+        except OSError:
+            pass
 
     def release(self) -> None:
         if self._fd is not None:
