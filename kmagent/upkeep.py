@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import Config
 from .errors import SpoolDamaged, SpoolError
 from .spool import Spool, open_configured
-from .spool.space import Ballast, keep_free_bytes
+from .spool.space import Ballast, ballast_for, free_bytes, keep_free_bytes
 
 log = logging.getLogger("kmagent.daemon")
 
@@ -50,7 +50,25 @@ def open_for_shipping(config: Config, attempts: int = 3):
                 raise
             path = Path(exc.path)
             jobs.append(salvage(path, keep_free_bytes(config.keep_free, path.parent)))
+        except SpoolError:
+            # A disk filled while no daemon ran (a reboot, a restart): SQLite cannot even
+            # make its -wal and -shm, and systemd would restart a daemon that exits 74
+            # for ever. The ballast the last daemon left is the room to open in.
+            if attempt == attempts - 1 or not _give_up_ballast_to_open(config):
+                raise
     raise AssertionError("unreachable")
+
+
+def _give_up_ballast_to_open(config: Config) -> bool:
+    """Release the configured spool's ballast if its filesystem is out of room; True if
+    that gave room back."""
+    ballast = ballast_for(Path(config.spool_path), config.spool_backend)
+    try:
+        if free_bytes(ballast.parent) >= keep_free_bytes(config.keep_free, ballast.parent):
+            return False  # there is room: the open failed for another reason
+    except OSError:
+        return False
+    return Ballast(ballast, 0).release()
 
 
 class Upkeep:

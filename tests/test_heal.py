@@ -286,6 +286,34 @@ def test_dead_letters_on_a_full_disk_do_not_take_the_room_acks_need(
     assert stop(daemon) == 0, daemon.log
 
 
+@pytest.mark.parametrize("backend_name", ["sqlite", "jsonl"])
+def test_a_daemon_started_on_a_disk_filled_while_it_was_stopped_ships(
+        host, small_disk, tmp_path, backend_name):
+    """A reboot, or a restart, after another program filled the disk: the spool cannot
+    even be opened (SQLite makes its -wal and -shm), and systemd would restart a daemon
+    that exits 74 for ever. Its ballast is still there: it gives it up and ships."""
+    spool = small_disk / ("spool.db" if backend_name == "sqlite" else "spool.jsonl.d")
+    config = tmp_path / "small.toml"
+    config.write_text(f'api_key = "{API_KEY}"\nendpoint = "{host.url}"\n[spool]\n'
+                      f'backend = "{backend_name}"\npath = "{spool}"\n'
+                      '[ship]\nmax_backoff = 1\n')
+    host.status = 503
+    daemon = start_daemon(config)
+    accepted = record_until_full(config, pad=300)
+    assert stop(daemon) == 0, daemon.log
+    fill(small_disk)
+    host.status = 200
+    daemon = start_daemon(config)
+    try:
+        wait_for(lambda: set(accepted) <= names_delivered(host) or daemon.poll() is not None,
+                 timeout=90)
+    finally:
+        code = stop(daemon) if daemon.poll() is None else daemon.returncode
+    assert code == 0 and set(accepted) <= names_delivered(host), (
+        f"exit {code}; {len(set(accepted) - names_delivered(host))} of {len(accepted)} "
+        f"missing; {disk_contents(small_disk)}; daemon log:\n{daemon.log[-3000:]}")
+
+
 def test_flush_on_a_full_disk_gives_up_the_ballast_and_drains(host, small_disk, tmp_path):
     spool = small_disk / "spool.db"
     config = tmp_path / "small.toml"

@@ -23,7 +23,7 @@ from ..events import Event
 from .files import (DIR_MODE, FILE_MODE, append_to, flocked, fsync_dir,  # noqa: F401 (re-exported)
                     make_dirs, open_file, write_atomically)
 from .shared import Shared
-from .space import free_bytes, is_disk_full, keep_free_bytes
+from .space import ballast_for, free_bytes, is_disk_full, keep_free_bytes
 
 # How often a producer re-measures the spool's size (max_bytes) and the filesystem's
 # free space (keep_free); in between it adds what it wrote itself, and measures again
@@ -384,7 +384,7 @@ class Spool(abc.ABC):
     @property
     def ballast_path(self) -> Path:
         """The shipper's spare room on the spool's filesystem (see ``space.Ballast``)."""
-        return self.path.with_name(self.path.name + ".ballast")
+        return ballast_for(self.path, "sqlite")
 
     @property
     def lock_path(self) -> Path:

@@ -34,6 +34,13 @@ DEFAULT_KEEP_FREE_MAX = 64 * 1024 * 1024
 MIN_KEEP_FREE = 64 * 1024
 
 
+def ballast_for(spool_path: Path, backend: str) -> Path:
+    """Where the ballast of the spool at ``spool_path`` lives (known before it opens)."""
+    if backend == "jsonl":
+        return spool_path / "ballast"  # the spool is a directory
+    return spool_path.with_name(spool_path.name + ".ballast")
+
+
 def free_bytes(path: Path) -> int:
     """Bytes an unprivileged writer may still take on the filesystem holding ``path``."""
     st = os.statvfs(path)

@@ -23,6 +23,7 @@ from ..base import (Claimed, PartialWrite, Spool, flocked, make_dirs, open_file,
                     unknown_ids, write_atomically)
 from ..files import FLOCK_WAIT_S, flock_within
 from ..shared import Shared, shared_for
+from ..space import ballast_for
 from .line import from_line, to_line
 from .checkpoint import CHECKPOINT, Checkpoint
 from .layout import ACTIVE, DEAD, DEAD_LOCK, SEALED, TORN_END, dump_line
@@ -95,7 +96,7 @@ class JsonlSpool(Spool):
 
     @property
     def ballast_path(self) -> Path:
-        return self.path / "ballast"
+        return ballast_for(self.path, "jsonl")
 
     @property
     def watch_target(self) -> tuple[Path, Callable[[str], bool]]:
