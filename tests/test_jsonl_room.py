@@ -13,7 +13,7 @@ import pytest
 from kmagent.events import make_event
 from kmagent.spool import open_spool
 from kmagent.spool.files import punch_hole
-from kmagent.spool.jsonl import CHECKPOINT
+from kmagent.spool.jsonl import CHECKPOINT, shipping
 from kmagent.spool.jsonl.layout import sealed_name
 
 T0 = 1_700_000_000
@@ -105,3 +105,34 @@ def _can_punch(directory) -> bool:
         return punch_hole(probe, 8192) and probe.read_bytes()[:4096] == b"\0" * 4096
     finally:
         probe.unlink()
+
+
+def test_dead_letters_wait_in_the_reserve_and_are_written_at_close(spool_path, monkeypatch):
+    """Down in the reserve, a dead letter behind an event that keeps failing waits (its
+    write would spend the room the checkpoint needs); above it, or at close, it is
+    written: never held for good, never sent again for want of a letter."""
+    spool = open_spool(spool_path, backend="jsonl")
+    for n in range(3):
+        spool.append(event(n))
+    first, second, third = spool.claim(3, now=time.time())
+    spool.retry([(first.id, time.time() + 3600, "HTTP 503")])
+    in_reserve = True
+    monkeypatch.setattr(shipping.Shipping, "_in_reserve", lambda self: in_reserve)
+    spool.dead_letter([second.id], status=400, reason="HTTP 400", now=time.time())
+    assert spool.dead_letters() == []  # waits: the checkpoint cannot move past `first`
+    in_reserve = False
+    spool.dead_letter([third.id], status=400, reason="HTTP 400", now=time.time())
+    assert len(spool.dead_letters()) == 2  # room again: both written
+    spool.close()
+
+    spool = open_spool(spool_path, backend="jsonl")
+    spool.append(event(3))
+    spool.append(event(4))
+    spool.recover()
+    items = spool.claim(10, now=time.time())
+    in_reserve = True
+    refused = [i for i in items if "person4" in i.query]
+    spool.dead_letter([i.id for i in refused], status=400, reason="HTTP 400", now=time.time())
+    assert len(spool.dead_letters()) == 2
+    spool.close()  # written at close, rather than sent (and refused) again next run
+    assert len(open_spool(spool_path, backend="jsonl").dead_letters()) == 3

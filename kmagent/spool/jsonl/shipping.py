@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from ...protocol import encode
 from ..base import Claimed, append_to, write_atomically
 from ..files import punch_hole
-from ..space import is_disk_full
+from ..space import free_bytes, is_disk_full
 from .checkpoint import CHECKPOINT, Checkpoint, DamagedCheckpoint, Position
 from .layout import BAD, DEAD, MAX_AHEAD, ClaimId, dump_line, sealed_name
 from .line import BadLine, from_line
@@ -47,6 +47,7 @@ BAD_MAX_BYTES = 64 * 1024 * 1024
 # How far the checkpoint moves into a sealed file before its settled start is given back
 # (at every 4 KiB page while space is low).
 PUNCH_STEP = 1 << 20
+DEAD_BATCH = 64  # dead letters per write (see _write_dead_letters)
 
 
 class Shipping(Reading, Moves):
@@ -234,16 +235,18 @@ class Shipping(Reading, Moves):
                                       "line": json.loads(self.lines[pos].raw)}
         self._write_dead_letters()
 
-    def _write_dead_letters(self, *, or_later: bool = False) -> None:
-        """Write the dead letters waiting, then settle their lines. While space is low,
+    def _write_dead_letters(self, *, or_later: bool = False, everything: bool = False) -> None:
+        """Write the dead letters waiting, then settle their lines. Once the filesystem
+        is down into the reserve (another program filled it; the ballast is given up),
         only those that move the checkpoint on (the first unsettled lines): room comes
         back only behind the checkpoint, and dead letters from further on would spend
-        the room (the reserve) that the checkpoint needs to move, until none is left.
-        ``or_later``: a disk-full error leaves them waiting rather than raising (a claim
-        must go on: what it claims is what frees room)."""
+        the room the checkpoint needs to move, until none is left. ``or_later``: a
+        disk-full error leaves them waiting rather than raising (a claim must go on:
+        what it claims is what frees room). ``everything``: at close, all, if they fit."""
         if not self.dead_waiting:
             return
-        if self.spool.space_low():
+        due = sorted(self.dead_waiting)
+        if not everything and self._in_reserve():
             due = []
             for line in self.order:
                 if line.settled:
@@ -253,20 +256,28 @@ class Shipping(Reading, Moves):
                 due.append(line.id)
             if not due:
                 return
-        else:
-            due = sorted(self.dead_waiting)
+        # In batches, each settled once written: thousands can wait, and one write of
+        # them all may never fit where a few at a time do (and free room as they go).
+        for start in range(0, len(due), DEAD_BATCH):
+            batch = due[start:start + DEAD_BATCH]
+            try:
+                with self.spool._dead_locked():
+                    # Synced before the lines are settled (after which they may go).
+                    append_to(self.dir / DEAD, b"".join(
+                        dump_line(self.dead_waiting[pos]) for pos in batch), sync=True)
+            except OSError as exc:
+                if or_later and is_disk_full(exc):
+                    return
+                raise
+            for pos in batch:
+                del self.dead_waiting[pos]
+            self.settle(batch)
+
+    def _in_reserve(self) -> bool:
         try:
-            with self.spool._dead_locked():
-                # Synced before the lines are settled (after which they may be deleted).
-                append_to(self.dir / DEAD, b"".join(
-                    dump_line(self.dead_waiting[pos]) for pos in due), sync=True)
-        except OSError as exc:
-            if or_later and is_disk_full(exc):
-                return
-            raise
-        for pos in due:
-            del self.dead_waiting[pos]
-        self.settle(due)
+            return free_bytes(self.dir) < self.spool.keep_free
+        except OSError:
+            return True
 
     def settle(self, ids: list[Position]) -> None:
         """Delivered, dead or set aside: advance the checkpoint and persist it."""
@@ -358,6 +369,10 @@ class Shipping(Reading, Moves):
         return due
 
     def close(self) -> None:
+        try:  # what waits in memory would otherwise be sent (and refused) again
+            self._write_dead_letters(or_later=True, everything=True)
+        except OSError:
+            pass
         for entry in self.files.values():
             os.close(entry.fd)
         self.files.clear()
