@@ -254,6 +254,15 @@ def test_a_shipper_killed_on_a_full_disk_does_not_stop_the_next(host, small_disk
     assert stop(daemon) == 0, daemon.log
 
 
+def small_disk_config(host, small_disk, tmp_path, backend_name: str, ship: str):
+    """A configuration whose spool (of ``backend_name``) is on the small disk."""
+    spool = small_disk / ("spool.db" if backend_name == "sqlite" else "spool.jsonl.d")
+    config = tmp_path / "small.toml"
+    config.write_text(f'api_key = "{API_KEY}"\nendpoint = "{host.url}"\n[spool]\n'
+                      f'backend = "{backend_name}"\npath = "{spool}"\n' + ship)
+    return config
+
+
 @pytest.mark.parametrize("backend_name", ["sqlite", "jsonl"])
 def test_dead_letters_on_a_full_disk_do_not_take_the_room_acks_need(
         host, small_disk, tmp_path, backend_name):
@@ -261,11 +270,7 @@ def test_dead_letters_on_a_full_disk_do_not_take_the_room_acks_need(
     letters are written into the reserve that acknowledgements need to free any room
     (jsonl: the checkpoint), so they must wait while the disk is low, and every good
     event be delivered."""
-    spool = small_disk / ("spool.db" if backend_name == "sqlite" else "spool.jsonl.d")
-    config = tmp_path / "small.toml"
-    config.write_text(f'api_key = "{API_KEY}"\nendpoint = "{host.url}"\n[spool]\n'
-                      f'backend = "{backend_name}"\npath = "{spool}"\n'
-                      '[ship]\nmax_backoff = 2\nconcurrency = 256\n')
+    config = small_disk_config(host, small_disk, tmp_path, backend_name, '[ship]\nmax_backoff = 2\nconcurrency = 256\n')
     host.status = 503
     daemon = start_daemon(config)
     accepted = record_until_full(config, pad=500)
@@ -292,11 +297,7 @@ def test_a_daemon_started_on_a_disk_filled_while_it_was_stopped_ships(
     """A reboot, or a restart, after another program filled the disk: the spool cannot
     even be opened (SQLite makes its -wal and -shm), and systemd would restart a daemon
     that exits 74 for ever. Its ballast is still there: it gives it up and ships."""
-    spool = small_disk / ("spool.db" if backend_name == "sqlite" else "spool.jsonl.d")
-    config = tmp_path / "small.toml"
-    config.write_text(f'api_key = "{API_KEY}"\nendpoint = "{host.url}"\n[spool]\n'
-                      f'backend = "{backend_name}"\npath = "{spool}"\n'
-                      '[ship]\nmax_backoff = 1\n')
+    config = small_disk_config(host, small_disk, tmp_path, backend_name, '[ship]\nmax_backoff = 1\n')
     host.status = 503
     daemon = start_daemon(config)
     accepted = record_until_full(config, pad=300)
