@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from . import __version__
+from . import __version__, logs
 from .cli_options import common_options, config as _config
 from .cli_spool import dead, export, import_
 from .config import Config
@@ -351,6 +351,10 @@ for _command in (dead, import_, export):
     cli.add_command(_command)
 
 
+def _fail(message: str) -> None:
+    click.echo(logs.as_error(message), err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the command and turn every known failure into its exit code."""
     try:
@@ -361,19 +365,19 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         code = exc.exit_code
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+        _fail("aborted")
         code = 1
     except ConfigError as exc:
-        click.echo(f"kmagent: configuration error: {exc}", err=True)
+        _fail(f"kmagent: configuration error: {exc}")
         code = EX_CONFIG
     except InvalidEvent as exc:
-        click.echo(f"kmagent: invalid event: {exc}", err=True)
+        _fail(f"kmagent: invalid event: {exc}")
         code = EX_USAGE
     except SpoolError as exc:
-        click.echo(f"kmagent: {exc}", err=True)
+        _fail(f"kmagent: {exc}")
         code = EX_IOERR
     except KmagentError as exc:
-        click.echo(f"kmagent: {exc}", err=True)
+        _fail(f"kmagent: {exc}")
         code = 1
     except KeyboardInterrupt:
         code = 130

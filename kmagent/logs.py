@@ -79,6 +79,15 @@ def stderr_is_journal() -> bool:
         return False
 
 
+def as_error(message: str) -> str:
+    """``message`` as the CLI prints a failure on stderr: each line with the error
+    priority prefix when stderr is the journal's stream (so that the configuration a
+    unit refuses, exit 78, shows in ``journalctl -p err``), else as it is."""
+    if not stderr_is_journal():
+        return message
+    return "\n".join(f"<{priority(logging.ERROR)}>" + line for line in message.split("\n"))
+
+
 class _JournalFormatter(logging.Formatter):
     """Prefixes every line of a record with ``<N>``, its syslog priority, as journald
     reads it (sd-daemon(3)). journald makes each line of the stream a separate entry and

@@ -75,3 +75,23 @@ def test_outside_systemd_lines_are_as_before(tmp_path):
                         lines[0]), lines[0]
     assert not any(line.startswith("<") for line in lines)
     assert "Traceback (most recent call last):" in lines
+
+
+def test_a_refused_configuration_is_an_error_in_the_journal(tmp_path):
+    """`kmagent run` with a bad configuration exits 78; under systemd its message must
+    carry the error priority, or `journalctl -p err -u kmagent` shows nothing."""
+    config = tmp_path / "bad.toml"
+    config.write_text('[ship]\nconcurrency = "many"\n')
+    out = tmp_path / "stderr.txt"
+    for journal in (True, False):
+        env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+        with open(out, "wb") as stderr:
+            if journal:
+                st = os.fstat(stderr.fileno())
+                env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+            code = subprocess.run([sys.executable, "-m", "kmagent", "run", "--config",
+                                   str(config)], stderr=stderr, env=env, timeout=60).returncode
+        lines = out.read_text().splitlines()
+        assert code == 78
+        error = [line for line in lines if "configuration error" in line]
+        assert error and error[0].startswith("<3>kmagent: configuration error") == journal, lines
