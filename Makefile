@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test torture bench install clean
+.PHONY: run test torture bench install systemd-check clean
 
 $(BIN)/kmagent: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ install:
 	test -e $(DESTDIR)/etc/kmagent/config.toml || \
 		sed -e 's#^api_key = .*#api_key_file = "/run/credentials/kmagent.service/api_key"#' \
 		    -e 's#^\# api_key_file = .*##' config.example.toml > $(DESTDIR)/etc/kmagent/config.toml
+
+# Real systemd, by hand and as root (not part of `make test`): boots Debian 12 in
+# systemd-nspawn, installs kmagent as README says and checks the unit. --head: HEAD only.
+systemd-check:
+	bash tests/real_systemd/check.sh $(CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
