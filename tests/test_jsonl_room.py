@@ -13,7 +13,7 @@ import pytest
 from kmagent.events import make_event
 from kmagent.spool import open_spool
 from kmagent.spool.files import punch_hole
-from kmagent.spool.jsonl import CHECKPOINT, shipping
+from kmagent.spool.jsonl import CHECKPOINT, JsonlSpool
 from kmagent.spool.jsonl.layout import sealed_name
 
 T0 = 1_700_000_000
@@ -117,7 +117,7 @@ def test_dead_letters_wait_in_the_reserve_and_are_written_at_close(spool_path, m
     first, second, third = spool.claim(3, now=time.time())
     spool.retry([(first.id, time.time() + 3600, "HTTP 503")])
     in_reserve = True
-    monkeypatch.setattr(shipping.Shipping, "_in_reserve", lambda self: in_reserve)
+    monkeypatch.setattr(JsonlSpool, "in_reserve", lambda self: in_reserve)
     spool.dead_letter([second.id], status=400, reason="HTTP 400", now=time.time())
     assert spool.dead_letters() == []  # waits: the checkpoint cannot move past `first`
     in_reserve = False

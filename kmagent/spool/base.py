@@ -249,10 +249,18 @@ class Spool(abc.ABC):
     def space_low(self) -> bool:
         """Whether the filesystem is near the reserve (under twice it): time for the
         shipper to give back what it can (seal files, vacuum)."""
+        return self._free_under(2 * self.keep_free)
+
+    def in_reserve(self) -> bool:
+        """Whether the filesystem is down into the reserve itself (another program took
+        the rest; the ballast is given up): the shipper's last room to work in."""
+        return self._free_under(self.keep_free)
+
+    def _free_under(self, size: int) -> bool:
         try:
-            return free_bytes(self.spool_dir) < 2 * self.keep_free
+            return free_bytes(self.spool_dir) < size
         except OSError:
-            return True
+            return True  # cannot tell: take the careful path
 
     @property
     def drops_path(self) -> Path:

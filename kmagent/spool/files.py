@@ -152,10 +152,10 @@ def punch_hole(path: Path, length: int) -> bool:
         return False
     if _fallocate is None:
         import ctypes
-        import ctypes.util
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-            _fallocate = libc.fallocate
+            # The process's own symbols, libc's among them: find_library would run
+            # ldconfig (a subprocess) to find what is loaded already.
+            _fallocate = ctypes.CDLL(None, use_errno=True).fallocate
             _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         except (OSError, AttributeError):
             _fallocate = False

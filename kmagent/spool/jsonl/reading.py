@@ -57,7 +57,8 @@ class _File:
     # Where the file ends for the shipper, when not at its size: one truncated in place
     # holds lines of the next file past it.
     end: int | None = None
-    # Of a sealed file: how much of its start has been given back (see Shipping._save).
+    # Of a sealed file: how much of its start has been given back (Shipping.
+    # _give_back_settled).
     punched: int = 0
 
 

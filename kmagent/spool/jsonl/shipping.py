@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from ...protocol import encode
 from ..base import Claimed, append_to, write_atomically
 from ..files import punch_hole
-from ..space import free_bytes, is_disk_full
+from ..space import is_disk_full
 from .checkpoint import CHECKPOINT, Checkpoint, DamagedCheckpoint, Position
 from .layout import BAD, DEAD, MAX_AHEAD, ClaimId, dump_line, sealed_name
 from .line import BadLine, from_line
@@ -246,7 +246,7 @@ class Shipping(Reading, Moves):
         if not self.dead_waiting:
             return
         due = sorted(self.dead_waiting)
-        if not everything and self._in_reserve():
+        if not everything and self.spool.in_reserve():
             due = []
             for line in self.order:
                 if line.settled:
@@ -272,12 +272,6 @@ class Shipping(Reading, Moves):
             for pos in batch:
                 del self.dead_waiting[pos]
             self.settle(batch)
-
-    def _in_reserve(self) -> bool:
-        try:
-            return free_bytes(self.dir) < self.spool.keep_free
-        except OSError:
-            return True
 
     def settle(self, ids: list[Position]) -> None:
         """Delivered, dead or set aside: advance the checkpoint and persist it."""
@@ -330,8 +324,8 @@ class Shipping(Reading, Moves):
         """Free the blocks of the settled start of the oldest file, if sealed: room would
         otherwise come back only once the whole file is settled, and a file sealed in a
         burst (or after an outage, or while the daemon was stopped) can hold most of the
-        disk. Nothing reads a sealed file before the checkpoint again (a checkpoint
-        rebuilt reads the NUL bytes as bad lines: settled, so nothing is lost)."""
+        disk. Nothing reads a sealed file before the checkpoint again but a checkpoint
+        rebuilt, whose reader passes over the hole (Reading._read): settled lines only."""
         entry = self.files.get(seq)
         if entry is None or not entry.sealed or offset - entry.punched < 4096:
             return
