@@ -167,8 +167,13 @@ def start_daemon(config) -> subprocess.Popen:
     daemon.drainer = threading.Thread(target=lambda: lines.extend(daemon.stderr),
                                       daemon=True)
     daemon.drainer.start()
-    wait_for(lambda: daemon.poll() is not None or shipper_pid(config) == daemon.pid,
-             timeout=20)
+    try:
+        wait_for(lambda: daemon.poll() is not None or shipper_pid(config) == daemon.pid,
+                 timeout=20)
+    except AssertionError:
+        daemon.kill()  # never left running behind a failed test, loading the machine
+        daemon.wait(10)
+        raise
     if daemon.poll() is not None:
         daemon.drainer.join(10)
         raise AssertionError(f"kmagent run exited {daemon.returncode}: "
