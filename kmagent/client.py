@@ -7,11 +7,12 @@ and for a spool it cannot write (SpoolError).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .config import Config, load_config
@@ -58,15 +59,59 @@ class Client:
         return f"<kmagent.Client spool={str(self._spool.path)!r}>"
 
 
+class RequestScope:
+    """The current person of one web request (or task), shared by everything it runs:
+    its thread-pool calls and the tasks it starts see the same person, and
+    ``KM.identify`` inside it changes the person for the rest of it only.
+
+    ``person`` is fixed, or ``resolve`` finds it when an event is recorded (a
+    framework's user, who may log in or out during the request). Enter it with
+    ``holding()``, as often as the request resumes (each chunk of a streamed body):
+    each exit puts back exactly what was current before."""
+
+    __slots__ = ("person", "resolve")
+
+    def __init__(self, person: str | int | None = None, *,
+                 resolve: Callable[[], str | int | None] | None = None) -> None:
+        self.person = None if person is None else check_person("person", person)
+        self.resolve = resolve
+
+    def current(self) -> str | None:
+        if self.resolve is None:
+            return self.person
+        try:
+            found = self.resolve()
+        except Exception as exc:  # the framework's lookup (a session, a database)
+            raise InvalidEvent("person", "the request's person could not be found: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        return None if found is None else check_person("person", found)
+
+    def identify(self, person: str | int | None) -> None:
+        self.person = None if person is None else check_person("person", person)
+        self.resolve = None  # the app said who: that outranks the framework's guess
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[RequestScope]:
+        token = _identity.set(self)
+        try:
+            yield self
+        finally:
+            _identity.reset(token)
+
+
+# Who KM records for: a person set by KM.identify or KM.identified (this thread's or
+# task's own), or a RequestScope. A ContextVar, never a global: each thread and each
+# asyncio task has its own, and a task starts with a copy of its creator's.
+_identity: contextvars.ContextVar[str | RequestScope | None] = contextvars.ContextVar(
+    "kmagent_identity", default=None)
+
+
 class _KM:
     """``kmagent.KM``: module-level calls with a current identity per thread / task."""
 
     def __init__(self) -> None:
         self._client: Client | None = None
         self._lock = threading.Lock()
-        # A ContextVar, never a global: each thread and each asyncio task has its own.
-        self._identity: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-            "kmagent_identity", default=None)
 
     def init(self, api_key: str | None = None, *, config: str | os.PathLike | None = None,
              spool: str | os.PathLike | None = None) -> None:
@@ -78,12 +123,32 @@ class _KM:
             old.close()
 
     def identify(self, person: str | int) -> None:
-        """Who the current person is, in this thread or task (no request is sent)."""
-        self._identity.set(check_person("person", person))
+        """Who the current person is, in this thread or task (no request is sent); in a
+        web request (kmagent.web), for the rest of that request."""
+        checked = check_person("person", person)
+        current = _identity.get()
+        if isinstance(current, RequestScope):
+            current.identify(checked)
+        else:
+            _identity.set(checked)
 
     def clear_identity(self) -> None:
-        """Forget the current person in this thread or task."""
-        self._identity.set(None)
+        """Forget the current person in this thread or task (or web request)."""
+        current = _identity.get()
+        if isinstance(current, RequestScope):
+            current.identify(None)
+        else:
+            _identity.set(None)
+
+    @contextlib.contextmanager
+    def identified(self, person: str | int) -> Iterator[None]:
+        """``person`` is the current person inside the block; whatever was current
+        before is back after it, exceptions included."""
+        token = _identity.set(check_person("person", person))
+        try:
+            yield
+        finally:
+            _identity.reset(token)
 
     def _get_client(self) -> Client:
         client = self._client
@@ -95,7 +160,8 @@ class _KM:
         return client
 
     def _client_and_person(self) -> tuple[Client, str]:
-        person = self._identity.get()
+        current = _identity.get()
+        person = current.current() if isinstance(current, RequestScope) else current
         if person is None:
             raise InvalidEvent("person", "call KM.identify(person) first, in this thread or task")
         return self._get_client(), person
