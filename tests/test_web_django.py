@@ -1,0 +1,119 @@
+"""kmagent.web.django.KmagentMiddleware through Django's test clients (sync and
+async): the signed-in user is the person, anonymous requests have none, a login
+during the request counts from then on, streamed responses keep their person."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+
+import pytest
+
+django = pytest.importorskip("django")
+from django.conf import settings  # noqa: E402
+
+if not settings.configured:
+    settings.configure(
+        DEBUG=False, SECRET_KEY="test", ROOT_URLCONF="web_apps.django_site",
+        ALLOWED_HOSTS=["*"], USE_TZ=True,
+        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", 
+                             # a file: async views run in other threads
+                             "NAME": str(Path(tempfile.mkdtemp()) / "site.db")}},
+        INSTALLED_APPS=["django.contrib.auth", "django.contrib.contenttypes",
+                        "django.contrib.sessions"],
+        MIDDLEWARE=["django.contrib.sessions.middleware.SessionMiddleware",
+                    "django.contrib.auth.middleware.AuthenticationMiddleware",
+                    "kmagent.web.django.KmagentMiddleware"],
+        PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"])
+    django.setup()
+
+from django.core.exceptions import ImproperlyConfigured  # noqa: E402
+from django.test import AsyncClient, Client, override_settings  # noqa: E402
+
+from kmagent import KM  # noqa: E402
+from test_web import people  # noqa: E402
+
+
+@pytest.fixture
+def users(spool_path):
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+    call_command("migrate", verbosity=0)
+    model = get_user_model()
+    model.objects.all().delete()
+    alice = model.objects.create_user("alice", "alice@example.com", "pw")
+    bob = model.objects.create_user("bob", "bob@example.com", "pw")
+    saved = KM._client
+    with override_settings(KMAGENT={"SPOOL": str(spool_path)}):
+        yield alice, bob
+    KM.clear_identity()
+    current, KM._client = KM._client, saved
+    if current is not None and current is not saved:
+        current.close()
+
+
+def test_the_signed_in_user_and_then_an_anonymous_visitor(users, spool_path):
+    alice, _ = users
+    signed_in, anonymous = Client(), Client()
+    signed_in.force_login(alice)
+    assert signed_in.get("/view").content == b"recorded"
+    assert anonymous.get("/view").content == b"anonymous"
+    assert signed_in.get("/view").content == b"recorded"
+    assert anonymous.get("/view").content == b"anonymous"
+    assert people(spool_path) == [("Viewed Page", str(alice.pk))] * 2
+
+
+def test_a_login_during_the_request_counts_from_then_on(users, spool_path):
+    _, bob = users
+    assert Client().get("/login", {"user": "bob"}).content == b"recorded"
+    assert people(spool_path) == [("Logged In", str(bob.pk))]
+
+
+def test_identify_inside_a_request_lasts_for_that_request_only(users, spool_path):
+    client = Client()
+    assert client.get("/identify", {"person": "visitor-7"}).content == b"recorded"
+    assert client.get("/view").content == b"anonymous"
+    assert people(spool_path) == [("Identified", "visitor-7")]
+
+
+def test_a_streamed_response_records_for_its_user(users, spool_path):
+    alice, _ = users
+    client = Client()
+    client.force_login(alice)
+    response = client.get("/stream")
+    assert b"".join(response.streaming_content) == b"first recorded"
+    assert Client().get("/view").content == b"anonymous"
+    assert people(spool_path) == [("Streamed", str(alice.pk))]
+
+
+def test_identify_by_another_attribute(users, spool_path):
+    alice, _ = users
+    with override_settings(KMAGENT={"SPOOL": str(spool_path), "IDENTIFY_BY": "email"}):
+        client = Client()
+        client.force_login(alice)
+        client.get("/view")
+    assert people(spool_path) == [("Viewed Page", "alice@example.com")]
+
+
+def test_async_requests_and_async_streams(users, spool_path):
+    alice, _ = users
+    from asgiref.sync import sync_to_async
+
+    async def visit() -> tuple[bytes, bytes, bytes]:
+        signed_in, anonymous = AsyncClient(), AsyncClient()
+        await sync_to_async(signed_in.force_login)(alice)
+        first = (await signed_in.get("/async-view")).content
+        second = (await anonymous.get("/async-view")).content
+        streamed = await signed_in.get("/async-stream")
+        body = b"".join([chunk async for chunk in streamed.streaming_content])
+        return first, second, body
+    assert asyncio.run(visit()) == (b"recorded", b"anonymous", b"first recorded")
+    assert people(spool_path) == [("Viewed Async", str(alice.pk)),
+                                  ("Streamed Async", str(alice.pk))]
+
+
+def test_an_unknown_setting_is_refused_naming_it(users, spool_path):
+    with override_settings(KMAGENT={"SPOOL": str(spool_path), "API_KY": "x"}):
+        with pytest.raises(ImproperlyConfigured, match="API_KY"):
+            Client().get("/view")
