@@ -1,0 +1,41 @@
+"""Celery: ``kmagent.web.celery.scope_tasks()`` once, where the worker imports the app.
+
+A worker process runs task after task in the same thread, so a person set with
+``KM.identify`` in one task would still be current in the next. With ``scope_tasks``
+each task starts with no current person, or with ``identify(task, args, kwargs)``'s
+answer, and ``KM.identify`` inside a task lasts until that task ends, failures
+included (Celery's task_prerun and task_postrun signals).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from . import scope_for
+
+_open: dict[str, contextlib.AbstractContextManager] = {}
+
+
+def scope_tasks(identify: Callable[[Any, tuple, dict], Any] | None = None) -> None:
+    """Give every task of this process a scope of its own (idempotent)."""
+    from celery import signals
+
+    def hook(found: tuple) -> Any:
+        return identify(*found)
+
+    def started(task_id: str, task: Any, args: tuple = (), kwargs: dict | None = None,
+                **_: Any) -> None:
+        scope = scope_for(hook if identify else None, (task, tuple(args or ()), kwargs or {}))
+        holding = scope.holding()
+        holding.__enter__()
+        _open[task_id] = holding
+
+    def finished(task_id: str, **_: Any) -> None:
+        holding = _open.pop(task_id, None)
+        if holding is not None:
+            holding.__exit__(None, None, None)
+
+    signals.task_prerun.connect(started, weak=False, dispatch_uid="kmagent.task_prerun")
+    signals.task_postrun.connect(finished, weak=False, dispatch_uid="kmagent.task_postrun")
