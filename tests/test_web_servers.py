@@ -1,7 +1,8 @@
 """The web middleware under real servers, each serving the scenario of
 web_scenario.py one request after another: gunicorn's gthread worker with one thread
 (every request reuses it), with and without --preload (KM opened before the fork),
-and uvicorn with a plain ASGI app and with FastAPI (sync endpoints in its thread pool)."""
+and uvicorn with a plain ASGI app and with FastAPI (sync endpoints in its thread pool),
+uWSGI with one process and one thread, the app loaded before the fork or after."""
 
 from __future__ import annotations
 
@@ -71,4 +72,16 @@ def test_uvicorn(spool_path, module):
     port = free_port()
     command = [str(BIN / "uvicorn"), "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "warning", f"{module}:app"]
+    run_scenario(command, port, spool_path)
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["fork-after-load", "lazy-apps"])
+def test_uwsgi_one_process_one_thread(spool_path, lazy):
+    if not (BIN / "uwsgi").exists():
+        pytest.skip("uWSGI is not installed (pip install pyuwsgi)")
+    port = free_port()
+    command = [str(BIN / "uwsgi"), "--http-socket", f"127.0.0.1:{port}", "--master",
+               "--processes", "1", "--threads", "1", "--enable-threads", "--die-on-term",
+               "--disable-logging", "--module", "wsgi_app:app",
+               *(["--lazy-apps"] if lazy else [])]
     run_scenario(command, port, spool_path)
