@@ -154,6 +154,9 @@ def _check_port(parts: SplitResult) -> None:
 
 def _endpoint(value: Any, base: Path) -> str:
     url = _string(value, base).rstrip("/")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        # urlsplit drops tabs and line breaks silently: the URL sent would not be this
+        raise ValueError("must not contain spaces or control characters")
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ValueError("must be an https:// URL, e.g. https://trk.kissmetrics.io")

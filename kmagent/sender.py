@@ -194,8 +194,8 @@ class Transport(HTTPAdapter):
         return pool
 
     def request_url(self, request, proxies):
-        if proxies:  # a plain-http proxy wants the absolute URL: requests decides
-            return super().request_url(request, proxies)
+        if proxies or not request.url.startswith(self.origin):
+            return super().request_url(request, proxies)  # requests decides, parsing
         return request.url[len(self.origin):] or "/"
 
     def build_response(self, req, resp):

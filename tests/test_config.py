@@ -405,3 +405,11 @@ def test_a_directory_is_not_a_config_file(tmp_path):
 def test_endpoint_port_must_be_a_port(tmp_path):
     path = toml(tmp_path / "config.toml", 'endpoint = "http://127.0.0.1:99999"\n')
     assert "port" in str(refused(path))
+
+
+@pytest.mark.parametrize("endpoint", ["https://trk.kiss\\tmetrics.io",
+                                      "https://trk.kissmetrics.io/a b", "https://trk\\n.io"])
+def test_endpoint_with_whitespace_or_control_characters_refused(tmp_path, endpoint):
+    # urlsplit drops tabs and line breaks: the host the requests went to would differ
+    path = toml(tmp_path / "config.toml", f'endpoint = "{endpoint}"\n')
+    assert "control characters" in str(refused(path))

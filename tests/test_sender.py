@@ -563,3 +563,16 @@ def test_the_shipper_dead_letters_an_oversized_stored_event_instead_of_retrying(
         shipper.shutdown(5)
         shipper.sender.close()
         spool.close()
+
+
+def test_a_url_the_origin_does_not_prefix_is_left_to_requests():
+    # The trimmed adapter slices the target off its origin only when the URL starts
+    # with it; any other URL is parsed by requests, as a plain HTTPAdapter would.
+    import requests
+    from kmagent.sender import Transport
+    transport = Transport("https://trk.kissmetrics.io")
+    request = requests.PreparedRequest()
+    request.url = "https://trk.kiss\tmetrics.io:8443/km/e?_k=x"
+    assert transport.request_url(request, None) == "/km/e?_k=x"
+    request.url = "https://trk.kissmetrics.io/e?_k=x"
+    assert transport.request_url(request, None) == "/e?_k=x"

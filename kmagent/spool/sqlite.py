@@ -381,4 +381,4 @@ def _table(conn: sqlite3.Connection, name: str):
     letters) goes through sqlite-utils; the producer's INSERT and the claim do not."""
     import sqlite_utils  # here: ~0.1 s to import, which the producer side never pays
     db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
-    return sqlite_utils.db.Table(db, name)  # not db[name]: that asks sqlite_master first
+    return sqlite_utils.db.Table(db, name)  # not db[name]: that asks for views first
