@@ -233,3 +233,17 @@ def test_asgi_lifespan_passes_through(km):
         seen.append(scope["type"])
     asyncio.run(ASGIMiddleware(app)({"type": "lifespan"}, None, None))
     assert seen == ["lifespan"]
+
+
+def test_the_web_helpers_import_no_framework_and_no_http_stack():
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys, kmagent.web, kmagent.web.django, kmagent.web.flask, "
+            "kmagent.web.celery\n"
+            "print(sorted(m for m in ('django', 'flask', 'celery', 'requests', 'http.client',"
+            " 'watchdog', 'click') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).parent.parent, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
