@@ -59,51 +59,78 @@ class Client:
         return f"<kmagent.Client spool={str(self._spool.path)!r}>"
 
 
-class RequestScope:
-    """The current person of one web request (or task), shared by everything it runs:
-    its thread-pool calls and the tasks it starts see the same person, and
-    ``KM.identify`` inside it changes the person for the rest of it only.
+class LookedUp:
+    """The person a framework knows (its signed-in user), looked up each time an event
+    is recorded, so that a login or logout during the request counts from then on.
+    When the lookup finds no one, ``otherwise`` (what was current before) applies."""
 
-    ``person`` is fixed, or ``resolve`` finds it when an event is recorded (a
-    framework's user, who may log in or out during the request). Enter it with
-    ``holding()``, as often as the request resumes (each chunk of a streamed body):
-    each exit puts back exactly what was current before."""
+    __slots__ = ("resolve", "otherwise")
 
-    __slots__ = ("person", "resolve")
-
-    def __init__(self, person: str | int | None = None, *,
-                 resolve: Callable[[], str | int | None] | None = None) -> None:
-        self.person = None if person is None else check_person("person", person)
+    def __init__(self, resolve: Callable[[], str | int | None],
+                 otherwise: str | LookedUp | None = None) -> None:
         self.resolve = resolve
+        self.otherwise = otherwise
 
-    def current(self) -> str | None:
-        if self.resolve is None:
-            return self.person
+    def person(self) -> str | None:
         try:
             found = self.resolve()
         except Exception as exc:  # the framework's lookup (a session, a database)
             raise InvalidEvent("person", "the request's person could not be found: "
                                f"{type(exc).__name__}: {exc}") from exc
-        return None if found is None else check_person("person", found)
+        if found is not None:
+            return check_person("person", found)
+        return _person_of(self.otherwise)
 
-    def identify(self, person: str | int | None) -> None:
-        self.person = None if person is None else check_person("person", person)
-        self.resolve = None  # the app said who: that outranks the framework's guess
+
+class Request:
+    """What is current for one web request (or task), carried across its resumptions:
+    ``entered()`` makes it current in this thread or task and, on the way out,
+    remembers what the request left current (a KM.identify, a KM.identified block still
+    open in a streamed body) and puts back exactly what was there before. Enter it as
+    often as the request resumes: around the app, each chunk of its body, its close()."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, start: str | LookedUp | None = None) -> None:
+        self.value = start
 
     @contextlib.contextmanager
-    def holding(self) -> Iterator[RequestScope]:
-        token = _identity.set(self)
+    def entered(self) -> Iterator[None]:
+        token, inside = _identity.set(self.value), _in_request.set(True)
         try:
-            yield self
+            yield
         finally:
+            self.value = _identity.get()
+            _in_request.reset(inside)
             _identity.reset(token)
 
 
-# Who KM records for: a person set by KM.identify or KM.identified (this thread's or
-# task's own), or a RequestScope. A ContextVar, never a global: each thread and each
-# asyncio task has its own, and a task starts with a copy of its creator's.
-_identity: contextvars.ContextVar[str | RequestScope | None] = contextvars.ContextVar(
+def in_request() -> bool:
+    """Whether this thread or task is inside a Request (an outer middleware's)."""
+    return _in_request.get()
+
+
+def current_identity() -> str | LookedUp | None:
+    return _identity.get()
+
+
+def look_up(resolve: Callable[[], str | int | None]) -> None:
+    """From now on in this thread or task (a request: until it ends), the current
+    person is ``resolve()``'s answer when an event is recorded, else what it was."""
+    _identity.set(LookedUp(resolve, _identity.get()))
+
+
+def _person_of(value: str | LookedUp | None) -> str | None:
+    return value.person() if isinstance(value, LookedUp) else value
+
+
+# Who KM records for: a person set by KM.identify or KM.identified, or a LookedUp. A
+# ContextVar, never a global: each thread and each asyncio task has its own, a task
+# starts with a copy of its creator's, and nothing set in one reaches another.
+_identity: contextvars.ContextVar[str | LookedUp | None] = contextvars.ContextVar(
     "kmagent_identity", default=None)
+_in_request: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "kmagent_in_request", default=False)
 
 
 class _KM:
@@ -124,21 +151,12 @@ class _KM:
 
     def identify(self, person: str | int) -> None:
         """Who the current person is, in this thread or task (no request is sent); in a
-        web request (kmagent.web), for the rest of that request."""
-        checked = check_person("person", person)
-        current = _identity.get()
-        if isinstance(current, RequestScope):
-            current.identify(checked)
-        else:
-            _identity.set(checked)
+        web request (kmagent.web), until that request ends."""
+        _identity.set(check_person("person", person))
 
     def clear_identity(self) -> None:
-        """Forget the current person in this thread or task (or web request)."""
-        current = _identity.get()
-        if isinstance(current, RequestScope):
-            current.identify(None)
-        else:
-            _identity.set(None)
+        """Forget the current person in this thread or task."""
+        _identity.set(None)
 
     @contextlib.contextmanager
     def identified(self, person: str | int) -> Iterator[None]:
@@ -160,8 +178,7 @@ class _KM:
         return client
 
     def _client_and_person(self) -> tuple[Client, str]:
-        current = _identity.get()
-        person = current.current() if isinstance(current, RequestScope) else current
+        person = _person_of(_identity.get())
         if person is None:
             raise InvalidEvent("person", "call KM.identify(person) first, in this thread or task")
         return self._get_client(), person

@@ -214,16 +214,68 @@ def test_asgi_concurrent_requests_in_one_loop_leak_no_one(km, spool_path):
     web_scenario.check(spool_path, steps)
 
 
-def test_asgi_a_sync_endpoint_in_a_thread_pool_shares_the_request_person(km, spool_path):
+def test_asgi_a_sync_endpoint_in_a_thread_pool_starts_with_the_request_person(
+        km, spool_path):
     async def app(scope, receive, send):
         loop = asyncio.get_running_loop()
         # What Starlette does for a sync endpoint: the context is copied into a thread.
         import contextvars
-        context = contextvars.copy_context()
-        await loop.run_in_executor(None, context.run, lambda: KM.identify("pooled"))
-        KM.record("After the pool")  # the same request: the person it identified
-    asyncio.run(call_asgi(ASGIMiddleware(app), "/", {}))
-    assert people(spool_path) == [("After the pool", "pooled")]
+
+        def endpoint() -> None:
+            KM.record("In the pool")
+            KM.identify("pooled")  # its own, as in any thread
+            KM.record("Identified in the pool")
+        await loop.run_in_executor(None, contextvars.copy_context().run, endpoint)
+        KM.record("After the pool")
+    hooked = ASGIMiddleware(app, identify=lambda scope: "visitor")
+    asyncio.run(call_asgi(hooked, "/", {}))
+    assert people(spool_path) == [("In the pool", "visitor"),
+                                  ("Identified in the pool", "pooled"),
+                                  ("After the pool", "visitor")]
+
+
+def test_asgi_tasks_of_one_request_identify_each_their_own(km, spool_path):
+    async def notify(person: str) -> None:
+        KM.identify(person)
+        await asyncio.sleep(0.01)  # the others identify meanwhile
+        KM.record(f"Notified {person}")
+
+    async def app(scope, receive, send):
+        await asyncio.gather(*(notify(p) for p in ("ann", "ben", "cat")))
+        KM.record("Fanned out")
+    asyncio.run(call_asgi(ASGIMiddleware(app, identify=lambda s: "admin"), "/", {}))
+    assert sorted(people(spool_path)) == [("Fanned out", "admin"), ("Notified ann", "ann"),
+                                          ("Notified ben", "ben"), ("Notified cat", "cat")]
+
+
+def test_wsgi_identified_in_a_streamed_body_holds_across_its_chunks(km, spool_path):
+    def app(environ, start_response):
+        start_response("200 OK", [])
+
+        def body():
+            yield b"a"
+            with KM.identified("customer"):
+                KM.record("First")
+                yield b"b"
+                KM.record("Second")  # after the server took a chunk
+            KM.record("Outside the block")
+            yield b"c"
+        return body()
+    hooked = WSGIMiddleware(app, identify=lambda environ: "staff")
+    assert call_wsgi(hooked) == ("200 OK", b"abc")
+    assert people(spool_path) == [("First", "customer"), ("Second", "customer"),
+                                  ("Outside the block", "staff")]
+
+
+def test_wsgi_nested_middleware_keeps_the_outer_person(km, spool_path):
+    def app(environ, start_response):
+        KM.record("Viewed")
+        start_response("200 OK", [])
+        return [b""]
+    inner = WSGIMiddleware(app)  # a framework's, with no hook of its own
+    outer = WSGIMiddleware(inner, identify=lambda environ: "from-the-gateway")
+    call_wsgi(outer)
+    assert people(spool_path) == [("Viewed", "from-the-gateway")]
 
 
 def test_asgi_lifespan_passes_through(km):

@@ -117,3 +117,63 @@ def test_an_unknown_setting_is_refused_naming_it(users, spool_path):
     with override_settings(KMAGENT={"SPOOL": str(spool_path), "API_KY": "x"}):
         with pytest.raises(ImproperlyConfigured, match="API_KY"):
             Client().get("/view")
+
+
+def test_identified_in_a_streamed_body_holds_across_its_chunks(users, spool_path):
+    response = Client().get("/stream-identified")
+    assert b"".join(response.streaming_content) == b"a b c"
+    assert people(spool_path) == [("Inside identified", "customer")]
+
+
+def test_a_stream_closed_early_records_for_its_request(users, spool_path):
+    from django.core.handlers.wsgi import WSGIHandler
+    from wsgiref.util import setup_testing_defaults
+    environ: dict = {}
+    setup_testing_defaults(environ)
+    environ["PATH_INFO"] = "/download"
+    response = WSGIHandler()(environ, lambda *args: None)
+    chunks = iter(response)
+    next(chunks), next(chunks)
+    response.close()  # the client went away: the view's finally runs
+    assert people(spool_path) == [("Download ended", "downloader")]
+
+
+def test_a_logout_during_the_request_counts_from_then_on(users, spool_path):
+    alice, _ = users
+    client = Client()
+    client.force_login(alice)
+    assert client.get("/logout").content == b"anonymous"
+    assert people(spool_path) == [("Before Logout", str(alice.pk))]
+
+
+def test_a_file_response_is_left_to_the_server(users):
+    from django.core.handlers.wsgi import WSGIHandler
+    from wsgiref.util import setup_testing_defaults
+    environ: dict = {}
+    setup_testing_defaults(environ)
+    environ["PATH_INFO"] = "/file"
+    sent = []
+
+    class FileWrapper:  # what a server's wsgi.file_wrapper gets, to sendfile() it
+        def __init__(self, filelike, block_size=8192):
+            sent.append(filelike)
+            self.filelike = filelike
+
+        def __iter__(self):
+            return iter([self.filelike.read()])
+    environ["wsgi.file_wrapper"] = FileWrapper
+    response = WSGIHandler()(environ, lambda *args: None)
+    assert sent and b"".join(response) == b"file body"
+
+
+def test_an_async_request_whose_user_cannot_be_found_is_still_served(users, caplog):
+    from unittest import mock
+
+    async def broken(*args, **kwargs):
+        raise ConnectionError("the session store is down")
+
+    async def visit() -> bytes:
+        with mock.patch("django.contrib.auth.aget_user", broken):
+            return (await AsyncClient().get("/async-view")).content
+    assert asyncio.run(visit()) == b"anonymous"
+    assert "could not be found" in caplog.text

@@ -79,14 +79,33 @@ def test_flask_login_user_by_default(spool_path, restore_km):
 
     @app.get("/login")
     def login():
+        record("Before Login")
         flask_login.login_user(User("u-17"))
-        return "ok"
+        return record("Logged In")
+
+    @app.get("/logout")
+    def logout():
+        record("Before Logout")
+        flask_login.logout_user()
+        return record("After Logout")
+
+    @app.get("/stream-logout")
+    def stream_logout():
+        flask_login.logout_user()  # the body streams after the request context is gone
+
+        def body():
+            yield record("Streamed")
+        return flask.Response(body())
     client = app.test_client()
     assert client.get("/view").text == "anonymous"
-    client.get("/login")
+    assert client.get("/login").text == "recorded"  # from the login on
     assert client.get("/view").text == "recorded"
     assert app.test_client().get("/view").text == "anonymous"  # another visitor
-    assert people(spool_path) == [("Viewed Page", "u-17")]
+    assert client.get("/logout").text == "anonymous"  # from the logout on
+    client.get("/login")
+    assert client.get("/stream-logout").text == "anonymous"
+    assert people(spool_path) == [("Logged In", "u-17"), ("Viewed Page", "u-17"),
+                                  ("Before Logout", "u-17"), ("Logged In", "u-17")]
 
 
 def test_init_app_in_a_factory(spool_path, restore_km):

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from . import scope_for
+from . import request_for
 
 _open: dict[str, contextlib.AbstractContextManager] = {}
 
@@ -27,15 +27,16 @@ def scope_tasks(identify: Callable[[Any, tuple, dict], Any] | None = None) -> No
 
     def started(task_id: str, task: Any, args: tuple = (), kwargs: dict | None = None,
                 **_: Any) -> None:
-        scope = scope_for(hook if identify else None, (task, tuple(args or ()), kwargs or {}))
-        holding = scope.holding()
-        holding.__enter__()
-        _open[task_id] = holding
+        request = request_for(hook if identify else None,
+                              (task, tuple(args or ()), kwargs or {}))
+        entered = request.entered()
+        entered.__enter__()
+        _open[task_id] = entered
 
     def finished(task_id: str, **_: Any) -> None:
-        holding = _open.pop(task_id, None)
-        if holding is not None:
-            holding.__exit__(None, None, None)
+        entered = _open.pop(task_id, None)
+        if entered is not None:
+            entered.__exit__(None, None, None)
 
     signals.task_prerun.connect(started, weak=False, dispatch_uid="kmagent.task_prerun")
     signals.task_postrun.connect(finished, weak=False, dispatch_uid="kmagent.task_postrun")

@@ -17,10 +17,13 @@ Settings, all optional (the configuration file is used without them)::
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from ..client import KM, RequestScope
+from ..client import KM, LookedUp, Request, current_identity, in_request
+
+log = logging.getLogger("kmagent.web")
 
 SETTINGS = ("API_KEY", "CONFIG", "SPOOL", "IDENTIFY_BY")
 
@@ -57,48 +60,63 @@ class KmagentMiddleware:
             from asgiref.sync import markcoroutinefunction
             markcoroutinefunction(self)
 
-    def _scope(self, request: Any) -> RequestScope:
+    def _request(self, request: Any) -> Request:
         def signed_in() -> Any:
             user = getattr(request, "user", None)
             if user is None or not getattr(user, "is_authenticated", False):
                 return None
             return getattr(user, self.identify_by)
-        return RequestScope(resolve=signed_in)
+        # Inside an outer middleware's request, its person holds for anonymous visitors.
+        return Request(LookedUp(signed_in, current_identity() if in_request() else None))
 
     def __call__(self, request: Any) -> Any:
         if self._async:
             return self.__acall__(request)
-        scope = self._scope(request)
-        with scope.holding():
+        carried = self._request(request)
+        with carried.entered():
             response = self.get_response(request)
-        return _streamed_in(scope, response)
+        return _streamed_in(carried, response)
 
     async def __acall__(self, request: Any) -> Any:
         if hasattr(request, "auser"):
             # Events are recorded by sync calls, which may not query the database from
             # an event loop: the user is found now, as Django's own alogin() leaves it.
-            request.user = await request.auser()
-        scope = self._scope(request)
-        with scope.holding():
+            try:
+                request.user = await request.auser()
+            except Exception:  # the session store is down: the view decides, not us
+                log.exception("the signed-in user could not be found; this request has "
+                              "no current person")
+        carried = self._request(request)
+        with carried.entered():
             response = await self.get_response(request)
-        return _streamed_in(scope, response)
+        return _streamed_in(carried, response)
 
 
-def _streamed_in(scope: RequestScope, response: Any) -> Any:
-    """A streamed response's chunks produced inside its request's scope."""
-    if getattr(response, "streaming", False):
-        content = response.streaming_content
-        if getattr(response, "is_async", False):
-            response.streaming_content = _async_chunks(scope, content)
-        else:
-            response.streaming_content = _chunks(scope, content)
+def _streamed_in(carried: Request, response: Any) -> Any:
+    """A streamed response's chunks, and its close() (the view's generator's finally,
+    when the client goes away), run inside its request. A file (FileResponse) is left
+    as it is: no app code runs in it, and the server may sendfile() it."""
+    if not getattr(response, "streaming", False) or getattr(response, "file_to_stream",
+                                                             None) is not None:
+        return response
+    content = response.streaming_content
+    if getattr(response, "is_async", False):
+        response.streaming_content = _async_chunks(carried, content)
+    else:
+        response.streaming_content = _chunks(carried, content)
+    close = response.close
+
+    def closed_inside() -> None:
+        with carried.entered():
+            close()
+    response.close = closed_inside  # the handler calls it once the body is done
     return response
 
 
-def _chunks(scope: RequestScope, content: Iterator[bytes]) -> Iterator[bytes]:
+def _chunks(carried: Request, content: Iterator[bytes]) -> Iterator[bytes]:
     iterator = iter(content)
     while True:
-        with scope.holding():
+        with carried.entered():
             try:
                 chunk = next(iterator)
             except StopIteration:
@@ -106,10 +124,11 @@ def _chunks(scope: RequestScope, content: Iterator[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
-async def _async_chunks(scope: RequestScope, content: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _async_chunks(carried: Request,
+                        content: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     iterator = aiter(content)
     while True:
-        with scope.holding():
+        with carried.entered():
             try:
                 chunk = await anext(iterator)
             except StopAsyncIteration:

@@ -2,10 +2,12 @@
 ``kmagent_ext.init_app(app)`` in an app factory.
 
 It wraps ``app.wsgi_app`` in WSGIMiddleware, so each request starts with no current
-person and leaves none behind (streamed responses included), and before each request
-calls ``identify()`` (in the request context, no argument: ``current_user``, ``g`` and
-``session`` are there) for the request's person. Without a hook, Flask-Login's signed-in
-user (``current_user.get_id()``) is the person when the app uses Flask-Login.
+person and leaves none behind (streamed responses included), and the request's person
+is ``identify()``'s answer (called in the request context, no argument: ``current_user``,
+``g`` and ``session`` are there) each time an event is recorded, so a login or logout
+during the request counts from then on; a body streamed after the request context is
+gone records for the answer at the request's end. Without a hook, Flask-Login's
+signed-in user (``current_user.get_id()``) when the app uses Flask-Login.
 
 Configuration, all optional: ``KMAGENT_API_KEY``, ``KMAGENT_CONFIG``, ``KMAGENT_SPOOL``.
 """
@@ -16,7 +18,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..client import KM
+from ..client import KM, look_up
 from . import WSGIMiddleware
 
 log = logging.getLogger("kmagent.web")
@@ -34,17 +36,30 @@ class Kmagent:
         if key is not None or config is not None or spool is not None:
             KM.init(key, config=config, spool=spool)
         app.wsgi_app = WSGIMiddleware(app.wsgi_app)
-        app.before_request(self._identify_request)
+        app.before_request(self._look_up)
+        app.teardown_request(self._last_look)
         app.extensions["kmagent"] = self
 
-    def _identify_request(self) -> None:
+    def _look_up(self) -> None:
+        from flask import g, has_request_context
         hook = self.identify or _flask_login_user
-        try:
-            person = hook()
-            if person is not None:
-                KM.identify(person)  # this request's scope: for the rest of it only
-        except Exception:
-            log.exception("the identify hook failed; this request has no current person")
+        last: list[Any] = [None]  # the hook's latest answer, for a body streamed after
+
+        def resolve() -> Any:
+            if has_request_context():
+                last[0] = hook()
+            return last[0]
+        g._kmagent_resolve = resolve
+        look_up(resolve)  # until this request ends (WSGIMiddleware)
+
+    def _last_look(self, error: BaseException | None) -> None:
+        from flask import g
+        resolve = g.pop("_kmagent_resolve", None)
+        if resolve is not None:
+            try:
+                resolve()
+            except Exception:
+                log.exception("the identify hook failed at the end of the request")
 
 
 def _flask_login_user() -> Any:

@@ -14,7 +14,8 @@ if os.environ.get("WEB_SPOOL"):
 folder = os.environ.get("CELERY_BROKER_DIR", "/tmp/kmagent-celery")
 app = Celery("celery_app", broker="filesystem://")
 app.conf.update(broker_transport_options={"data_folder_in": folder,
-                                          "data_folder_out": folder},
+                                          "data_folder_out": folder,
+                                          "control_folder": folder + "-control"},
                 task_ignore_result=True, worker_hijack_root_logger=False)
 # The person a task is for, when its caller names one: the "person" keyword argument.
 scope_tasks(identify=lambda task, args, kwargs: kwargs.get("person"))

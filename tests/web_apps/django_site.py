@@ -44,6 +44,41 @@ def stream(request):
     return StreamingHttpResponse(body())
 
 
+def stream_identified(request):
+    def body():
+        yield b"a "
+        with KM.identified("customer"):
+            yield b"b "
+            record("Inside identified")  # after the server took a chunk
+        yield b"c"
+    return StreamingHttpResponse(body())
+
+
+def download(request):
+    KM.identify("downloader")
+
+    def body():
+        try:
+            for _ in range(100):
+                yield b"x" * 10
+        finally:
+            record("Download ended")  # finished, or the client went away
+    return StreamingHttpResponse(body())
+
+
+def log_out(request):
+    from django.contrib.auth import logout
+    record("Before Logout")
+    logout(request)
+    return HttpResponse(record("After Logout"))
+
+
+def file_download(request):
+    import io
+    from django.http import FileResponse
+    return FileResponse(io.BytesIO(b"file body"))
+
+
 async def async_stream(request):
     async def body():
         yield b"first "
@@ -54,4 +89,6 @@ async def async_stream(request):
 
 urlpatterns = [path("view", view), path("async-view", async_view), path("login", log_in),
                path("identify", identify), path("stream", stream),
-               path("async-stream", async_stream)]
+               path("async-stream", async_stream), path("stream-identified", stream_identified),
+               path("download", download), path("logout", log_out),
+               path("file", file_download)]
