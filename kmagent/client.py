@@ -1,4 +1,4 @@
-"""The producer side: Client (person explicit) and KM (the seed's module-level style).
+"""The producer side: Client (person explicit) and KM (Kissmetrics' module-level style).
 
 Nothing here touches the network: each call validates, freezes the event's time and
 appends it to the spool. It raises only for the caller's own mistakes (InvalidEvent)

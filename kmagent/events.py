@@ -46,7 +46,8 @@ RESERVED_NAMES = frozenset({"_k", "_p", "_n"})
 # Kissmetrics' newline-JSON import (``kmagent export``) reads ``_p2`` as an alias's
 # second identity: a property of that name would alias two people there (PROTOCOL.md).
 IMPORT_RESERVED_NAMES = frozenset({"_p2"})
-# Parameters accepted as properties but meaning "the event's time" (the seed's style).
+# Parameters accepted as properties but meaning "the event's time" (as in Kissmetrics'
+# own examples: PROTOCOL.md).
 TIME_NAMES = frozenset({"_t", "_d"})
 
 EVENT, SET, ALIAS = "e", "s", "a"

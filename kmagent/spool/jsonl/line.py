@@ -148,7 +148,7 @@ def _event(fields: dict[str, Any], props: dict[str, Any]) -> Event:
     if api_key is not None:
         check_name("_k", api_key)  # as Client checks its api_key
     if "_d" in fields:
-        props["_d"] = fields["_d"]  # validated as the seed's _d: only 1 is accepted
+        props["_d"] = fields["_d"]  # validated as record() validates _d: only 1 is accepted
     if "_p2" in fields and "_n" in fields:
         raise BadLine("both _n and _p2: an event or an alias, not both")
     if "_q" in fields:
