@@ -8,13 +8,13 @@ and for a spool it cannot write (SpoolError).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+from . import identity
 from .config import Config, load_config
 from .errors import InvalidEvent
 from .events import check_name, check_person, make_alias, make_event, make_set
@@ -59,80 +59,6 @@ class Client:
         return f"<kmagent.Client spool={str(self._spool.path)!r}>"
 
 
-class LookedUp:
-    """The person a framework knows (its signed-in user), looked up each time an event
-    is recorded, so that a login or logout during the request counts from then on.
-    When the lookup finds no one, ``otherwise`` (what was current before) applies."""
-
-    __slots__ = ("resolve", "otherwise")
-
-    def __init__(self, resolve: Callable[[], str | int | None],
-                 otherwise: str | LookedUp | None = None) -> None:
-        self.resolve = resolve
-        self.otherwise = otherwise
-
-    def person(self) -> str | None:
-        try:
-            found = self.resolve()
-        except Exception as exc:  # the framework's lookup (a session, a database)
-            raise InvalidEvent("person", "the request's person could not be found: "
-                               f"{type(exc).__name__}: {exc}") from exc
-        if found is not None:
-            return check_person("person", found)
-        return _person_of(self.otherwise)
-
-
-class Request:
-    """What is current for one web request (or task), carried across its resumptions:
-    ``entered()`` makes it current in this thread or task and, on the way out,
-    remembers what the request left current (a KM.identify, a KM.identified block still
-    open in a streamed body) and puts back exactly what was there before. Enter it as
-    often as the request resumes: around the app, each chunk of its body, its close()."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, start: str | LookedUp | None = None) -> None:
-        self.value = start
-
-    @contextlib.contextmanager
-    def entered(self) -> Iterator[None]:
-        token, inside = _identity.set(self.value), _in_request.set(True)
-        try:
-            yield
-        finally:
-            self.value = _identity.get()
-            _in_request.reset(inside)
-            _identity.reset(token)
-
-
-def in_request() -> bool:
-    """Whether this thread or task is inside a Request (an outer middleware's)."""
-    return _in_request.get()
-
-
-def current_identity() -> str | LookedUp | None:
-    return _identity.get()
-
-
-def look_up(resolve: Callable[[], str | int | None]) -> None:
-    """From now on in this thread or task (a request: until it ends), the current
-    person is ``resolve()``'s answer when an event is recorded, else what it was."""
-    _identity.set(LookedUp(resolve, _identity.get()))
-
-
-def _person_of(value: str | LookedUp | None) -> str | None:
-    return value.person() if isinstance(value, LookedUp) else value
-
-
-# Who KM records for: a person set by KM.identify or KM.identified, or a LookedUp. A
-# ContextVar, never a global: each thread and each asyncio task has its own, a task
-# starts with a copy of its creator's, and nothing set in one reaches another.
-_identity: contextvars.ContextVar[str | LookedUp | None] = contextvars.ContextVar(
-    "kmagent_identity", default=None)
-_in_request: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "kmagent_in_request", default=False)
-
-
 class _KM:
     """``kmagent.KM``: module-level calls with a current identity per thread / task."""
 
@@ -152,21 +78,16 @@ class _KM:
     def identify(self, person: str | int) -> None:
         """Who the current person is, in this thread or task (no request is sent); in a
         web request (kmagent.web), until that request ends."""
-        _identity.set(check_person("person", person))
+        identity.identify(check_person("person", person))
 
     def clear_identity(self) -> None:
         """Forget the current person in this thread or task."""
-        _identity.set(None)
+        identity.identify(None)
 
-    @contextlib.contextmanager
-    def identified(self, person: str | int) -> Iterator[None]:
-        """``person`` is the current person inside the block; whatever was current
-        before is back after it, exceptions included."""
-        token = _identity.set(check_person("person", person))
-        try:
-            yield
-        finally:
-            _identity.reset(token)
+    def identified(self, person: str | int) -> contextlib.AbstractContextManager[None]:
+        """``with KM.identified(person):`` ``person`` is the current person inside the
+        block; whatever was current before is back after it, exceptions included."""
+        return identity.identified(check_person("person", person))
 
     def _get_client(self) -> Client:
         client = self._client
@@ -178,7 +99,7 @@ class _KM:
         return client
 
     def _client_and_person(self) -> tuple[Client, str]:
-        person = _person_of(_identity.get())
+        person = identity.current_person()
         if person is None:
             raise InvalidEvent("person", "call KM.identify(person) first, in this thread or task")
         return self._get_client(), person

@@ -214,7 +214,7 @@ def test_asgi_concurrent_requests_in_one_loop_leak_no_one(km, spool_path):
     web_scenario.check(spool_path, steps)
 
 
-def test_asgi_a_sync_endpoint_in_a_thread_pool_starts_with_the_request_person(
+def test_asgi_identify_in_a_thread_pool_holds_for_the_rest_of_the_request(
         km, spool_path):
     async def app(scope, receive, send):
         loop = asyncio.get_running_loop()
@@ -223,15 +223,33 @@ def test_asgi_a_sync_endpoint_in_a_thread_pool_starts_with_the_request_person(
 
         def endpoint() -> None:
             KM.record("In the pool")
-            KM.identify("pooled")  # its own, as in any thread
+            KM.identify("pooled")  # a sync dependency finding the user, say
             KM.record("Identified in the pool")
         await loop.run_in_executor(None, contextvars.copy_context().run, endpoint)
-        KM.record("After the pool")
+        KM.record("After the pool")  # the async endpoint, in the request's own task
     hooked = ASGIMiddleware(app, identify=lambda scope: "visitor")
     asyncio.run(call_asgi(hooked, "/", {}))
+    with pytest.raises(InvalidEvent):
+        KM.record("After the request")
     assert people(spool_path) == [("In the pool", "visitor"),
                                   ("Identified in the pool", "pooled"),
-                                  ("After the pool", "visitor")]
+                                  ("After the pool", "pooled")]
+
+
+def test_identified_left_in_another_copy_of_the_context_does_not_raise(km, spool_path):
+    # Starlette runs each half of a sync yield dependency (and each chunk of a sync
+    # body) in a fresh copy of the request's context: the block is left in another.
+    import contextvars
+
+    def dependency():
+        with KM.identified("dependency"):
+            yield
+    steps = dependency()
+    with km.identified("request"):
+        contextvars.copy_context().run(next, steps)
+        contextvars.copy_context().run(next, steps, None)  # closes the block: no error
+        KM.record("After")
+    assert people(spool_path) == [("After", "request")]
 
 
 def test_asgi_tasks_of_one_request_identify_each_their_own(km, spool_path):

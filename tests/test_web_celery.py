@@ -75,3 +75,38 @@ def test_eager_tasks_in_this_thread_are_scoped_too(celery_env, spool_path):
     for task, args, kwargs, _ in TASKS:
         getattr(celery_env, task).apply(args, kwargs)  # a failure is kept in its result
     assert web_scenario.recorded(spool_path) == expected()
+
+
+def test_one_task_id_running_in_two_threads_at_once_leaves_no_one_behind(celery_env,
+                                                                         spool_path):
+    # A redelivered message, or a task id chosen for deduplication, under a threads pool.
+    import threading
+    from kmagent import KM
+    from kmagent.identity import current_request
+    both = threading.Barrier(2)
+    first_done = threading.Event()
+    after = {}
+
+    @celery_env.app.task
+    def sync_account(n: int, login: str) -> None:
+        KM.identify(login)
+        both.wait(10)
+        if login == "ben":
+            first_done.wait(10)  # ann's run finishes first
+        celery_env.record("Synced", n)
+
+    def worker(n: int, login: str) -> None:
+        try:
+            sync_account.apply((n, login), task_id="same-id")
+        finally:
+            first_done.set() if login == "ann" else None
+        celery_env.report.apply((n + 10,))  # nobody identified: records nothing
+        after[login] = (current_request(), KM._client is not None)
+    threads = [threading.Thread(target=worker, args=a) for a in ((0, "ann"), (1, "ben"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert web_scenario.recorded(spool_path) == {"t0": [("Synced", "ann")],
+                                                 "t1": [("Synced", "ben")]}
+    assert [request for request, _ in after.values()] == [None, None]

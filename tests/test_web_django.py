@@ -177,3 +177,70 @@ def test_an_async_request_whose_user_cannot_be_found_is_still_served(users, capl
             return (await AsyncClient().get("/async-view")).content
     assert asyncio.run(visit()) == b"anonymous"
     assert "could not be found" in caplog.text
+
+
+def test_sync_mode_under_asgi_still_finds_the_user_for_an_async_view(users, spool_path):
+    # A sync-only middleware after ours makes Django run ours in sync mode, under ASGI.
+    alice, _ = users
+    from django.contrib.sessions.backends.db import SessionStore
+    from django.core.handlers.asgi import ASGIHandler
+
+    def sync_only(get_response):
+        return lambda request: get_response(request)
+    session = SessionStore()
+    session["_auth_user_id"] = str(alice.pk)
+    session["_auth_user_backend"] = "django.contrib.auth.backends.ModelBackend"
+    session["_auth_user_hash"] = alice.get_session_auth_hash()
+    session.save()
+    chain = [*settings.MIDDLEWARE, "test_web_django.sync_only_middleware"]
+    globals()["sync_only_middleware"] = sync_only
+
+    async def visit() -> bytes:
+        scope = {"type": "http", "method": "GET", "path": "/async-view", "query_string": b"",
+                 "headers": [(b"cookie", f"sessionid={session.session_key}".encode())]}
+        sent: list[dict] = []
+        requests = [{"type": "http.request", "body": b""}]
+
+        async def receive():
+            if requests:
+                return requests.pop()
+            await asyncio.Event().wait()  # no disconnect: the client waits
+
+        async def send(message):
+            sent.append(message)
+        await ASGIHandler()(scope, receive, send)
+        return b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    with override_settings(MIDDLEWARE=chain, KMAGENT={"SPOOL": str(spool_path)}):
+        assert asyncio.run(visit()) == b"recorded"
+    assert people(spool_path) == [("Viewed Async", str(alice.pk))]
+
+
+def test_an_async_stream_cut_off_by_the_client_records_for_its_request(users, spool_path):
+    import gc
+    from django.core.handlers.asgi import ASGIHandler
+
+    async def visit() -> None:
+        gone = asyncio.Event()
+        chunks: list[dict] = []
+        requests = [{"type": "http.request", "body": b""}]
+
+        async def receive():
+            if requests:
+                return requests.pop()
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.body":
+                chunks.append(message)
+                await asyncio.sleep(0.02)  # a slow client
+                if len(chunks) == 3:
+                    gone.set()
+        scope = {"type": "http", "method": "GET", "path": "/async-download",
+                 "query_string": b"", "headers": []}
+        await asyncio.wait_for(ASGIHandler()(scope, receive, send), 10)
+        await asyncio.sleep(0.1)
+        gc.collect()
+        await asyncio.sleep(0.1)
+    asyncio.run(visit())
+    assert people(spool_path) == [("Async Download ended", "downloader")]

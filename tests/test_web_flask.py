@@ -117,3 +117,31 @@ def test_init_app_in_a_factory(spool_path, restore_km):
     assert app.extensions["kmagent"] is extension
     assert app.test_client().get("/view").text == "recorded"
     assert people(spool_path) == [("Viewed Page", "factory-user")]
+
+
+def test_a_before_request_that_aborts_first_still_has_the_person(spool_path, restore_km):
+    app = flask.Flask(__name__)
+    app.config.update(KMAGENT_SPOOL=str(spool_path), SECRET_KEY="test")
+
+    @app.before_request  # registered before the extension: a CSRF check, say
+    def refuse():
+        if flask.request.path == "/refused":
+            flask.abort(400)
+    Kmagent(app, identify=lambda: flask.request.headers.get("X-User"))
+
+    @app.after_request
+    def track(response):
+        record(f"Answered {response.status_code}")
+        return response
+    app.get("/fine")(lambda: "fine")
+    client = app.test_client()
+    client.get("/fine", headers={"X-User": "alice"})
+    client.get("/refused", headers={"X-User": "alice"})
+    assert people(spool_path) == [("Answered 200", "alice"), ("Answered 400", "alice")]
+
+
+def test_a_test_request_context_leaves_no_one_on_the_thread(spool_path, restore_km):
+    app = make_app(spool_path, identify=lambda: "alice")
+    with app.test_request_context("/view"):
+        app.preprocess_request()
+    assert record("After") == "anonymous"

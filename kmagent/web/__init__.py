@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ..client import Request, current_identity, in_request
+from ..identity import Current, Request, current, current_request
 from ..errors import InvalidEvent
 from ..events import check_person
 
@@ -27,26 +27,31 @@ log = logging.getLogger("kmagent.web")
 __all__ = ["ASGIMiddleware", "Request", "WSGIMiddleware", "request_for"]
 
 
+def outer() -> Current:
+    """Inside another middleware's request, what is current there: its person holds
+    unless this one's hook names someone."""
+    return current() if current_request() is not None else None
+
+
 def request_for(identify: Callable[[Any], Any] | None, source: Any) -> Request:
     """A request whose person is ``identify(source)``'s answer; with no answer, no
     one, or inside an outer request, that request's current person. A hook that fails
     or names no valid person costs the request its person (logged), never the request."""
-    outer = current_identity() if in_request() else None
     if identify is None:
-        return Request(outer)
+        return Request(outer())
     try:
         person = identify(source)
     except Exception:
         log.exception("the identify hook failed; this request has no current person")
-        return Request(outer)
+        return Request(outer())
     if person is None:
-        return Request(outer)
+        return Request(outer())
     try:
         return Request(check_person("person", person))
     except InvalidEvent as exc:
         log.warning("the identify hook's answer is not a person (%s); this request has "
                     "no current person", exc)
-        return Request(outer)
+        return Request(outer())
 
 
 class WSGIMiddleware:
@@ -56,8 +61,12 @@ class WSGIMiddleware:
         self.app = app
         self.identify = identify
 
+    def request(self, environ: dict) -> Request:
+        """The Request this ``environ`` runs as (a framework helper may refine it)."""
+        return request_for(self.identify, environ)
+
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        request = request_for(self.identify, environ)
+        request = self.request(environ)
         with request.entered():
             body = self.app(environ, start_response)
         file_wrapper = environ.get("wsgi.file_wrapper")

@@ -10,12 +10,21 @@ included (Celery's task_prerun and task_postrun signals).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from . import request_for
 
-_open: dict[str, contextlib.AbstractContextManager] = {}
+# The requests of the tasks running, per thread: the same task id may run in two
+# threads at once (a redelivered message, a threads pool).
+_running = threading.local()
+
+
+def _open() -> dict[str, contextlib.AbstractContextManager]:
+    if not hasattr(_running, "tasks"):
+        _running.tasks = {}
+    return _running.tasks
 
 
 def scope_tasks(identify: Callable[[Any, tuple, dict], Any] | None = None) -> None:
@@ -31,10 +40,10 @@ def scope_tasks(identify: Callable[[Any, tuple, dict], Any] | None = None) -> No
                               (task, tuple(args or ()), kwargs or {}))
         entered = request.entered()
         entered.__enter__()
-        _open[task_id] = entered
+        _open()[task_id] = entered
 
     def finished(task_id: str, **_: Any) -> None:
-        entered = _open.pop(task_id, None)
+        entered = _open().pop(task_id, None)
         if entered is not None:
             entered.__exit__(None, None, None)
 

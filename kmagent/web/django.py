@@ -21,7 +21,9 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from ..client import KM, LookedUp, Request, current_identity, in_request
+from ..client import KM
+from ..identity import LookedUp, Request
+from . import outer
 
 log = logging.getLogger("kmagent.web")
 
@@ -67,11 +69,20 @@ class KmagentMiddleware:
                 return None
             return getattr(user, self.identify_by)
         # Inside an outer middleware's request, its person holds for anonymous visitors.
-        return Request(LookedUp(signed_in, current_identity() if in_request() else None))
+        return Request(LookedUp(signed_in, outer()))
 
     def __call__(self, request: Any) -> Any:
         if self._async:
             return self.__acall__(request)
+        if type(request).__name__ == "ASGIRequest":
+            # Sync middleware under ASGI (a sync-only one follows): an async view would
+            # record from an event loop, where request.user may not query the database.
+            # Here, in Django's worker thread, it may: the user is found now.
+            try:
+                getattr(request.user, "is_authenticated", None)
+            except Exception:
+                log.exception("the signed-in user could not be found; this request has "
+                              "no current person")
         carried = self._request(request)
         with carried.entered():
             response = self.get_response(request)
@@ -100,7 +111,12 @@ def _streamed_in(carried: Request, response: Any) -> Any:
                                                              None) is not None:
         return response
     content = response.streaming_content
-    if getattr(response, "is_async", False):
+    # The view's own iterator: Django wraps it (map() or an async generator) without
+    # closing it, and a client that goes away leaves it suspended, to be finalized
+    # whenever, outside the request. The response's close() closes it inside.
+    original = getattr(response, "_iterator", None)
+    is_async = getattr(response, "is_async", False)
+    if is_async:
         response.streaming_content = _async_chunks(carried, content)
     else:
         response.streaming_content = _chunks(carried, content)
@@ -108,6 +124,15 @@ def _streamed_in(carried: Request, response: Any) -> Any:
 
     def closed_inside() -> None:
         with carried.entered():
+            if is_async and hasattr(original, "aclose"):
+                from asgiref.sync import async_to_sync
+
+                async def aclose() -> None:
+                    await original.aclose()
+                try:
+                    async_to_sync(aclose)()  # its finally runs here, inside
+                except Exception:
+                    log.exception("closing the streamed response failed")
             close()
     response.close = closed_inside  # the handler calls it once the body is done
     return response

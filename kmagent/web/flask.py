@@ -18,8 +18,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..client import KM, look_up
-from . import WSGIMiddleware
+from ..client import KM
+from ..identity import LookedUp, Request
+from . import WSGIMiddleware, outer
 
 log = logging.getLogger("kmagent.web")
 
@@ -35,31 +36,44 @@ class Kmagent:
                               for name in ("API_KEY", "CONFIG", "SPOOL"))
         if key is not None or config is not None or spool is not None:
             KM.init(key, config=config, spool=spool)
-        app.wsgi_app = WSGIMiddleware(app.wsgi_app)
-        app.before_request(self._look_up)
-        app.teardown_request(self._last_look)
+        app.wsgi_app = _FlaskRequests(app.wsgi_app, self)
+        app.teardown_request(_last_look)
         app.extensions["kmagent"] = self
 
-    def _look_up(self) -> None:
-        from flask import g, has_request_context
-        hook = self.identify or _flask_login_user
-        last: list[Any] = [None]  # the hook's latest answer, for a body streamed after
+    def hook(self) -> Callable[[], Any]:
+        return self.identify or _flask_login_user
+
+
+class _FlaskRequests(WSGIMiddleware):
+    """Each request's person is the extension's hook, asked when an event is recorded
+    while the request context is there, and afterwards (a streamed body) what it
+    answered last, at the latest when the request ended (teardown)."""
+
+    def __init__(self, app: Callable, extension: Kmagent) -> None:
+        super().__init__(app)
+        self.extension = extension
+
+    def request(self, environ: dict) -> Request:
+        from flask import has_request_context
+        hook = self.extension.hook()
+        last: list[Any] = [None]
 
         def resolve() -> Any:
             if has_request_context():
                 last[0] = hook()
             return last[0]
-        g._kmagent_resolve = resolve
-        look_up(resolve)  # until this request ends (WSGIMiddleware)
+        environ["kmagent.resolve"] = resolve
+        return Request(LookedUp(resolve, outer()))
 
-    def _last_look(self, error: BaseException | None) -> None:
-        from flask import g
-        resolve = g.pop("_kmagent_resolve", None)
-        if resolve is not None:
-            try:
-                resolve()
-            except Exception:
-                log.exception("the identify hook failed at the end of the request")
+
+def _last_look(error: BaseException | None) -> None:
+    from flask import request
+    resolve = request.environ.get("kmagent.resolve")
+    if resolve is not None:
+        try:
+            resolve()
+        except Exception:
+            log.exception("the identify hook failed at the end of the request")
 
 
 def _flask_login_user() -> Any:

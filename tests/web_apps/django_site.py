@@ -79,6 +79,18 @@ def file_download(request):
     return FileResponse(io.BytesIO(b"file body"))
 
 
+async def async_download(request):
+    KM.identify("downloader")
+
+    async def body():
+        try:
+            for _ in range(1000):
+                yield b"x" * 10
+        finally:
+            record("Async Download ended")  # finished, or the client went away
+    return StreamingHttpResponse(body())
+
+
 async def async_stream(request):
     async def body():
         yield b"first "
@@ -91,4 +103,4 @@ urlpatterns = [path("view", view), path("async-view", async_view), path("login",
                path("identify", identify), path("stream", stream),
                path("async-stream", async_stream), path("stream-identified", stream_identified),
                path("download", download), path("logout", log_out),
-               path("file", file_download)]
+               path("file", file_download), path("async-download", async_download)]
