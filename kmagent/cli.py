@@ -221,7 +221,7 @@ def check() -> int:
       kmagent check --config /etc/kmagent/config.toml
     """
     from .config import shipping_config
-    from .daemon import make_sender
+    from .shipping import make_sender
     config = _config()
     key_file = config.api_key_file
     # The probe sends no key: an app user, who may not read the service's credential,

@@ -28,8 +28,8 @@ from .errors import KmagentError, SpoolError
 from .kmlog import KmLogFollower
 from .metrics import RunFigures
 from .lock import ShipperLock
-from .sender import Sender
 from .shipper import Shipper
+from .shipping import make_shipper
 from .spool import Spool
 from .notify import Notifier
 from .upkeep import Upkeep, open_for_shipping
@@ -40,20 +40,6 @@ log = logging.getLogger("kmagent.daemon")
 LOCK_POLL_S = 0.5
 SPOOL_RETRY_S = (0.5, 5.0)  # first and longest pause after the spool failed us
 STATUS_EVERY_S = 5.0  # how often systemd's STATUS= line is refreshed
-
-
-def make_sender(config: Config) -> Sender:
-    """A Sender configured from ``config`` (completed by ``shipping_config``)."""
-    return Sender(config.endpoint, connect_timeout=config.connect_timeout,
-                  read_timeout=config.read_timeout,
-                  proxy=config.proxy, ca_file=config.ca_file, api_key=config.api_key)
-
-
-def make_shipper(config: Config, spool: Spool, wake: threading.Event | None = None) -> Shipper:
-    """A Shipper for ``spool`` with a Sender configured from ``config``."""
-    return Shipper(spool, make_sender(config), concurrency=config.concurrency,
-                   max_concurrency=config.max_concurrency, max_backoff=config.max_backoff,
-                   max_age=config.max_age, wake=wake)
 
 
 def acquire(lock: ShipperLock, stop: threading.Event, what: str) -> bool:

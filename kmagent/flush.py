@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import Config, shipping_config
-from .daemon import make_shipper
+from .shipping import make_shipper
 from .errors import SpoolDamaged, SpoolError
 from .lock import ShipperLock
 from .shipper import Shipper

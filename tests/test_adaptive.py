@@ -9,7 +9,7 @@ from conftest import wait_for
 from kmagent.adaptive import AdaptiveLimit
 from kmagent.client import Client
 from kmagent.config import load_config
-from kmagent.daemon import make_shipper
+from kmagent.shipping import make_shipper
 from kmagent.spool import open_spool
 from kmagent.testhost import StandInHost
 

@@ -329,7 +329,7 @@ def test_https_proxy_is_left_to_the_sender_not_copied_into_the_config(tmp_path, 
 
 
 def test_ship_proxy_wins_over_https_proxy(tmp_path, monkeypatch):
-    from kmagent.daemon import make_sender
+    from kmagent.shipping import make_sender
     monkeypatch.setenv("HTTPS_PROXY", "http://envproxy.example:3128")
     path = toml(tmp_path / "config.toml", '[ship]\nproxy = "http://fileproxy.example:8080"\n')
     assert load_config(path).proxy == "http://fileproxy.example:8080"
