@@ -102,7 +102,7 @@ class KmLogImporter:
         except BlockingIOError:
             return result  # another import is running, and we were not to wait
         except OSError as exc:
-            raise SpoolError(f"cannot lock {lock_path}: {exc.strerror or exc}") from None
+            raise SpoolError(f"cannot lock {lock_path}: {exc.strerror or exc}") from exc
         try:
             state = self._load()
             left = [budget]
@@ -292,7 +292,7 @@ class KmLogImporter:
             append_to(self.bad_path, b"".join(lines), sync=True)
         except OSError as exc:  # the spool's side, not the log's: stop the import
             raise SpoolError(f"cannot set records aside in {self.bad_path}: "
-                             f"{exc.strerror or exc}") from None
+                             f"{exc.strerror or exc}") from exc
 
     def _load(self) -> dict:
         try:
@@ -314,7 +314,7 @@ class KmLogImporter:
             write_atomically(self.state_path, json.dumps(state, sort_keys=True).encode())
         except OSError as exc:  # the spool's side, not the log's: stop the import
             raise SpoolError(f"cannot record import progress in {self.state_path}: "
-                             f"{exc.strerror or exc}") from None
+                             f"{exc.strerror or exc}") from exc
 
 
 def _identity(st: os.stat_result) -> str:

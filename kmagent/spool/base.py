@@ -231,7 +231,7 @@ class Spool(abc.ABC):
                 self._room = free_bytes(self.spool_dir) - self.keep_free
             except OSError as exc:  # the spool's directory removed by hand, say
                 raise SpoolError(f"spool {self.path}: cannot measure its size: "
-                                 f"{exc.strerror or exc}") from None
+                                 f"{exc.strerror or exc}") from exc
             self._written = 0
             self._size_at = now
         if self.max_bytes is not None and self._size >= self.max_bytes:
@@ -272,7 +272,7 @@ class Spool(abc.ABC):
             append_to(self.drops_path, b"\n")
         except OSError as exc:
             raise SpoolError(f"spool {self.path}: cannot count a dropped event: "
-                             f"{exc.strerror}") from None
+                             f"{exc.strerror}") from exc
 
     def dropped_total(self) -> int:
         try:

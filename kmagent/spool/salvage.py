@@ -295,7 +295,7 @@ class Salvage:
                         conn.execute("ROLLBACK")
                     raise
         except sqlite3.Error as exc:
-            raise sqlite_conn.spool_error(self.path, "salvage failed", exc) from None
+            raise sqlite_conn.spool_error(self.path, "salvage failed", exc) from exc
 
     def _fresh_has_rows(self) -> bool:
         try:

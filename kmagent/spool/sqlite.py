@@ -106,7 +106,7 @@ class SqliteSpool(Spool):
                     if _busy(exc) and time.monotonic() < deadline:
                         continue  # rolled back whole: the same transaction again
                     if isinstance(exc, sqlite3.Error):
-                        raise spool_error(self.path, f"{what} failed", exc) from None
+                        raise spool_error(self.path, f"{what} failed", exc) from exc
                     raise
 
     def _many(self, sql: str, rows: list[tuple]) -> None:
@@ -135,7 +135,7 @@ class SqliteSpool(Spool):
             except sqlite3.Error as exc:
                 if _busy(exc) and time.monotonic() < deadline:
                     continue  # nothing was stored: try again
-                raise spool_error(self.path, "cannot append", exc) from None
+                raise spool_error(self.path, "cannot append", exc) from exc
         # The rows and their index entries, roughly.
         return len(records[0][1]) + 40 if len(records) == 1 else \
             sum(len(record[1]) + 40 for record in records)

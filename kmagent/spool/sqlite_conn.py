@@ -143,7 +143,7 @@ def opening(path: Path, *, exclusive: bool = False) -> Iterator[None]:
         make_dirs(path.parent)
         fd = open_file(path.with_name(path.name + ".open-lock"), os.O_RDWR | os.O_CREAT)
     except OSError as exc:
-        raise SpoolError(f"spool {path}: cannot open: {exc.strerror}") from None
+        raise SpoolError(f"spool {path}: cannot open: {exc.strerror}") from exc
     try:
         if exclusive:
             if not flock_within(fd):
@@ -212,9 +212,9 @@ def _connect(path: Path) -> sqlite3.Connection:
             raise
         return conn
     except sqlite3.Error as exc:
-        raise spool_error(path, "cannot open", exc) from None
+        raise spool_error(path, "cannot open", exc) from exc
     except OSError as exc:
-        raise SpoolError(f"spool {path}: cannot open: {exc.strerror}") from None
+        raise SpoolError(f"spool {path}: cannot open: {exc.strerror}") from exc
 
 
 def _size_wal(conn: sqlite3.Connection, path: Path) -> None:

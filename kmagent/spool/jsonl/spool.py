@@ -69,7 +69,7 @@ class JsonlSpool(Spool):
             with self._lock:
                 self._active_fd()  # open now so a bad path fails at construction
         except OSError as exc:
-            raise SpoolError(f"spool {self.path}: cannot open: {exc.strerror}") from None
+            raise SpoolError(f"spool {self.path}: cannot open: {exc.strerror}") from exc
 
     def _share(self) -> Shared:
         # One lock for every handle of this directory in the process, so that a signal
@@ -175,11 +175,11 @@ class JsonlSpool(Spool):
                     os.fdatasync(short.fd)
                 except OSError as exc:
                     raise SpoolError(f"spool {self.path}: cannot append: "
-                                     f"{exc.strerror}") from None
+                                     f"{exc.strerror}") from exc
             raise PartialWrite(f"spool {self.path}: cannot append: short write (disk "
-                               "full?)", stored) from None
+                               "full?)", stored) from short
         except OSError as exc:
-            raise SpoolError(f"spool {self.path}: cannot append: {exc.strerror}") from None
+            raise SpoolError(f"spool {self.path}: cannot append: {exc.strerror}") from exc
         return len(data)
 
     def size_on_disk(self) -> int:
@@ -428,7 +428,7 @@ class JsonlSpool(Spool):
             try:
                 return fn()
             except OSError as exc:
-                raise SpoolError(f"spool {self.path}: {what} failed: {exc}") from None
+                raise SpoolError(f"spool {self.path}: {what} failed: {exc}") from exc
 
     def close(self) -> None:
         with self._holding():
