@@ -28,7 +28,7 @@ from .adaptive import AdaptiveLimit
 from .gate import Gate
 from .sender import DELIVERED, PERMANENT, Outcome, Sender, backoff_delay
 from .errors import SpoolError
-from .spool import Claimed, Spool
+from .spool import Claimed, Retry, Spool
 
 log = logging.getLogger("kmagent.shipper")
 
@@ -235,7 +235,7 @@ class Shipper:
             else:
                 delay = max(backoff_delay(item.attempts, self.max_backoff),
                             outcome.retry_after or 0.0)
-                retries.append((item.id, now + delay, outcome.error))
+                retries.append(Retry(item.id, now + delay, outcome.error))
         self.spool.ack(delivered)
         self.spool.release(released)
         self.spool.retry(retries)

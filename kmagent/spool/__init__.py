@@ -6,12 +6,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .base import Claimed, Spool
+from .base import Claimed, Retry, Spool
 
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["Claimed", "Spool", "open_spool", "open_configured"]
+__all__ = ["Claimed", "Retry", "Spool", "open_spool", "open_configured"]
 
 
 BACKENDS = ("sqlite", "jsonl")

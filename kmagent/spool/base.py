@@ -16,7 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 from ..errors import SpoolError, SpoolFull
 from ..events import Event
@@ -42,6 +42,14 @@ class Claimed:
     api_key: str | None
     created: float
     attempts: int  # including this one
+
+class Retry(NamedTuple):
+    """A claimed event that failed, to be claimable again at ``due`` (wall clock)."""
+
+    id: Any
+    due: float
+    error: str | None  # what the last attempt came to (never the API key)
+
 
 
 class PartialWrite(SpoolError):
@@ -315,7 +323,7 @@ class Spool(abc.ABC):
         """These were delivered: forget them."""
 
     @abc.abstractmethod
-    def retry(self, entries: Iterable[tuple[Any, float, str | None]]) -> None:
+    def retry(self, entries: Iterable[Retry]) -> None:
         """These ``(id, due, error)`` failed: pending again, not claimed before ``due``."""
 
     @abc.abstractmethod

@@ -27,7 +27,7 @@ from ..errors import SpoolError
 from ..events import Event
 from ..protocol import describe, encode
 from . import sqlite_conn
-from .base import Claimed, Spool, unknown_ids
+from .base import Claimed, Retry, Spool, unknown_ids
 from .shared import CLOSED
 from .sqlite_conn import BUSY_TIMEOUT_S
 from .sqlite_conn import spool_error
@@ -233,7 +233,7 @@ class SqliteSpool(Spool):
     def ack(self, ids: Iterable[Any]) -> None:
         self._leased("DELETE FROM events WHERE", ids)
 
-    def retry(self, entries: Iterable[tuple[Any, float, str | None]]) -> None:
+    def retry(self, entries: Iterable[Retry]) -> None:
         self._many("UPDATE events SET lease = NULL, due = ?, last_error = ? "
                    "WHERE id = ? AND lease = ?",
                    [(due, error, *i) for i, due, error in entries])

@@ -19,9 +19,9 @@ from ...config import DEFAULT_ROTATE_BYTES, DEFAULT_ROTATE_SECONDS
 from ...errors import SpoolError
 from ...events import Event
 from ...protocol import describe, encode
-from ..base import (Claimed, PartialWrite, Spool, flocked, make_dirs, open_file,
-                    unknown_ids, write_atomically)
-from ..files import FLOCK_WAIT_S, flock_within
+from ..base import Claimed, PartialWrite, Retry, Spool, unknown_ids
+from ..files import (FLOCK_WAIT_S, flock_within, flocked, make_dirs, open_file,
+                     write_atomically)
 from ..shared import Shared, shared_for
 from ..space import ballast_for
 from .line import from_line, to_line
@@ -287,7 +287,7 @@ class JsonlSpool(Spool):
     def ack(self, ids: Iterable[Any]) -> None:
         self._guard("ack", lambda: self._ship().ack(ids))
 
-    def retry(self, entries: Iterable[tuple[Any, float, str | None]]) -> None:
+    def retry(self, entries: Iterable[Retry]) -> None:
         self._guard("retry", lambda: self._ship().give_back([(i, due) for i, due, _ in entries]))
 
     def release(self, ids: Iterable[Any]) -> None:
