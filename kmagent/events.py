@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Union
 from uuid import UUID
 
 from .errors import InvalidEvent
+from .memo import Memo
 
 Value = Union[str, int, float, bool]
 
@@ -222,8 +223,7 @@ def _quoted_value_bound(value: Value) -> int:
 # Property names already found valid and neither reserved nor a time, with the bound
 # on their encoded length (+2 for "&" and "="): an app uses the same few names over and
 # over, so each is checked once (bounded, for apps that do not).
-_plain_names: dict[str, int] = {}
-_PLAIN_NAMES_MAX = 4096
+_plain_names: Memo[int] = Memo()
 
 
 def _check_property_name(name: Any) -> int:
@@ -234,8 +234,8 @@ def _check_property_name(name: Any) -> int:
         raise InvalidEvent(f"property {name!r}", "reserved: Kissmetrics' newline-JSON "
                            "import reads it as an alias's second identity")
     size = 2 + _quoted_bound(name)
-    if name not in TIME_NAMES and len(_plain_names) < _PLAIN_NAMES_MAX:
-        _plain_names[name] = size
+    if name not in TIME_NAMES:
+        _plain_names.remember(name, size)
     return size
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote
 
 from .events import ALIAS, Event, Value
+from .memo import Memo
 
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -32,19 +33,8 @@ def quote_param(text: str) -> str:
     return quote(text, safe="")
 
 
-# Event and property names repeat; their encodings are kept (bounded, like the names
-# events.py remembers) rather than computed for every event.
-_quoted_names: dict[str, str] = {}
-_QUOTED_NAMES_MAX = 4096
-
-
-def _quote_name(name: str) -> str:
-    quoted = _quoted_names.get(name)
-    if quoted is None:
-        quoted = quote_param(name)
-        if len(_quoted_names) < _QUOTED_NAMES_MAX:
-            _quoted_names[name] = quoted
-    return quoted
+# Event and property names repeat: their encodings are kept, not computed per event.
+_quoted_names: Memo[str] = Memo(quote_param)
 
 
 def format_value(value: Value) -> str:
@@ -68,10 +58,10 @@ def encode(event: Event) -> tuple[str, str]:
     if event.kind == ALIAS:
         return event.kind, query + "&_n=" + quote_param(event.name)
     if event.name is not None:
-        query += "&_n=" + _quote_name(event.name)
+        query += "&_n=" + _quoted_names[event.name]
     query += f"&_t={event.time}&_d=1"
     for name, value in event.props:
-        query += "&" + _quote_name(name) + "=" + (
+        query += "&" + _quoted_names[name] + "=" + (
             quote_param(value) if type(value) is str else format_value(value))
     return event.kind, query
 

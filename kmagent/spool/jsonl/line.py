@@ -34,6 +34,7 @@ from json.encoder import encode_basestring
 from typing import Any
 
 from ...errors import InvalidEvent
+from ...memo import Memo
 from ...events import (ALIAS, EVENT, SET, Event, check_name, make_alias, make_event,
                       make_set)
 
@@ -61,7 +62,7 @@ def to_line(event: Event, created: float) -> bytes:
     if event.query is not None:
         text += ',"_q":' + _string(event.query)
     for name, value in event.props:
-        text += "," + _key(name) + ":" + (
+        text += "," + _keys[name] + ":" + (
             _string(value) if type(value) is str else _JSON_SCALARS[type(value)](value))
     text += ',"_c":' + float.__repr__(created)
     if event.api_key is not None:
@@ -73,16 +74,8 @@ _string = encode_basestring  # a JSON string, non-ASCII kept as it is (valid UTF
 _TAIL = f',"_v":{FORMAT_VERSION}}}\n'
 _JSON_SCALARS = {bool: lambda v: "true" if v else "false", int: int.__repr__,
                  float: float.__repr__}
-_keys: dict[str, str] = {}  # property name -> its JSON key; names repeat
-
-
-def _key(name: str) -> str:
-    key = _keys.get(name)
-    if key is None:
-        key = _string("_" + name if name[0] == "_" else name)
-        if len(_keys) < 4096:
-            _keys[name] = key
-    return key
+# Property name -> its JSON key (a leading "_" doubled: see ORIGIN_KEY); names repeat.
+_keys: Memo[str] = Memo(lambda name: _string("_" + name if name[0] == "_" else name))
 
 
 def from_line(line: bytes) -> tuple[Event, float]:
