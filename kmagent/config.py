@@ -18,6 +18,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from .errors import ConfigError
 from .spool import BACKENDS
+from .spool.jsonl.layout import DEFAULT_ROTATE_BYTES, DEFAULT_ROTATE_SECONDS
 
 SYSTEM_CONFIG = Path("/etc/kmagent/config.toml")
 ENV_CONFIG = "KMAGENT_CONFIG"
@@ -35,8 +36,6 @@ DEFAULT_MAX_AGE = 0.0  # never expire
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 DEFAULT_MAX_BYTES = 1024**3
 DEFAULT_WHEN_FULL = "error"
-DEFAULT_ROTATE_BYTES = 16 * 1024 * 1024
-DEFAULT_ROTATE_SECONDS = 3600.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from ...config import DEFAULT_ROTATE_BYTES, DEFAULT_ROTATE_SECONDS
 from ...errors import SpoolError
 from ...events import Event
 from ...protocol import describe, encode
@@ -26,7 +25,8 @@ from ..shared import Shared, shared_for
 from ..space import ballast_for
 from .line import from_line, to_line
 from .checkpoint import CHECKPOINT, Checkpoint
-from .layout import ACTIVE, DEAD, DEAD_LOCK, SEALED, TORN_END, dump_line
+from .layout import (ACTIVE, DEAD, DEAD_LOCK, DEFAULT_ROTATE_BYTES, DEFAULT_ROTATE_SECONDS, SEALED,
+                     TORN_END, dump_line)
 from .shipping import Shipping
 from .view import CopyIndex, DiskView
 
