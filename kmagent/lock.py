@@ -12,6 +12,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from .spool.files import open_file
+
 
 class ShipperLock:
     """The right to claim from one spool."""
@@ -29,7 +31,7 @@ class ShipperLock:
         """Take the lock if it is free; never blocks."""
         if self._fd is not None:
             return True
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+        fd = open_file(self.path, os.O_RDWR | os.O_CREAT)  # the spool's mode, any umask
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -14,6 +14,8 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .spool.files import write_atomically
+
 if TYPE_CHECKING:  # status reads figures without importing the shipping side
     from .shipper import Shipper
 
@@ -80,9 +82,8 @@ class RunFigures:
         if not force and now - self._published < PUBLISH_EVERY_S:
             return
         self._published = now
-        tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(self.current(now)))
-            os.replace(tmp, self.path)
+            # The spool's mode, whatever the umask; no fsync: a crash loses only figures.
+            write_atomically(self.path, json.dumps(self.current(now)).encode(), sync=False)
         except OSError:
             pass  # figures are a courtesy: a full disk must not stop shipping

@@ -305,7 +305,7 @@ def test_a_log_that_cannot_be_read_is_named_and_the_others_imported(tmp_path, wr
 
 def test_the_follower_skips_a_turn_while_an_import_holds_the_lock(tmp_path, spool_path, backend):
     from kmagent.kmlog import KmLogFollower
-    from kmagent.spool.base import flocked
+    from kmagent.spool.files import flocked
     logs = km_dir(tmp_path)
     spool = open_spool(spool_path, backend=backend)
     follower = KmLogFollower(spool)

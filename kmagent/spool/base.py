@@ -20,10 +20,9 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 from ..errors import SpoolError, SpoolFull
 from ..events import Event
-from .files import (DIR_MODE, FILE_MODE, append_to, flocked, fsync_dir,  # noqa: F401 (re-exported)
-                    make_dirs, open_file, write_atomically)
+from .files import append_to, sidecar
 from .shared import Shared
-from .space import ballast_for, free_bytes, is_disk_full, keep_free_bytes
+from .space import free_bytes, is_disk_full, keep_free_bytes
 
 # How often a producer re-measures the spool's size (max_bytes) and the filesystem's
 # free space (keep_free); in between it adds what it wrote itself, and measures again
@@ -43,13 +42,13 @@ class Claimed:
     created: float
     attempts: int  # including this one
 
+
 class Retry(NamedTuple):
     """A claimed event that failed, to be claimable again at ``due`` (wall clock)."""
 
     id: Any
     due: float
     error: str | None  # what the last attempt came to (never the API key)
-
 
 
 class PartialWrite(SpoolError):
@@ -270,10 +269,16 @@ class Spool(abc.ABC):
         except OSError:
             return True  # cannot tell: take the careful path
 
+    backend = "sqlite"  # what sidecar() names files for (a subclass says its own)
+
+    def sidecar(self, name: str) -> Path:
+        """The file ``name`` beside the spool's own (files.sidecar): lock, figures..."""
+        return sidecar(self.path, self.backend, name)
+
     @property
     def drops_path(self) -> Path:
         """One byte per event dropped by ``when_full = "drop"``: its size is the count."""
-        return self.path.with_name(self.path.name + ".dropped")
+        return self.sidecar("dropped")
 
     def _count_drop(self) -> None:
         try:
@@ -400,17 +405,17 @@ class Spool(abc.ABC):
     @property
     def ballast_path(self) -> Path:
         """The shipper's spare room on the spool's filesystem (see ``space.Ballast``)."""
-        return ballast_for(self.path, "sqlite")
+        return self.sidecar("ballast")
 
     @property
     def lock_path(self) -> Path:
         """The file whose flock makes its holder the spool's only shipper."""
-        return self.path.with_name(self.path.name + ".lock")
+        return self.sidecar("lock")
 
     @property
     def figures_path(self) -> Path:
         """Where the running daemon publishes its figures for ``kmagent status``."""
-        return self.lock_path.with_name(self.lock_path.name + ".figures.json")
+        return self.sidecar("figures.json")
 
     def __enter__(self) -> "Spool":
         return self

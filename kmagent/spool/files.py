@@ -1,4 +1,5 @@
-"""File helpers every spool uses: modes, appends, flocks, atomic replacement."""
+"""File helpers every spool uses: where its files live, modes, appends, flocks, atomic
+replacement."""
 
 from __future__ import annotations
 
@@ -12,6 +13,20 @@ from pathlib import Path
 # may write, so that app users in the spool's group can append (see the README).
 FILE_MODE = 0o660
 DIR_MODE = 0o770
+
+
+# The names of the files beside a jsonl spool's events that differ from their SQLite
+# counterparts' suffix (kept: a shipper of either name must find the other's lock).
+_JSONL_NAMES = {"lock": "shipper.lock"}
+
+
+def sidecar(spool_path: Path, backend: str, name: str) -> Path:
+    """The file ``name`` ("lock", "dropped", "ballast", "figures.json",
+    "salvage.json") of the spool at ``spool_path``: ``spool.db.<name>`` beside a SQLite
+    file, ``<name>`` inside a jsonl directory. Known before the spool is opened."""
+    if backend == "jsonl":
+        return spool_path / _JSONL_NAMES.get(name, name)
+    return spool_path.with_name(f"{spool_path.name}.{name}")
 
 
 def open_file(path: Path, flags: int) -> int:
@@ -75,8 +90,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory.
+def write_atomically(path: Path, data: bytes, *, mode: int = FILE_MODE,
+                     sync: bool = True) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory
+    (``sync=False``: no fsync, for what a crash may lose, such as published figures).
     The file gets ``mode`` whatever the umask (the spool's own by default).
 
     Only a temp file written whole and synced is renamed: on a nearly full disk write()
@@ -95,7 +112,8 @@ def write_atomically(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
                 raise OSError(errno.ENOSPC, f"cannot write {path.name}: no space left "
                               f"after {written} of {len(data)} bytes")
             written += count
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         try:
@@ -105,7 +123,8 @@ def write_atomically(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
         raise
     os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
 
 
 def make_dirs(path: Path) -> None:

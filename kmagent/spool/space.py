@@ -20,7 +20,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from .files import open_file
+from .files import open_file, sidecar
 
 log = logging.getLogger("kmagent.spool")
 
@@ -36,9 +36,7 @@ MIN_KEEP_FREE = 64 * 1024
 
 def ballast_for(spool_path: Path, backend: str) -> Path:
     """Where the ballast of the spool at ``spool_path`` lives (known before it opens)."""
-    if backend == "jsonl":
-        return spool_path / "ballast"  # the spool is a directory
-    return spool_path.with_name(spool_path.name + ".ballast")
+    return sidecar(spool_path, backend, "ballast")
 
 
 def free_bytes(path: Path) -> int:

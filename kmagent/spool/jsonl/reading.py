@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from ..base import Claimed, fsync_dir
+from ..base import Claimed
+from ..files import fsync_dir
 from ..files import FLOCK_WAIT_S, flock_within
 from .checkpoint import Checkpoint, Fingerprint, Position
 from .layout import (ACTIVE, HEAD_BYTES, MAX_AHEAD, MAX_LINE_BYTES, READ_CHUNK, SEALED,

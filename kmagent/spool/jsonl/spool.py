@@ -22,7 +22,6 @@ from ..base import Claimed, PartialWrite, Retry, Spool, unknown_ids
 from ..files import (FLOCK_WAIT_S, flock_within, flocked, make_dirs, open_file,
                      write_atomically)
 from ..shared import Shared, shared_for
-from ..space import ballast_for
 from .line import from_line, to_line
 from .checkpoint import CHECKPOINT, Checkpoint
 from .layout import (ACTIVE, DEAD, DEAD_LOCK, DEFAULT_ROTATE_BYTES, DEFAULT_ROTATE_SECONDS, SEALED,
@@ -45,6 +44,8 @@ class _ShortWrite(OSError):
 
 class JsonlSpool(Spool):
     """A spool in a directory of newline-JSON files; see the module's description."""
+
+    backend = "jsonl"
 
     def __init__(self, path: Path, *, durability: str = "normal",
                  rotate_bytes: int = DEFAULT_ROTATE_BYTES,
@@ -87,16 +88,8 @@ class JsonlSpool(Spool):
         return max(4096, min(self.rotate_bytes, self.keep_free // 4))
 
     @property
-    def lock_path(self) -> Path:
-        return self.path / "shipper.lock"
-
-    @property
     def spool_dir(self) -> Path:
         return self.path
-
-    @property
-    def ballast_path(self) -> Path:
-        return ballast_for(self.path, "jsonl")
 
     @property
     def watch_target(self) -> tuple[Path, Callable[[str], bool]]:
@@ -147,10 +140,6 @@ class JsonlSpool(Spool):
         if fd is not None and self._pid == os.getpid() and self._held_size(fd) is None:
             self._fd, self._end = None, -1
             os.close(fd)
-
-    @property
-    def drops_path(self) -> Path:
-        return self.path / "dropped"
 
     def _record(self, event: Event) -> bytes:
         return to_line(event, time.time())
