@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -50,15 +52,16 @@ def dead_list(as_json: bool) -> int:
     return 0
 
 
-def _dead_action(action: str, ids: tuple[str, ...], everything: bool) -> int:
+def _dead_action(act: Callable[[Any, list[str] | None], int], done: str,
+                 ids: tuple[str, ...], everything: bool) -> int:
+    """``act(spool, ids)`` (None: every dead letter), then say how many were ``done``."""
     if bool(ids) == everything:
         raise click.UsageError("give the ids of the dead letters, or --all (not both)")
     with _spool(_config()) as spool:
         try:
-            count = getattr(spool, f"{action}_dead")(None if everything else list(ids))
+            count = act(spool, None if everything else list(ids))
         except KeyError as exc:
             raise click.UsageError(f"no dead letter with id {exc.args[0]}") from None
-    done = "back to pending" if action == "retry" else "purged"
     click.echo(f"{count} dead letters {done}", err=True)
     return 0
 
@@ -74,7 +77,8 @@ def dead_retry(ids: tuple[str, ...], everything: bool) -> int:
     Example:
       kmagent dead retry --all
     """
-    return _dead_action("retry", ids, everything)
+    return _dead_action(lambda spool, chosen: spool.retry_dead(chosen), "back to pending",
+                        ids, everything)
 
 
 @dead.command(name="purge")
@@ -88,7 +92,8 @@ def dead_purge(ids: tuple[str, ...], everything: bool) -> int:
     Example:
       kmagent dead purge 17
     """
-    return _dead_action("purge", ids, everything)
+    return _dead_action(lambda spool, chosen: spool.purge_dead(chosen), "purged",
+                        ids, everything)
 
 
 @click.group(name="import")
