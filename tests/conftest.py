@@ -1,31 +1,25 @@
-"""Shared fixtures: a real stand-in tracking host on 127.0.0.1, real spool files, real
-processes running the real ``kmagent`` command."""
+"""Shared fixtures: a real stand-in tracking host on 127.0.0.1, real spool files, a
+small real filesystem to fill. What tests call (real ``kmagent`` processes, waits,
+spool contents) is in helpers.py."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import socket
-import sqlite3
 import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
+from helpers import API_KEY
 from kmagent.testhost import StandInHost
 from torture import MACHINE_NETWORK_ENV
-
-API_KEY = "test-key"
-
 
 def pytest_configure(config) -> None:
     """One torture seed for the whole run, drawn once: the workers of ``pytest -n``
     inherit it, so they collect the same tests (the seed is in the test ids)."""
+    config.addinivalue_line("markers", "backends(*names): run on these spool backends "
+                            "(every one when none is named)")
     import random
     os.environ.setdefault("KMAGENT_TORTURE_SEED",
                           str(random.SystemRandom().randrange(1, 10**6)))
@@ -47,10 +41,20 @@ def host():
         yield server
 
 
+def pytest_generate_tests(metafunc) -> None:
+    """``pytestmark = pytest.mark.backends()`` runs each test of a module that takes
+    ``backend`` once per backend (kmagent.spool.BACKENDS), ``backends("jsonl")`` on the
+    ones named."""
+    from kmagent.spool import BACKENDS
+    mark = metafunc.definition.get_closest_marker("backends")
+    if mark is not None and "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", mark.args or BACKENDS, indirect=True)
+
+
 @pytest.fixture
-def backend() -> str:
-    """The spool backend; modules that run against every backend parametrize it."""
-    return "sqlite"
+def backend(request) -> str:
+    """The spool backend: SQLite, or each that the module's ``backends`` mark names."""
+    return getattr(request, "param", "sqlite")
 
 
 @pytest.fixture
@@ -76,130 +80,6 @@ def write_config(tmp_path, spool_path, backend) -> Callable[..., Path]:
     return write
 
 
-def kmagent_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "kmagent", *args]
-
-
-def run_kmagent(*args: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
-    """Run the kmagent command to completion and capture its output."""
-    return subprocess.run(kmagent_cmd(*args), capture_output=True, text=True,
-                          timeout=timeout, env=os.environ.copy(), **kwargs)
-
-
-def start_kmagent(*args: str, **kwargs) -> subprocess.Popen:
-    """Start the kmagent command in the background (its stderr is captured)."""
-    return subprocess.Popen(kmagent_cmd(*args), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
-                            **kwargs)
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0,
-             interval: float = 0.02) -> object:
-    """Poll until ``predicate()`` is truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
-        time.sleep(interval)
-
-
-def stored_rows(spool_path) -> list[tuple[str, str, str | None]]:
-    """(path, query, api_key) of every event in a spool, oldest first: the rows of a
-    SQLite spool, or every valid line of a jsonl spool's files."""
-    if Path(spool_path).is_dir():
-        from kmagent.protocol import encode
-        from kmagent.spool.jsonl.line import BadLine, from_line
-        rows = []
-        files = sorted(Path(spool_path).glob("events.*.jsonl")) + [
-            Path(spool_path) / "events.jsonl"]
-        for file in files:
-            for line in file.read_bytes().splitlines(keepends=True) if file.exists() else []:
-                try:
-                    event, _ = from_line(line)
-                except BadLine:
-                    continue
-                rows.append((*encode(event), event.api_key))
-        return rows
-    conn = sqlite3.connect(spool_path)
-    try:
-        return conn.execute("SELECT path, query, api_key FROM events ORDER BY id").fetchall()
-    finally:
-        conn.close()
-
-
-def record_many(config, count: int, prefix: str = "e") -> None:
-    """``count`` events from ``person0``…, named ``"<prefix> <n>"``, each with ``n``."""
-    from kmagent import Client
-    client = Client(config=config)
-    for n in range(count):
-        client.record(f"person{n}", f"{prefix} {n}", {"n": n})
-    client.close()
-
-
-def status(config) -> dict:
-    """``kmagent status --json`` for this configuration, as a real command."""
-    result = run_kmagent("status", "--json", "--config", str(config))
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def shipper_pid(config) -> int | None:
-    """What ``status`` says as ``daemon_pid`` (the holder of the spool's shipper lock),
-    read in-process: a poll of ``kmagent status`` costs a Python start each time."""
-    from kmagent.config import load_config
-    from kmagent.lock import ShipperLock
-    settings = load_config(config)
-    path = settings.spool_path
-    lock = (path.with_name(path.name + ".lock") if settings.spool_backend == "sqlite"
-            else path / "shipper.lock")
-    return ShipperLock(lock).holder()
-
-
-def start_daemon(config) -> subprocess.Popen:
-    """``kmagent run`` in the background, returned once it holds the spool. Its stderr
-    is read as it comes (a pipe left unread would block a daemon that logs a lot)."""
-    daemon = start_kmagent("run", "--config", str(config))
-    lines: list[str] = []
-    daemon.drained = lines
-    daemon.drainer = threading.Thread(target=lambda: lines.extend(daemon.stderr),
-                                      daemon=True)
-    daemon.drainer.start()
-    try:
-        wait_for(lambda: daemon.poll() is not None or shipper_pid(config) == daemon.pid,
-                 timeout=20)
-    except AssertionError:
-        daemon.kill()  # never left running behind a failed test, loading the machine
-        daemon.wait(10)
-        raise
-    if daemon.poll() is not None:
-        daemon.drainer.join(10)
-        raise AssertionError(f"kmagent run exited {daemon.returncode}: "
-                             f"{''.join(lines)[-3000:]}")
-    return daemon
-
-
-def stop(process: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 30) -> int:
-    """Signal the process, wait for it, and keep its stderr in ``process.log``."""
-    process.send_signal(sig)
-    if hasattr(process, "drainer"):
-        process.wait(timeout)
-        process.drainer.join(10)
-        process.log = "".join(process.drained)
-    else:
-        _, process.log = process.communicate(timeout=timeout)
-    return process.returncode
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (a moment ago)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     """A 2 MiB filesystem of its own to fill up (a tmpfs: needs root; CI runs as root)."""
@@ -212,21 +92,3 @@ def small_disk(tmp_path):
         pytest.skip("cannot mount a tmpfs here (a container without CAP_SYS_ADMIN?)")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
-def fill(directory, leave: int = 0, name: str = "filler") -> None:
-    """What another program does: take every byte left on the filesystem holding
-    ``directory`` (then give back ``leave`` bytes)."""
-    path = directory / name
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        for size in (65536, 4096, 512, 1):
-            try:
-                while True:
-                    os.write(fd, b"\0" * size)
-            except OSError:
-                pass  # full at this granularity; try smaller pieces
-        if leave:
-            os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
-    finally:
-        os.close(fd)

@@ -4,7 +4,7 @@ a real loopback host with latency (it grows) and one that pushes back (it shrink
 from __future__ import annotations
 
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 
 from kmagent.adaptive import AdaptiveLimit
 from kmagent.client import Client

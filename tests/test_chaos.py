@@ -15,9 +15,12 @@ import threading
 import time
 
 import pytest
-from conftest import run_kmagent, start_kmagent, wait_for
+from helpers import run_kmagent, start_kmagent, wait_for
 
 from kmagent import Client
+
+
+pytestmark = pytest.mark.backends()  # each test taking ``backend``: on each
 
 PRODUCER = textwrap.dedent("""
     import sys, threading, time
@@ -36,11 +39,6 @@ PRODUCER = textwrap.dedent("""
     [t.start() for t in threads]
     [t.join() for t in threads]
 """)
-
-
-@pytest.fixture(params=["sqlite", "jsonl"])
-def backend(request) -> str:
-    return request.param
 
 
 def test_nothing_acknowledged_is_lost_and_resends_are_identical(host, write_config, spool_path):

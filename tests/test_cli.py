@@ -10,7 +10,7 @@ import time
 import pytest
 
 import kmagent
-from conftest import API_KEY, record_many, run_kmagent, start_daemon, stop
+from helpers import API_KEY, record_many, run_kmagent, start_daemon, stop
 
 PERSON = "bob@example.com"
 P = "bob%40example.com"  # PERSON as it travels

@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 import pytest
-from conftest import stored_rows as rows
+from helpers import stored_rows as rows
 
 import kmagent
 from kmagent import KM, Client, InvalidEvent

@@ -9,7 +9,7 @@ import inspect
 import uuid
 
 import pytest
-from conftest import run_kmagent, stored_rows
+from helpers import run_kmagent, stored_rows
 
 from kmagent import InvalidEvent
 from kmagent.compat import kissmetrics

@@ -15,7 +15,7 @@ import time
 import uuid
 
 import pytest
-from conftest import run_kmagent
+from helpers import run_kmagent
 
 from kmagent.compat import kissmetrics as compat
 from kmagent.testhost import StandInHost

@@ -17,7 +17,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 
 from kmagent.spool import open_spool
 

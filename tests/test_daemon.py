@@ -12,19 +12,16 @@ import time
 
 import pytest
 
-
 from kmagent import Client
 from kmagent.protocol import request_target
 
-from conftest import (API_KEY, record_many, run_kmagent, start_daemon, start_kmagent, status,
+from helpers import (API_KEY, record_many, run_kmagent, start_daemon, start_kmagent, status,
                       stop, stored_rows, wait_for)
 
+
+pytestmark = pytest.mark.backends()  # each test taking ``backend``: on each
+
 FAST_RETRY = "[ship]\nmax_backoff = 1\nconcurrency = 4\n"
-
-
-@pytest.fixture(params=["sqlite", "jsonl"])
-def backend(request) -> str:
-    return request.param
 
 
 def expected_targets(spool_path) -> list[str]:

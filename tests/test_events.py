@@ -17,7 +17,7 @@ from decimal import Decimal
 from urllib.parse import parse_qsl, quote
 
 import pytest
-from conftest import stored_rows as rows
+from helpers import stored_rows as rows
 
 import kmagent
 from kmagent.config import Config

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_kmagent
+from helpers import run_kmagent
 
 from kmagent import Client
 

@@ -11,7 +11,7 @@ import sqlite3
 import time
 
 import pytest
-from conftest import API_KEY, fill, run_kmagent, start_daemon, status, stop, wait_for
+from helpers import API_KEY, fill, run_kmagent, start_daemon, status, stop, wait_for
 
 import kmagent
 from kmagent import Client
@@ -19,13 +19,10 @@ from kmagent.gate import OUTAGE_AFTER, Gate
 from kmagent.sender import (DELIVERED, PERMANENT, TRANSIENT, Outcome, classify,
                             parse_retry_after)
 
+
+pytestmark = pytest.mark.backends()  # each test taking ``backend``: on each
+
 FAST = "[ship]\nmax_backoff = 1\nconcurrency = 4\n"
-
-
-
-
-
-
 
 
 # --- classification ----------------------------------------------------------------
@@ -174,11 +171,6 @@ def test_an_outage_costs_a_few_dozen_requests_and_the_backlog_drains_after(
     drain = max(after) - (started + 8)
     assert drain < 8, f"took {drain:.1f} s to drain 600 events after the outage"
     print(f"\noutage: {len(during)} requests in 8 s; drained 600 events {drain:.1f} s after")
-
-
-@pytest.fixture(params=["sqlite", "jsonl"])
-def backend(request) -> str:
-    return request.param
 
 
 def test_refused_events_go_to_dead_letters_and_the_rest_flows(host, write_config, spool_path):

@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from conftest import (API_KEY, fill, record_many, run_kmagent, start_daemon, status, stop,
+from helpers import (API_KEY, fill, record_many, run_kmagent, start_daemon, status, stop,
                       wait_for)
 import kmagent
 from kmagent import Client

@@ -12,7 +12,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import run_kmagent, start_kmagent, status, stored_rows, wait_for
+from helpers import run_kmagent, start_kmagent, status, stored_rows, wait_for
 
 from kmagent import Client
 from kmagent.errors import SpoolError
@@ -24,9 +24,7 @@ from kmagent.spool.jsonl.checkpoint import CHECKPOINT_VERSION
 T0 = 1_700_000_000
 
 
-@pytest.fixture
-def backend() -> str:
-    return "jsonl"
+pytestmark = pytest.mark.backends("jsonl")
 
 
 def open_jsonl(path, **options):

@@ -15,7 +15,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import API_KEY, fill, run_kmagent, start_daemon, status, stop, wait_for
+from helpers import API_KEY, fill, run_kmagent, start_daemon, status, stop, wait_for
 
 from kmagent import Client
 from kmagent.errors import SpoolError, SpoolFull
@@ -28,9 +28,7 @@ from kmagent.spool.jsonl.line import to_line
 T0 = 1_700_000_000
 
 
-@pytest.fixture
-def backend() -> str:
-    return "jsonl"
+pytestmark = pytest.mark.backends("jsonl")
 
 
 def open_jsonl(path, **options):

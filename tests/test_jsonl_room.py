@@ -20,9 +20,7 @@ T0 = 1_700_000_000
 PAD = "x" * 1000
 
 
-@pytest.fixture
-def backend() -> str:
-    return "jsonl"
+pytestmark = pytest.mark.backends("jsonl")
 
 
 def event(n: int):

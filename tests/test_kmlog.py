@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_kmagent, start_daemon, stop, stored_rows, wait_for
+from helpers import run_kmagent, start_daemon, stop, stored_rows, wait_for
 
 from kmagent.kmlog import BadRecord, KmLogImporter
 from kmagent.kmlog.requests import from_request_line

@@ -15,10 +15,13 @@ from pathlib import Path
 from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
 import pytest
-from conftest import run_kmagent, start_daemon, stop, stored_rows, wait_for
+from helpers import run_kmagent, start_daemon, stop, stored_rows, wait_for
 
 from kmagent.kmlog import KmLogImporter
 from kmagent.spool import open_spool
+
+
+pytestmark = pytest.mark.backends()  # each test taking ``backend``: on each
 
 FIXTURES = Path(__file__).parent / "fixtures" / "km-logs"
 # Per library: what Kissmetrics itself cannot take, by reason (the fixtures' README).
@@ -28,11 +31,6 @@ CANNOT_ACCEPT = {
     "km.php-1.1.1": {"time": 1, "size": 1, "name": 1, "empty": 1},
     "kissmetrics-php-master": {"time": 1, "size": 1, "name": 1},
 }
-
-
-@pytest.fixture(params=["sqlite", "jsonl"])
-def backend(request) -> str:
-    return request.param
 
 
 def comparable(path: str, params: list[tuple[str, str]], library: str) -> tuple:

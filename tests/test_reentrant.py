@@ -12,17 +12,14 @@ import threading
 import time
 
 import pytest
-from conftest import record_many, start_daemon, status, stop, stored_rows, wait_for
+from helpers import record_many, start_daemon, status, stop, stored_rows, wait_for
 
 from kmagent.errors import SpoolError
 from kmagent.events import make_event
 from kmagent.spool import open_spool
 
 
-@pytest.fixture(params=["sqlite", "jsonl"])
-def backend(request) -> str:
-    return request.param
-
+pytestmark = pytest.mark.backends()  # each test taking ``backend``: on each
 
 @pytest.fixture
 def store(spool_path, backend):

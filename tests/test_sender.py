@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import pytest
 import trustme
-from conftest import free_port
+from helpers import free_port
 
 from kmagent import __version__
 from kmagent.events import Event, make_event

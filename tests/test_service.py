@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from conftest import (free_port, record_many, run_kmagent, start_daemon, start_kmagent, stop,
+from helpers import (free_port, record_many, run_kmagent, start_daemon, start_kmagent, stop,
                       wait_for)
 
 from kmagent import Client

@@ -11,14 +11,13 @@ import pytest
 
 from kmagent.errors import SpoolError
 from kmagent.events import make_alias, make_event, make_set
-from kmagent.spool import open_spool
+from kmagent.spool import BACKENDS as SPOOL_BACKENDS, open_spool
 
-BACKENDS = ["sqlite", "jsonl"]
 T0 = 1_700_000_000
 
 
 # "sqlite-3.34": the claim SQLite before 3.35 gets (no RETURNING), on this SQLite.
-@pytest.fixture(params=[*BACKENDS, "sqlite-3.34"])
+@pytest.fixture(params=[*SPOOL_BACKENDS, "sqlite-3.34"])
 def backend(request, monkeypatch) -> str:
     if request.param == "sqlite-3.34":
         monkeypatch.setattr("kmagent.spool.sqlite.HAS_RETURNING", False)

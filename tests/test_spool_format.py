@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 import sqlite_utils
-from conftest import start_daemon, stop, wait_for
+from helpers import start_daemon, stop, wait_for
 
 from kmagent import SpoolError
 from kmagent.spool import open_spool

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("celery")
 import web_scenario  # noqa: E402
-from conftest import wait_for  # noqa: E402
+from helpers import wait_for  # noqa: E402
 
 APPS = Path(__file__).parent / "web_apps"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import web_scenario
-from conftest import free_port
+from helpers import free_port
 
 APPS = Path(__file__).parent / "web_apps"
 BIN = Path(sys.executable).parent

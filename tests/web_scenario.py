@@ -8,7 +8,7 @@ import http.client
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
-from conftest import stored_rows
+from helpers import stored_rows
 
 
 @dataclass(frozen=True)
