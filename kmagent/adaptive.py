@@ -5,7 +5,8 @@ Additive increase, multiplicative decrease on the round-trip time, after Vector'
 adaptive request concurrency. Decisions are made once per "period", about one
 round trip's worth of answers (as many as the current limit):
 
-- the host pushed back (a transient failure: 429, 5xx, timeout, reset): × 0.9;
+- the host pushed back (429, 503, a Retry-After, no answer in time: gate.pushed_back;
+  other 5xx and resets say nothing of load): × 0.9;
 - the period's mean round trip rose well above the running average: × 0.9
   (requests queue somewhere: more at once would only wait longer);
 - otherwise, if every slot was busy at some point (more would have been used): + 1,
