@@ -18,9 +18,9 @@ if the code ran in the request's own thread.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
+import sys
 from collections.abc import Callable, Iterator
 
 from .errors import InvalidEvent
@@ -117,6 +117,10 @@ def identify(person: str | None) -> None:
 
 
 def _in_event_loop() -> bool:
+    # Without asyncio imported there is no loop: the producer need not import it (~40 ms).
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return False
     try:
         asyncio.get_running_loop()
     except RuntimeError:

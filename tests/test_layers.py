@@ -90,7 +90,7 @@ def test_the_producer_side_never_reaches_the_sender_or_the_shipper(entry):
     # At run time, with everything these import: recording must stay light.
     code = (f"import sys, {entry}\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('requests', 'urllib3', 'watchdog', 'click') or m in ('kmagent.sender', "
+            "('requests', 'urllib3', 'watchdog', 'click', 'asyncio') or m in ('kmagent.sender', "
             "'kmagent.shipper', 'kmagent.daemon', 'kmagent.gate', 'http.client')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=PACKAGE.parent, timeout=60)
