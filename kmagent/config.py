@@ -17,8 +17,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import SplitResult, urlsplit
 
 from .errors import ConfigError
-from .spool import BACKENDS
-from .spool.jsonl.layout import DEFAULT_ROTATE_BYTES, DEFAULT_ROTATE_SECONDS
+from .spool import BACKENDS, DEFAULT_ROTATE_BYTES, DEFAULT_ROTATE_SECONDS
 
 SYSTEM_CONFIG = Path("/etc/kmagent/config.toml")
 ENV_CONFIG = "KMAGENT_CONFIG"

@@ -15,6 +15,10 @@ __all__ = ["Claimed", "Retry", "Spool", "open_spool", "open_configured"]
 
 
 BACKENDS = ("sqlite", "jsonl")
+# jsonl seals its active file once this large, or this old ([spool] rotate_bytes,
+# rotate_seconds). Here, not in jsonl/: the configuration reads them without loading it.
+DEFAULT_ROTATE_BYTES = 16 * 1024 * 1024
+DEFAULT_ROTATE_SECONDS = 3600.0
 
 
 def open_spool(path: str | os.PathLike, *, backend: str = "sqlite",

@@ -19,10 +19,6 @@ SEALED = re.compile(r"^events\.(\d{10})\.jsonl$")
 DEAD = "dead.jsonl"
 DEAD_LOCK = "dead.lock"  # the shipper appends, `kmagent dead` rewrites: one at a time
 BAD = "bad.jsonl"
-# The active file is sealed once this large, or this old ([spool] rotate_bytes,
-# rotate_seconds).
-DEFAULT_ROTATE_BYTES = 16 * 1024 * 1024
-DEFAULT_ROTATE_SECONDS = 3600.0
 
 # How many lines the shipper reads past the first unsettled one. Bounds its memory and
 # the checkpoint's size however long an outage lasts.

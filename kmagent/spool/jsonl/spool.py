@@ -24,8 +24,8 @@ from ..files import (FLOCK_WAIT_S, flock_within, flocked, make_dirs, open_file,
 from ..shared import Shared, shared_for
 from .line import from_line, to_line
 from .checkpoint import CHECKPOINT, Checkpoint
-from .layout import (ACTIVE, DEAD, DEAD_LOCK, DEFAULT_ROTATE_BYTES, DEFAULT_ROTATE_SECONDS, SEALED,
-                     TORN_END, dump_line)
+from .. import DEFAULT_ROTATE_BYTES, DEFAULT_ROTATE_SECONDS
+from .layout import ACTIVE, DEAD, DEAD_LOCK, SEALED, TORN_END, dump_line
 from .shipping import Shipping
 from .view import CopyIndex, DiskView
 
