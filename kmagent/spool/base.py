@@ -43,6 +43,18 @@ class Claimed:
     attempts: int  # including this one
 
 
+class Waiting:
+    """One append queued for group commit: its record and, once the lock holder that
+    wrote it has finished, what became of it."""
+
+    __slots__ = ("record", "error", "written")
+
+    def __init__(self, record: Any) -> None:
+        self.record = record
+        self.error: BaseException | None = None  # raised by the append that queued it
+        self.written = False  # handled by a holder: not to be written again
+
+
 class Retry(NamedTuple):
     """A claimed event that failed, to be claimable again at ``due`` (wall clock)."""
 
@@ -110,7 +122,7 @@ class Spool(abc.ABC):
         return self._sharing().lock
 
     @property
-    def _waiting(self) -> deque[list[Any]]:
+    def _waiting(self) -> deque[Waiting]:
         return self._sharing().waiting
 
     def _holding(self):
@@ -146,18 +158,18 @@ class Spool(abc.ABC):
                     finally:
                         shared.busy = False
                     return
-                slot = [record, None, False]
+                slot = Waiting(record)
                 shared.waiting.append(slot)
                 self._write_waiting(shared, slot)
         else:
             # Somebody is writing: queue, so that the next holder writes us with its own.
-            slot = [record, None, False]
+            slot = Waiting(record)
             shared.waiting.append(slot)
             with lock:
-                if not slot[2]:  # not written by an earlier lock holder: write the queue
+                if not slot.written:  # not by an earlier lock holder: write the queue
                     self._write_waiting(shared, slot)
-        if slot[1] is not None:
-            raise slot[1]
+        if slot.error is not None:
+            raise slot.error
 
     def _append_reentrant(self, shared: Shared, record: Any) -> None:
         """This thread already holds the lock (we are in a signal handler or a hook
@@ -169,8 +181,8 @@ class Spool(abc.ABC):
         with shared.held():
             self._wrote(self._write([record], sync=False))
 
-    def _write_waiting(self, shared: Shared, own: list[Any]) -> None:
-        batch: list[list[Any]] = []
+    def _write_waiting(self, shared: Shared, own: Waiting) -> None:
+        batch: list[Waiting] = []
         started = False
         shared.busy = True
         try:
@@ -181,27 +193,27 @@ class Spool(abc.ABC):
                 # handler raising): ours to write now.
                 batch.append(own)
             started = True
-            self._wrote(self._write([entry[0] for entry in batch], sync=False))
+            self._wrote(self._write([entry.record for entry in batch], sync=False))
         except PartialWrite as exc:
             for n, entry in enumerate(batch):
-                entry[1] = None if n < exc.stored else exc
+                entry.error = None if n < exc.stored else exc
         except SpoolError as exc:  # the write failed: for every append in it
             for entry in batch:
-                entry[1] = exc
+                entry.error = exc
         except BaseException:
             # Anything else is this thread's own (a signal handler raising, even an
             # ordinary Exception), never the others': once the write may have begun,
             # they must not write theirs again, nor believe it surely stored.
             if started:
                 for entry in batch:
-                    entry[1] = SpoolError(f"spool {self.path}: interrupted while writing; "
-                                          "the event may or may not be stored")
-                    entry[2] = True
+                    entry.error = SpoolError(f"spool {self.path}: interrupted while "
+                                             "writing; the event may or may not be stored")
+                    entry.written = True
             raise
         finally:
             shared.busy = False
         for entry in batch:
-            entry[2] = True
+            entry.written = True
 
     def append_many(self, events: list[Event]) -> None:
         """Store ``events`` together and durably (synced to disk, whatever

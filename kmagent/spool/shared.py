@@ -25,9 +25,9 @@ class Shared:
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
-        # Records waiting to be written: [record, error, written]. Appends and pops of a
+        # Appends waiting to be written (base.Waiting). Appends and pops of a
         # deque are atomic, so queueing takes no lock; only the lock holder pops.
-        self.waiting: deque[list[Any]] = deque()
+        self.waiting: deque[Any] = deque()
         self.busy = False  # the lock holder is inside a write or a transaction
         self.stale = False  # set in a forked child: this is the parent's
         _live.add(self)
