@@ -23,4 +23,4 @@ def status(config: str | os.PathLike | None = None, *,
            spool: str | os.PathLike | None = None) -> dict[str, Any]:
     """The figures of ``kmagent status --json``, computed in-process."""
     from .report import read_status
-    return read_status(config, spool=spool)
+    return read_status(config, spool=spool).to_json()

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,6 +23,9 @@ from .cli_options import common_options, config as _config
 from .cli_spool import dead, export, import_
 from .config import Config
 from .errors import ConfigError, InvalidEvent, KmagentError, SpoolError
+
+if TYPE_CHECKING:  # read lazily: status is not the only command
+    from .report import Status
 
 EX_USAGE = 2
 EX_IOERR = 74
@@ -163,10 +166,10 @@ def status(as_json: bool) -> int:
     config = _config()
     figures = read_status(config)
     if as_json:
-        click.echo(json.dumps(figures))
+        click.echo(json.dumps(figures.to_json()))
         return 0
-    if not figures["exists"]:
-        click.echo(f"no spool at {figures['spool']} yet: nothing has been recorded", err=True)
+    if not figures.exists:
+        click.echo(f"no spool at {figures.spool} yet: nothing has been recorded", err=True)
     click.echo(_status_text(figures))
     return 0
 
@@ -180,33 +183,31 @@ def _seconds(value: float) -> str:
         else f"{value / 3600:.1f} h"
 
 
-def _status_text(f: dict[str, Any]) -> str:
+def _status_text(f: Status) -> str:
     """``kmagent status`` for people: the backlog first, then how shipping goes."""
-    age = f["oldest_pending_age_s"]
-    pid = f["daemon_pid"]
+    age, pid = f.oldest_pending_age_s, f.daemon_pid
     lines = [
-        f"spool:      {f['spool']}",
-        f"pending:    {f['pending']} ({f['in_flight']} in flight)"
+        f"spool:      {f.spool}",
+        f"pending:    {f.pending} ({f.in_flight} in flight)"
         + ("" if age is None else f", oldest {_seconds(age)} old"),
-        f"dead:       {f['dead']}" + (" (kmagent dead list)" if f["dead"] else ""),
+        f"dead:       {f.dead}" + (" (kmagent dead list)" if f.dead else ""),
         f"shipper:    {'none running' if pid is None else f'pid {pid}'}"
-        + (f", {f['rate_1m']:.1f} events/s over the last minute" if pid else ""),
-        f"delivered:  {f['delivered_total']} (last {_ago(f['last_success_at'])}), "
-        f"retried {f['retried_total']}",
+        + (f", {f.rate_1m:.1f} events/s over the last minute" if pid else ""),
+        f"delivered:  {f.delivered_total} (last {_ago(f.last_success_at)}), "
+        f"retried {f.retried_total}",
     ]
-    if f["last_error"]:
-        lines.append(f"last error: {f['last_error']} ({_ago(f['last_error_at'])})")
-    if f["dropped_total"]:
-        lines.append(f"dropped:    {f['dropped_total']} (spool full, when_full = \"drop\")")
-    if "bad_lines" in f:
-        lines.append(f"bad lines:  {f['bad_lines']}")
-    if f.get("damaged"):
-        lines.append(f"DAMAGED:    {f['damaged']} (the daemon keeps it aside and salvages it)")
-    salvaged = f.get("salvaged")
-    if salvaged:
-        lines.append(f"salvaged:   {salvaged['saved']} events from a damaged spool "
-                     f"({_ago(salvaged['at'])}; at most {salvaged['unreadable']} could not "
-                     f"be read), kept as {salvaged['kept_as']}")
+    if f.last_error:
+        lines.append(f"last error: {f.last_error} ({_ago(f.last_error_at)})")
+    if f.dropped_total:
+        lines.append(f"dropped:    {f.dropped_total} (spool full, when_full = \"drop\")")
+    if f.bad_lines is not None:
+        lines.append(f"bad lines:  {f.bad_lines}")
+    if f.damaged:
+        lines.append(f"DAMAGED:    {f.damaged} (the daemon keeps it aside and salvages it)")
+    if f.salvaged:
+        lines.append(f"salvaged:   {f.salvaged['saved']} events from a damaged spool "
+                     f"({_ago(f.salvaged['at'])}; at most {f.salvaged['unreadable']} could "
+                     f"not be read), kept as {f.salvaged['kept_as']}")
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,47 +16,75 @@ from .spool import open_configured
 from .spool.salvage import last_salvage
 
 
+@dataclass
+class Status:
+    """What ``kmagent status`` reports (the README lists the fields); ``to_json()`` is
+    ``kmagent status --json`` and ``kmagent.status()``."""
+
+    pending: int = 0
+    in_flight: int = 0
+    concurrency: int | None = None  # the running shipper's, now
+    dead: int = 0
+    oldest_pending_age_s: float | None = None
+    dropped_total: int = 0
+    delivered_total: int = 0
+    retried_total: int = 0
+    last_success_at: float | None = None
+    last_error_at: float | None = None
+    last_error: str | None = None
+    rate_1m: float = 0.0
+    daemon_pid: int | None = None
+    spool: str = ""
+    exists: bool = False
+    salvaged: dict[str, Any] | None = None  # the latest salvage of a damaged SQLite file
+    # Only when they apply: left out of the JSON otherwise.
+    bad_lines: int | None = None  # jsonl: lines no event could be read from
+    checkpoint_rebuilt_at: float | None = None  # jsonl: when its checkpoint was rebuilt
+    damaged: str | None = None  # SQLite says the file is damaged; the daemon salvages it
+
+    def to_json(self) -> dict[str, Any]:
+        figures = asdict(self)
+        if self.bad_lines is None:  # not a jsonl spool
+            del figures["bad_lines"], figures["checkpoint_rebuilt_at"]
+        if self.damaged is None:
+            del figures["damaged"]
+        return figures
+
+
 def read_status(config: str | os.PathLike | Config | None = None, *,
-                spool: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Every field of ``kmagent status --json`` (see the README); cheap at any backlog.
-    A spool that does not exist yet is reported empty, not created."""
+                spool: str | os.PathLike | None = None) -> Status:
+    """Every field of ``kmagent status`` (see the README); cheap at any backlog. A spool
+    that does not exist yet is reported empty, not created."""
     cfg = config if isinstance(config, Config) else load_config(config)
     location = Path(spool if spool is not None else cfg.spool_path)
-    figures: dict[str, Any] = {
-        "pending": 0, "in_flight": 0, "concurrency": None, "dead": 0,
-        "oldest_pending_age_s": None,
-        "dropped_total": 0, "delivered_total": 0, "retried_total": 0,
-        "last_success_at": None, "last_error_at": None, "last_error": None,
-        "rate_1m": 0.0, "daemon_pid": None, "spool": str(location), "exists": False,
-        "salvaged": last_salvage(location)}
+    status = Status(spool=str(location), salvaged=last_salvage(location))
     if not location.exists():
-        return figures
+        return status
     try:
-        return _read_spool(cfg, spool, figures)
+        _read_spool(cfg, spool, status)
     except SpoolDamaged as exc:
         # The daemon salvages it (or will, when it starts): say so, don't fail.
-        figures.update(exists=True, damaged=str(exc))
-        return figures
+        status.exists, status.damaged = True, str(exc)
+    return status
 
 
-def _read_spool(cfg: Config, spool: str | os.PathLike | None,
-                figures: dict[str, Any]) -> dict[str, Any]:
+def _read_spool(cfg: Config, spool: str | os.PathLike | None, status: Status) -> None:
     with open_configured(cfg, spool) as store:
-        figures.update(store.stats(time.time()))
-        figures["dropped_total"] = store.dropped_total()
-        figures["daemon_pid"] = ShipperLock(store.lock_path).holder()
+        for name, value in store.stats(time.time()).items():
+            setattr(status, name, value)
+        status.dropped_total = store.dropped_total()
+        status.daemon_pid = ShipperLock(store.lock_path).holder()
         published = read_figures(store.figures_path)
         for name in ("delivered_total", "retried_total", "last_success_at",
                      "last_error_at", "last_error"):
-            figures[name] = published.get(name, figures[name])
-        running = figures["daemon_pid"] is not None and published.get("pid") == figures["daemon_pid"]
+            setattr(status, name, published.get(name, getattr(status, name)))
+        running = status.daemon_pid is not None and published.get("pid") == status.daemon_pid
         # The rate and what is in flight belong to the running shipper; claims die with it.
-        figures["rate_1m"] = published.get("rate_1m", 0.0) if running else 0.0
-        if figures["daemon_pid"] is None:
-            figures["in_flight"] = 0
+        status.rate_1m = published.get("rate_1m", 0.0) if running else 0.0
+        if status.daemon_pid is None:
+            status.in_flight = 0
         elif running:
-            figures["in_flight"] = published.get("in_flight", figures["in_flight"])
-            figures["concurrency"] = published.get("concurrency")
-        figures["spool"] = str(store.path)
-        figures["exists"] = True
-    return figures
+            status.in_flight = published.get("in_flight", status.in_flight)
+            status.concurrency = published.get("concurrency")
+        status.spool = str(store.path)
+        status.exists = True
