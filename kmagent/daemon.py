@@ -101,12 +101,13 @@ class Daemon:
         try:
             if not acquire(lock, self._stop, "run"):
                 return 0
+            session = spool.ship(lock)
             upkeep = self._upkeep = Upkeep(spool, salvaging)
             upkeep.resume_salvages()
-            recovered = self._mended(upkeep, spool.recover)
+            recovered = self._mended(upkeep, session.recover)
             if recovered:
                 log.info("recovered %d events a previous shipper had in flight", recovered)
-            shipper = make_shipper(config, spool, self._wake)
+            shipper = make_shipper(config, session, self._wake)
             watchers = [SpoolWatcher(*spool.watch_target, self._wake)]
             # km/kmts/PHP cron log directories: their writes wake the loop too.
             watchers += [SpoolWatcher(d, "", self._wake) for d in config.km_log_dirs]
@@ -273,7 +274,7 @@ class Daemon:
             log.error("%s while reloading; the next start recovers it", exc)
         shipper.sender.close()
         self.config = fresh
-        replacement = make_shipper(fresh, shipper.spool, self._wake)
+        replacement = make_shipper(fresh, shipper.session, self._wake)
         replacement.carry_on_from(shipper)
         figures.shipper = replacement
         figures.reloaded(None)

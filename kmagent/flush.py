@@ -56,9 +56,10 @@ def flush(config: Config, *, timeout: float | None = None,
         while remaining:
             if shipper is None:
                 if lock.try_acquire():
-                    spool.recover()
-                    spool.expedite()
-                    shipper = make_shipper(config, spool)
+                    session = spool.ship(lock)
+                    session.recover()
+                    session.expedite()
+                    shipper = make_shipper(config, session)
                     upkeep = Upkeep(spool, keep_ballast=False)
                 else:
                     waited_for = lock.holder() or waited_for

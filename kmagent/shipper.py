@@ -28,7 +28,8 @@ from .adaptive import AdaptiveLimit
 from .gate import Gate
 from .sender import DELIVERED, PERMANENT, Outcome, Sender, backoff_delay
 from .errors import SpoolError
-from .spool import Claimed, Retry, Spool
+from .spool import Claimed, Retry
+from .spool.session import ShippingSession
 
 log = logging.getLogger("kmagent.shipper")
 
@@ -67,13 +68,15 @@ class BatchLimit:
 class Shipper:
     """Moves events from a spool to the tracking host; drive it with ``step``."""
 
-    def __init__(self, spool: Spool, sender: Sender, *, concurrency: int, max_backoff: float,
+    def __init__(self, session: ShippingSession, sender: Sender, *, concurrency: int,
+                 max_backoff: float,
                  max_age: float = 0.0, wake: threading.Event | None = None,
                  clock: Callable[[], float] = time.time,
                  max_concurrency: int | None = None) -> None:
         """``max_concurrency``: adapt the requests at once between 1 and it, starting
         at ``concurrency`` (adaptive.py); None keeps ``concurrency`` fixed."""
-        self.spool = spool
+        self.session = session  # claims, acks...: only while this process ships the spool
+        self.spool = session.spool  # what anyone may ask it (out_of_room, stats)
         self.sender = sender
         self.max_backoff = max_backoff
         self.max_age = max_age
@@ -142,7 +145,7 @@ class Shipper:
         """When a claimable event next becomes due, if the window has room for it."""
         if len(self._in_flight) >= self.window:
             return None  # a finishing request will wake us
-        return self.spool.next_due(with_key_only=self._with_key_only)
+        return self.session.next_due(with_key_only=self._with_key_only)
 
     def fill(self) -> int:
         """Claim ready events up to the window and hand them to the workers."""
@@ -150,7 +153,7 @@ class Shipper:
         room = self.window - len(self._in_flight)
         if room <= 0:
             return 0
-        items, _ = self._shrinking(self.claim_limit, room, lambda n: self.spool.claim(
+        items, _ = self._shrinking(self.claim_limit, room, lambda n: self.session.claim(
             n, now=self.clock(), with_key_only=self._with_key_only))
         for item in items:
             self._in_flight[item.id] = item
@@ -212,7 +215,7 @@ class Shipper:
             finished = finished[written:]
         if self.gate.recovered.is_set():
             self.gate.recovered.clear()
-            woken = self.spool.expedite()  # the outage is over: drain at full speed
+            woken = self.session.expedite()  # the outage is over: drain at full speed
             log.info("the tracking host answers again; %d waiting events due now", woken)
         return delivered
 
@@ -236,11 +239,11 @@ class Shipper:
                 delay = max(backoff_delay(item.attempts, self.max_backoff),
                             outcome.retry_after or 0.0)
                 retries.append(Retry(item.id, now + delay, outcome.error))
-        self.spool.ack(delivered)
-        self.spool.release(released)
-        self.spool.retry(retries)
+        self.session.ack(delivered)
+        self.session.release(released)
+        self.session.retry(retries)
         for item, status, reason in dead:
-            self.spool.dead_letter([item.id], status=status, reason=reason, now=now)
+            self.session.dead_letter([item.id], status=status, reason=reason, now=now)
         # Logged once written: a spool error above means this batch is recorded again.
         for event_id, due, error in retries:
             self.last_error = error
@@ -273,7 +276,7 @@ class Shipper:
             if item is not None:
                 not_started.append(item.id)
                 self._in_flight.pop(item.id, None)
-        self.spool.release(not_started)
+        self.session.release(not_started)
         deadline = time.monotonic() + timeout
         while self._in_flight and time.monotonic() < deadline:
             self.wake.wait(min(0.1, max(0.0, deadline - time.monotonic())))
@@ -281,7 +284,7 @@ class Shipper:
             self.settle()
         self.settle()
         # Still running past the deadline: release; a resend is byte-identical.
-        self.spool.release(list(self._in_flight))
+        self.session.release(list(self._in_flight))
         self._in_flight.clear()
         for _ in self._workers:
             self._todo.put(None)  # idle workers exit; busy ones die with the process

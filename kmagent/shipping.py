@@ -8,7 +8,7 @@ import threading
 from .config import Config
 from .sender import Sender
 from .shipper import Shipper
-from .spool import Spool
+from .spool.session import ShippingSession
 
 
 def make_sender(config: Config) -> Sender:
@@ -18,8 +18,9 @@ def make_sender(config: Config) -> Sender:
                   proxy=config.proxy, ca_file=config.ca_file, api_key=config.api_key)
 
 
-def make_shipper(config: Config, spool: Spool, wake: threading.Event | None = None) -> Shipper:
-    """A Shipper for ``spool`` with a Sender configured from ``config``."""
-    return Shipper(spool, make_sender(config), concurrency=config.concurrency,
+def make_shipper(config: Config, session: ShippingSession,
+                 wake: threading.Event | None = None) -> Shipper:
+    """A Shipper for the spool of ``session`` with a Sender configured from ``config``."""
+    return Shipper(session, make_sender(config), concurrency=config.concurrency,
                    max_concurrency=config.max_concurrency, max_backoff=config.max_backoff,
                    max_age=config.max_age, wake=wake)

@@ -158,3 +158,14 @@ def fill(directory, leave: int = 0, name: str = "filler") -> None:
             os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
     finally:
         os.close(fd)
+
+
+def shipping_session(spool):
+    """The spool's shipping session for this test, its shipper lock taken (and held
+    until the test's process exits or the spool's lock file goes)."""
+    from kmagent.lock import ShipperLock
+    lock = ShipperLock(spool.lock_path)
+    assert lock.try_acquire(), "another shipper holds the spool"
+    session = spool.ship(lock)
+    session.lock = lock  # kept alive with the session
+    return session

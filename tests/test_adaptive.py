@@ -4,7 +4,7 @@ a real loopback host with latency (it grows) and one that pushes back (it shrink
 from __future__ import annotations
 
 import pytest
-from helpers import wait_for
+from helpers import shipping_session, wait_for
 
 from kmagent.adaptive import AdaptiveLimit
 from kmagent.client import Client
@@ -99,7 +99,7 @@ def drain(tmp_path, host: StandInHost, events: int, extra: str = ""):
         client.record(f"p{n}", "Adapted")
     client.close()
     spool = open_spool(tmp_path / "s.db")
-    shipper = make_shipper(config, spool)
+    shipper = make_shipper(config, shipping_session(spool))
     try:
         def drained() -> bool:
             shipper.step()

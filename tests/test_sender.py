@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import pytest
 import trustme
-from helpers import free_port
+from helpers import free_port, shipping_session
 
 from kmagent import __version__
 from kmagent.events import Event, make_event
@@ -544,7 +544,8 @@ def test_the_shipper_dead_letters_an_oversized_stored_event_instead_of_retrying(
     # Stored as it was before record() refused such events: built without make_event.
     spool.append(Event("e", "bob", "Big", 1700000000, (("pad", "é" * 4096),) * 4))
     spool.append(make_event("bob", "Small", {"n": 1}, now=1700000000))
-    shipper = Shipper(spool, sender_for(host.url), concurrency=1, max_backoff=1)
+    shipper = Shipper(shipping_session(spool), sender_for(host.url), concurrency=1,
+                      max_backoff=1)
     try:
         deadline = time.monotonic() + 10
         while shipper.delivered_total + shipper.dead_total < 2 and time.monotonic() < deadline:

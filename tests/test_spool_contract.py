@@ -13,6 +13,8 @@ from kmagent.errors import SpoolError
 from kmagent.events import make_alias, make_event, make_set
 from kmagent.spool import BACKENDS as SPOOL_BACKENDS, open_spool
 
+from helpers import shipping_session
+
 T0 = 1_700_000_000
 
 
@@ -362,7 +364,8 @@ def test_a_settle_repeated_after_a_spool_error_touches_only_its_own_claim(store,
     from kmagent.shipper import Shipper
     store.append(event(1))
     store.append(event(2))
-    shipper = Shipper(store, OneAnswer(Outcome(TRANSIENT, 503, "HTTP 503")), concurrency=2,
+    shipper = Shipper(shipping_session(store), OneAnswer(Outcome(TRANSIENT, 503, "HTTP 503")),
+                      concurrency=2,
                       max_backoff=1, clock=lambda: T0)  # retries due long ago: at once
     try:
         assert shipper.fill() == 2
@@ -426,7 +429,8 @@ def test_claims_and_acks_too_big_for_a_full_disk_go_in_smaller_batches(store, mo
         real_ack(ids)
     monkeypatch.setattr(store, "claim", claim)
     monkeypatch.setattr(store, "ack", ack)
-    shipper = Shipper(store, OneAnswer(Outcome(DELIVERED, 200, None)), concurrency=8,
+    shipper = Shipper(shipping_session(store), OneAnswer(Outcome(DELIVERED, 200, None)),
+                      concurrency=8,
                       max_backoff=1)
     try:
         deadline = time.monotonic() + 10
@@ -438,3 +442,22 @@ def test_claims_and_acks_too_big_for_a_full_disk_go_in_smaller_batches(store, mo
         assert shipper.record_limit.limit is not None
     finally:
         shipper.shutdown(0)
+
+
+def test_only_the_holder_of_the_shipper_lock_gets_a_shipping_session(store):
+    from kmagent.lock import ShipperLock
+    lock = ShipperLock(store.lock_path)
+    with pytest.raises(SpoolError, match="shipper lock"):
+        store.ship(lock)
+    assert lock.try_acquire()
+    store.append(event(1))
+    with store.ship(lock) as session:
+        assert len(session.claim(10, now=T0 + 10)) == 1
+        lock.release()  # another process may ship now: this session must not
+        with pytest.raises(SpoolError, match="no longer ships"):
+            session.claim(10, now=T0 + 10)
+    assert lock.try_acquire()
+    session = store.ship(lock)
+    session.close()
+    with pytest.raises(SpoolError, match="no longer ships"):
+        session.ack([])

@@ -16,13 +16,16 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple
 
 from ..errors import SpoolError, SpoolFull
 from ..events import Event
 from .files import append_to, sidecar
 from .shared import Shared
 from .space import free_bytes, is_disk_full, keep_free_bytes
+
+if TYPE_CHECKING:
+    from .session import ShippingSession
 
 # How often a producer re-measures the spool's size (max_bytes) and the filesystem's
 # free space (keep_free); in between it adds what it wrote itself, and measures again
@@ -428,6 +431,15 @@ class Spool(abc.ABC):
     def figures_path(self) -> Path:
         """Where the running daemon publishes its figures for ``kmagent status``."""
         return self.sidecar("figures.json")
+
+    def ship(self, lock: Any) -> "ShippingSession":
+        """This process's shipping session of the spool (session.py): ``lock``, the
+        spool's ShipperLock, must be held, and stays the condition of every call."""
+        from .session import ShippingSession
+        if not lock.held:
+            raise SpoolError(f"spool {self.path}: only the holder of its shipper lock "
+                             "may ship it")
+        return ShippingSession(self, lock)
 
     def __enter__(self) -> "Spool":
         return self
