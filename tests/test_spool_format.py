@@ -101,3 +101,19 @@ def test_a_newer_format_is_refused_unless_it_says_this_kmagent_may_write(
             spool.stats(0)
         with sqlite3.connect(spool_path) as conn:
             assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+@pytest.mark.parametrize("backend, names", [
+    ("sqlite", {"lock": "spool.db.lock", "figures.json": "spool.db.lock.figures.json",
+                "dropped": "spool.db.dropped", "ballast": "spool.db.ballast"}),
+    ("jsonl", {"lock": "shipper.lock", "figures.json": "shipper.lock.figures.json",
+               "dropped": "dropped", "ballast": "ballast"})])
+def test_the_files_beside_a_spool_keep_their_names(tmp_path, backend, names):
+    # A daemon of the previous version, running through an upgrade, and the new
+    # commands (status, reload, flush) must meet at the same lock and figures.
+    from kmagent.spool.files import sidecar
+    spool = tmp_path / ("spool.db" if backend == "sqlite" else "spool.jsonl.d")
+    for name, file in names.items():
+        path = sidecar(spool, backend, name)
+        assert path.name == file and path.parent == (spool if backend == "jsonl"
+                                                     else tmp_path)

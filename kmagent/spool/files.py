@@ -15,18 +15,21 @@ FILE_MODE = 0o660
 DIR_MODE = 0o770
 
 
-# The names of the files beside a jsonl spool's events that differ from their SQLite
-# counterparts' suffix (kept: a shipper of either name must find the other's lock).
-_JSONL_NAMES = {"lock": "shipper.lock"}
+# Names kept from before sidecar() named them: during an upgrade a running daemon of
+# the previous version and the new commands (status, reload, flush) must find the same
+# lock and figures.
+_SQLITE_NAMES = {"figures.json": "lock.figures.json"}
+_JSONL_NAMES = {"lock": "shipper.lock", "figures.json": "shipper.lock.figures.json"}
 
 
 def sidecar(spool_path: Path, backend: str, name: str) -> Path:
     """The file ``name`` ("lock", "dropped", "ballast", "figures.json",
     "salvage.json") of the spool at ``spool_path``: ``spool.db.<name>`` beside a SQLite
-    file, ``<name>`` inside a jsonl directory. Known before the spool is opened."""
+    file, ``<name>`` inside a jsonl directory (but for the names kept above). Known
+    before the spool is opened."""
     if backend == "jsonl":
         return spool_path / _JSONL_NAMES.get(name, name)
-    return spool_path.with_name(f"{spool_path.name}.{name}")
+    return spool_path.with_name(f"{spool_path.name}.{_SQLITE_NAMES.get(name, name)}")
 
 
 def open_file(path: Path, flags: int) -> int:
