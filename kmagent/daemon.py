@@ -32,7 +32,7 @@ from .shipper import Shipper
 from .shipping import make_shipper
 from .spool import Spool
 from .notify import Notifier
-from .upkeep import Upkeep, open_for_shipping
+from .upkeep import Upkeep, open_for_shipping, room_is_short
 from .watch import RESCAN_INTERVAL_S, SpoolWatcher
 
 log = logging.getLogger("kmagent.daemon")
@@ -94,9 +94,31 @@ class Daemon:
             signal.signal(signum, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hangup)
 
+    def _open_when_room(self, config: Config):
+        """The spool (open_for_shipping), waiting while the disk is too full to open it
+        at all and no ballast is left to give up (a daemon's first start on a disk
+        another program filled): exiting instead would make systemd restart it every
+        RestartSec until its start limit fails the unit for good. None if stopped."""
+        announced = False
+        while True:
+            try:
+                return open_for_shipping(config)
+            except SpoolError as exc:
+                if not room_is_short(config):
+                    raise
+                if not announced:
+                    log.error("%s; the disk holding it is full: waiting for room", exc)
+                    self.notifier.notify("STATUS=waiting for room on the spool's disk")
+                    announced = True
+            if self._stop.wait(SPOOL_RETRY_S[1]):
+                return None
+
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
         config = self.config = shipping_config(self.config)
-        spool, salvaging = open_for_shipping(config)
+        opened = self._open_when_room(config)
+        if opened is None:
+            return 0
+        spool, salvaging = opened
         lock = self._lock = ShipperLock(spool.lock_path)
         try:
             if not acquire(lock, self._stop, "run"):

@@ -59,6 +59,18 @@ def open_for_shipping(config: Config, attempts: int = 3):
     raise AssertionError("unreachable")
 
 
+def room_is_short(config: Config) -> bool:
+    """Whether the configured spool's filesystem has less free than its reserve."""
+    directory = Path(config.spool_path).parent if config.spool_backend == "sqlite" \
+        else Path(config.spool_path)
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        return free_bytes(directory) < keep_free_bytes(config.keep_free, directory)
+    except OSError:
+        return False
+
+
 def _give_up_ballast_to_open(config: Config) -> bool:
     """Release the configured spool's ballast if its filesystem is out of room; True if
     that gave room back."""

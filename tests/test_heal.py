@@ -13,8 +13,8 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from helpers import (API_KEY, fill, record_many, run_kmagent, start_daemon, status, stop,
-                      wait_for)
+from helpers import (API_KEY, fill, record_many, run_kmagent, start_daemon, start_kmagent,
+                     status, stop, wait_for)
 import kmagent
 from kmagent import Client
 from kmagent.config import ConfigError, load_config
@@ -313,6 +313,28 @@ def test_a_daemon_started_on_a_disk_filled_while_it_was_stopped_ships(
     assert code == 0 and set(accepted) <= names_delivered(host), (
         f"exit {code}; {len(set(accepted) - names_delivered(host))} of {len(accepted)} "
         f"missing; {disk_contents(small_disk)}; daemon log:\n{daemon.log[-3000:]}")
+
+
+def test_a_first_daemon_on_a_disk_too_full_to_open_the_spool_waits_for_room(
+        host, small_disk, tmp_path):
+    """No daemon ever ran, so no ballast is there to give up, and the disk another
+    program filled leaves SQLite no room for its -wal and -shm: the daemon waits for
+    room (exiting 74 would have systemd restart it until the unit fails for good)."""
+    config = small_disk_config(host, small_disk, tmp_path, "sqlite", "")
+    record_many(config, 20)
+    fill(small_disk)
+    daemon = start_kmagent("run", "--config", str(config))
+    try:
+        time.sleep(3)
+        assert daemon.poll() is None, daemon.communicate()[1]
+        assert not host.delivered()
+        (small_disk / "filler").unlink()  # the other program gives the room back
+        wait_for(lambda: len(host.delivered()) == 20 or daemon.poll() is not None,
+                 timeout=60)
+    finally:
+        code = stop(daemon) if daemon.poll() is None else daemon.returncode
+    assert code == 0 and len(host.delivered()) == 20, daemon.log
+    assert "waiting for room" in daemon.log
 
 
 def test_flush_on_a_full_disk_gives_up_the_ballast_and_drains(host, small_disk, tmp_path):
