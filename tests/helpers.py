@@ -169,3 +169,27 @@ def shipping_session(spool):
     session = spool.ship(lock)
     session.lock = lock  # kept alive with the session
     return session
+
+
+def run_in_process(*args: str) -> subprocess.CompletedProcess:
+    """``kmagent ARGS`` in this process, its output captured by click's CliRunner:
+    for what needs no process of its own (help, argument and configuration errors),
+    a fraction of a process start each."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from kmagent.cli import main
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # the command sets up its own logging
+    try:
+        with CliRunner().isolation() as (out, err, *_):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+    finally:
+        root.handlers[:], root.level = handlers, level
+    return subprocess.CompletedProcess(["kmagent", *args], code, stdout, stderr)

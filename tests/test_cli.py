@@ -10,7 +10,7 @@ import time
 import pytest
 
 import kmagent
-from helpers import API_KEY, record_many, run_kmagent, start_daemon, stop
+from helpers import API_KEY, record_many, run_in_process, run_kmagent, start_daemon, stop
 
 PERSON = "bob@example.com"
 P = "bob%40example.com"  # PERSON as it travels
@@ -53,13 +53,13 @@ def test_version():
 @pytest.mark.parametrize("command", ["record", "set", "alias", "status", "flush", "run",
                                      "testhost"])
 def test_help_of_every_command_has_an_example(command):
-    result = run_kmagent(command, "--help")
+    result = run_in_process(command, "--help")
     assert result.returncode == 0, result.stderr
     assert "Example" in result.stdout
 
 
 def test_top_level_help_lists_the_commands():
-    result = run_kmagent("--help")
+    result = run_in_process("--help")
     assert result.returncode == 0
     for command in ("record", "set", "alias", "status", "flush", "run"):
         assert command in result.stdout
@@ -108,7 +108,7 @@ INVALID = [
                                                       "person-256", "empty-identity"])
 def test_invalid_input_exits_2_naming_the_field(write_config, args, names):
     config = write_config()
-    result = run_kmagent(*args, "--config", str(config))
+    result = run_in_process(*args, "--config", str(config))
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
@@ -168,7 +168,7 @@ def test_configuration_error_exits_78_for_every_command(command, how, write_conf
         path = tmp_path / "env.toml"
         path.write_text('endpoint = "http://example.com"\n')
         monkeypatch.setenv("KMAGENT_CONFIG", str(path))
-    result = run_kmagent(*args, timeout=20)
+    result = run_in_process(*args)
     assert result.returncode == 78, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
@@ -182,7 +182,7 @@ def test_configuration_error_exits_78_for_every_command(command, how, write_conf
 def test_invalid_toml_exits_78(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text("[ship\n")
-    result = run_kmagent("status", "--config", str(path))
+    result = run_in_process("status", "--config", str(path))
     assert result.returncode == 78
     assert "Traceback" not in result.stderr
     assert str(path) in result.stderr
