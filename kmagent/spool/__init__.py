@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .base import Claimed, Retry, Spool
+from .base import Spool
+from .records import Claimed, Retry
 
 if TYPE_CHECKING:
     from ..config import Config

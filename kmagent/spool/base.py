@@ -14,13 +14,13 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..errors import SpoolError, SpoolFull
 from ..events import Event
 from .files import append_to, sidecar
+from .records import Claimed, PartialWrite, Retry, Waiting
 from .shared import Shared
 from .space import free_bytes, is_disk_full, keep_free_bytes
 
@@ -32,47 +32,6 @@ if TYPE_CHECKING:
 # early once that nears the room left (other processes may overshoot by what they
 # write meanwhile: the reserve is there for that, among others).
 SIZE_CHECK_S = 0.5
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """A claimed event, ready to send: the stored request and what the shipper needs."""
-
-    id: Any  # opaque to everything but its backend
-    path: str
-    query: str  # without _k: the key is added when it is sent
-    api_key: str | None
-    created: float
-    attempts: int  # including this one
-
-
-class Waiting:
-    """One append queued for group commit: its record and, once the lock holder that
-    wrote it has finished, what became of it."""
-
-    __slots__ = ("record", "error", "written")
-
-    def __init__(self, record: Any) -> None:
-        self.record = record
-        self.error: BaseException | None = None  # raised by the append that queued it
-        self.written = False  # handled by a holder: not to be written again
-
-
-class Retry(NamedTuple):
-    """A claimed event that failed, to be claimable again at ``due`` (wall clock)."""
-
-    id: Any
-    due: float
-    error: str | None  # what the last attempt came to (never the API key)
-
-
-class PartialWrite(SpoolError):
-    """A group write stopped short (disk full): the first ``stored`` records are stored
-    whole, the rest are not."""
-
-    def __init__(self, message: str, stored: int) -> None:
-        super().__init__(message)
-        self.stored = stored
 
 
 class Spool(abc.ABC):
@@ -446,11 +405,3 @@ class Spool(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def unknown_ids(wanted: list[str] | None, known: Iterable[str]) -> None:
-    """Raise KeyError naming the ids in ``wanted`` that are not in ``known``."""
-    if wanted is not None:
-        missing = sorted(set(wanted) - set(known))
-        if missing:
-            raise KeyError(", ".join(missing))

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol
 from ..errors import SpoolError
 
 if TYPE_CHECKING:
-    from .base import Claimed, Retry, Spool
+    from .base import Spool
+    from .records import Claimed, Retry
 
 
 class Lock(Protocol):

@@ -25,7 +25,7 @@ class Shared:
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
-        # Appends waiting to be written (base.Waiting). Appends and pops of a
+        # Appends waiting to be written (records.Waiting). Appends and pops of a
         # deque are atomic, so queueing takes no lock; only the lock holder pops.
         self.waiting: deque[Any] = deque()
         self.busy = False  # the lock holder is inside a write or a transaction

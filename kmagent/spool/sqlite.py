@@ -27,7 +27,8 @@ from ..errors import SpoolError
 from ..events import Event
 from ..protocol import describe, encode
 from . import sqlite_conn
-from .base import Claimed, Retry, Spool, unknown_ids
+from .base import Spool
+from .records import Claimed, Retry, unknown_ids
 from .shared import CLOSED
 from .sqlite_conn import BUSY_TIMEOUT_S
 from .sqlite_conn import spool_error

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from ..base import Claimed
+from ..records import Claimed
 from ..files import fsync_dir
 from ..files import FLOCK_WAIT_S, flock_within
 from .checkpoint import Checkpoint, Fingerprint, Position

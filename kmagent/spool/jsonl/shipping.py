@@ -23,7 +23,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Iterable
 
 from ...protocol import encode
-from ..base import Claimed
+from ..records import Claimed
 from ..files import append_to, write_atomically
 from ..files import punch_hole
 from ..space import is_disk_full

@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 from ...errors import SpoolError
 from ...events import Event
 from ...protocol import describe, encode
-from ..base import Claimed, PartialWrite, Retry, Spool, unknown_ids
+from ..base import Spool
+from ..records import Claimed, PartialWrite, Retry, unknown_ids
 from ..files import (FLOCK_WAIT_S, flock_within, flocked, make_dirs, open_file,
                      write_atomically)
 from ..shared import Shared, shared_for
