@@ -92,3 +92,17 @@ def small_disk(tmp_path):
         pytest.skip("cannot mount a tmpfs here (a container without CAP_SYS_ADMIN?)")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.fixture
+def km(spool_path):
+    """kmagent.KM on this test's spool, with no current person before and after."""
+    from kmagent import KM
+    saved = KM._client
+    KM.init(spool=spool_path)
+    KM.clear_identity()
+    yield KM
+    KM.clear_identity()
+    current, KM._client = KM._client, saved
+    if current is not None and current is not saved:
+        current.close()

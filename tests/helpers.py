@@ -193,3 +193,13 @@ def run_in_process(*args: str) -> subprocess.CompletedProcess:
     finally:
         root.handlers[:], root.level = handlers, level
     return subprocess.CompletedProcess(["kmagent", *args], code, stdout, stderr)
+
+
+def terminate(process: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM a server the test started, and SIGKILL it if it will not stop in time."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()

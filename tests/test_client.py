@@ -264,18 +264,6 @@ def test_kmagent_status_stays_callable(tmp_path):
 
 # --- KM -------------------------------------------------------------------------------
 
-@pytest.fixture
-def km(spool_path):
-    saved = KM._client
-    KM.init(spool=spool_path)
-    KM.clear_identity()
-    yield KM
-    KM.clear_identity()
-    current, KM._client = KM._client, saved
-    if current is not None and current is not saved:
-        current.close()
-
-
 def test_km_record_set_and_alias(km, spool_path):
     km.identify("bob")
     before = time.time()

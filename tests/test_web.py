@@ -16,18 +16,6 @@ from kmagent import KM, InvalidEvent
 from kmagent.web import ASGIMiddleware, WSGIMiddleware
 
 
-@pytest.fixture
-def km(spool_path):
-    saved = KM._client
-    KM.init(spool=spool_path)
-    KM.clear_identity()
-    yield KM
-    KM.clear_identity()
-    current, KM._client = KM._client, saved
-    if current is not None and current is not saved:
-        current.close()
-
-
 def people(spool_path) -> list[tuple[str, str]]:
     """(event name, person) of every event recorded, oldest first."""
     return [pair for pairs in web_scenario.recorded(spool_path).values() for pair in pairs]
@@ -140,17 +128,19 @@ def test_wsgi_a_streamed_body_keeps_its_person_until_closed(km, spool_path):
         KM.record("After the request")
 
 
+def records_inside(environ, start_response):
+    """A WSGI app answering whether its request has a current person."""
+    start_response("200 OK", [])
+    try:
+        KM.record("Inside")
+    except InvalidEvent:
+        return [b"anonymous"]
+    return [b"recorded"]
+
+
 def test_wsgi_a_request_starts_with_no_one_even_after_a_thread_identified(km, spool_path):
     km.identify("left over")  # by code outside any request, on this thread
-
-    def app(environ, start_response):
-        start_response("200 OK", [])
-        try:
-            KM.record("Inside")
-        except InvalidEvent:
-            return [b"anonymous"]
-        return [b"recorded"]
-    assert call_wsgi(WSGIMiddleware(app)) == ("200 OK", b"anonymous")
+    assert call_wsgi(WSGIMiddleware(records_inside)) == ("200 OK", b"anonymous")
     km.record("Outside")  # the thread's own person is back
     assert people(spool_path) == [("Outside", "left over")]
 
@@ -158,14 +148,7 @@ def test_wsgi_a_request_starts_with_no_one_even_after_a_thread_identified(km, sp
 @pytest.mark.parametrize("hook", [lambda environ: 1 / 0, lambda environ: "",
                                   lambda environ: ["not", "a", "person"]])
 def test_wsgi_a_failing_hook_costs_the_person_not_the_request(km, hook, caplog):
-    def app(environ, start_response):
-        start_response("200 OK", [])
-        try:
-            KM.record("Inside")
-        except InvalidEvent:
-            return [b"anonymous"]
-        return [b"recorded"]
-    assert call_wsgi(WSGIMiddleware(app, identify=hook)) == ("200 OK", b"anonymous")
+    assert call_wsgi(WSGIMiddleware(records_inside, identify=hook)) == ("200 OK", b"anonymous")
     assert "no current person" in caplog.text
 
 

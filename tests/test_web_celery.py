@@ -5,7 +5,6 @@ eagerly, failures included."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 pytest.importorskip("celery")
 import web_scenario  # noqa: E402
-from helpers import wait_for  # noqa: E402
+from helpers import terminate, wait_for  # noqa: E402
 
 APPS = Path(__file__).parent / "web_apps"
 
@@ -62,12 +61,7 @@ def test_a_prefork_worker_scopes_each_task(celery_env, spool_path):
         wait_for(lambda: not list(Path(os.environ["CELERY_BROKER_DIR"]).iterdir()),
                  timeout=30)  # every message taken, the last tasks done
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.communicate()
+        terminate(worker)
     assert web_scenario.recorded(spool_path) == expected()
 
 

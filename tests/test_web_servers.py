@@ -7,7 +7,6 @@ uWSGI with one process and one thread, the app loaded before the fork or after."
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import web_scenario
-from helpers import free_port
+from helpers import free_port, terminate
 
 APPS = Path(__file__).parent / "web_apps"
 BIN = Path(sys.executable).parent
@@ -49,12 +48,7 @@ def run_scenario(command: list[str], port: int, spool_path: Path) -> None:
     try:
         web_scenario.send_all(port, steps)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.communicate()
+        terminate(server)
     web_scenario.check(spool_path, steps)
 
 
