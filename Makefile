@@ -5,10 +5,12 @@ BIN := $(VENV)/bin
 
 .PHONY: run test torture bench install systemd-check clean
 
+# PYTHONWARNINGS: setuptools warns about every editable install (~10 lines); the quick
+# start stays quiet.
 $(BIN)/kmagent: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip install --quiet --no-deps py-KISSmetrics==1.1.0  # for the compat differential
 	touch $@
 
