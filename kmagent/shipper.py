@@ -88,6 +88,10 @@ class Shipper:
         self._in_flight: dict[Any, Claimed] = {}
         self._todo: queue.SimpleQueue[Claimed | None] = queue.SimpleQueue()
         self._done: deque[tuple[Claimed, Outcome | None]] = deque()
+        # Refused events whose dead letter found no room on the spool's disk: still
+        # claimed in the spool (a crash gives them back), out of the window, written
+        # once acks have freed room. (item, status, reason)
+        self._dead_waiting: list[tuple[Claimed, int | None, str]] = []
         self._workers: list[threading.Thread] = []
         self._add_workers()
         # Apart: dead letters (an INSERT and a DELETE each) failing on a full disk must
@@ -213,6 +217,13 @@ class Shipper:
             for item, _ in finished[:written]:
                 self._in_flight.pop(item.id, None)
             finished = finished[written:]
+        if self._dead_waiting:
+            waiting, self._dead_waiting = self._dead_waiting, []
+            try:
+                self._write_dead(waiting, self.clock())
+            except BaseException:  # written again is a no-op: the lease is gone
+                self._dead_waiting = waiting + self._dead_waiting
+                raise
         if self.gate.recovered.is_set():
             self.gate.recovered.clear()
             woken = self.session.expedite()  # the outage is over: drain at full speed
@@ -242,8 +253,7 @@ class Shipper:
         self.session.ack(delivered)
         self.session.release(released)
         self.session.retry(retries)
-        for item, status, reason in dead:
-            self.session.dead_letter([item.id], status=status, reason=reason, now=now)
+        self._write_dead(dead, now)
         # Logged once written: a spool error above means this batch is recorded again.
         for event_id, due, error in retries:
             self.last_error = error
@@ -251,17 +261,32 @@ class Shipper:
         if retries:  # one line per batch, not per event: an outage must not flood the log
             log.warning("%d events not delivered (last: %s); retrying with backoff",
                         len(retries), self.last_error)
-        for item, status, reason in dead:
-            self.last_error = reason
-            log.error("event %s dead-lettered: %s", item.id, reason)
         if delivered:
             self.last_success_at = now
         if retries or dead:
             self.last_error_at = now
         self.delivered_total += len(delivered)
         self.retried_total += len(retries)
-        self.dead_total += len(dead)
         return len(delivered)
+
+    def _write_dead(self, dead: list[tuple[Claimed, int | None, str]], now: float) -> None:
+        """Dead-letter ``dead`` in order. On a disk too full for one (SQLite: a new
+        page), it and the rest wait (``_dead_waiting``) instead of holding back the
+        acks behind them, which are what frees room."""
+        for n, (item, status, reason) in enumerate(dead):
+            try:
+                self.session.dead_letter([item.id], status=status, reason=reason, now=now)
+            except SpoolError as exc:
+                if not self.spool.out_of_room(exc):
+                    raise
+                if not self._dead_waiting:
+                    log.warning("the spool's disk is full: %d dead letters wait for room",
+                                len(dead) - n)
+                self._dead_waiting.extend(dead[n:])
+                return
+            self.last_error = reason
+            self.dead_total += 1
+            log.error("event %s dead-lettered: %s", item.id, reason)
 
     def shutdown(self, timeout: float) -> None:
         """Stop: give back what has not started, wait up to ``timeout`` for the rest,
@@ -283,6 +308,9 @@ class Shipper:
             self.wake.clear()
             self.settle()
         self.settle()
+        # Dead letters still without room: given back, to be sent (and refused) again.
+        self.session.release([item.id for item, _, _ in self._dead_waiting])
+        self._dead_waiting.clear()
         # Still running past the deadline: release; a resend is byte-identical.
         self.session.release(list(self._in_flight))
         self._in_flight.clear()

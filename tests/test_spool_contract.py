@@ -6,6 +6,7 @@ import collections
 import os
 import sqlite3
 import time
+from urllib.parse import parse_qsl
 
 import pytest
 
@@ -461,3 +462,42 @@ def test_only_the_holder_of_the_shipper_lock_gets_a_shipping_session(store):
     session.close()
     with pytest.raises(SpoolError, match="no longer ships"):
         session.ack([])
+
+
+def test_dead_letters_without_room_wait_and_let_the_acks_behind_them_through(store,
+                                                                              monkeypatch):
+    """On a disk too full for a dead letter (SQLite needs a new page for it), the
+    refused events wait, out of the window, while every delivered one is acked (which
+    is what frees room); once there is room they are written."""
+    from kmagent.sender import DELIVERED, PERMANENT, Outcome
+    from kmagent.shipper import Shipper
+    for n in range(60):
+        store.append(event(n))
+    real_dead_letter, room = store.dead_letter, [False]
+
+    def dead_letter(ids, **kwargs):
+        if not room[0]:
+            raise SpoolError("spool x: dead-letter failed: database or disk is full")
+        real_dead_letter(ids, **kwargs)
+    monkeypatch.setattr(store, "dead_letter", dead_letter)
+
+    class RefusesEveryThird(OneAnswer):
+        def send(self, item):
+            n = int(dict(parse_qsl(item.query))["n"])
+            return Outcome(PERMANENT, 400, "HTTP 400") if n % 3 == 0 else \
+                Outcome(DELIVERED, 200, None)
+    shipper = Shipper(shipping_session(store), RefusesEveryThird(None), concurrency=2,
+                      max_backoff=1)  # a window of 4: 20 refused would fill it five times
+    try:
+        deadline = time.monotonic() + 10
+        while shipper.delivered_total < 40 and time.monotonic() < deadline:
+            shipper.step()
+            time.sleep(0.005)
+        assert shipper.delivered_total == 40 and shipper.dead_total == 0
+        room[0] = True  # the acks freed room
+        while store.stats(time.time())["pending"] and time.monotonic() < deadline:
+            shipper.step()
+            time.sleep(0.005)
+        assert shipper.dead_total == 20 and store.stats(time.time())["dead"] == 20
+    finally:
+        shipper.shutdown(0)
