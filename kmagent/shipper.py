@@ -36,6 +36,9 @@ log = logging.getLogger("kmagent.shipper")
 # Claim a little ahead of the workers so none idles waiting for the next claim; this is
 # also the bound on what a SIGKILL can make us send twice.
 WINDOW_PER_WORKER = 2
+# Refused events whose dead letters wait for room: beyond this many, nothing more is
+# claimed (a disk that stays full must not bring the whole spool into memory).
+DEAD_WAITING_MAX = 1024
 T = TypeVar("T")
 
 
@@ -92,6 +95,7 @@ class Shipper:
         # claimed in the spool (a crash gives them back), out of the window, written
         # once acks have freed room. (item, status, reason)
         self._dead_waiting: list[tuple[Claimed, int | None, str]] = []
+        self._dead_written: set[Any] = set()  # this batch's, if it is recorded again
         self._workers: list[threading.Thread] = []
         self._add_workers()
         # Apart: dead letters (an INSERT and a DELETE each) failing on a full disk must
@@ -154,7 +158,8 @@ class Shipper:
     def fill(self) -> int:
         """Claim ready events up to the window and hand them to the workers."""
         self._add_workers()
-        room = self.window - len(self._in_flight)
+        room = self.window - len(self._in_flight) - max(
+            0, len(self._dead_waiting) - DEAD_WAITING_MAX)
         if room <= 0:
             return 0
         items, _ = self._shrinking(self.claim_limit, room, lambda n: self.session.claim(
@@ -216,14 +221,16 @@ class Shipper:
             delivered += count
             for item, _ in finished[:written]:
                 self._in_flight.pop(item.id, None)
+                self._dead_written.discard(item.id)
             finished = finished[written:]
         if self._dead_waiting:
             waiting, self._dead_waiting = self._dead_waiting, []
             try:
-                self._write_dead(waiting, self.clock())
+                self._write_dead(waiting, self.clock(), again=True)
             except BaseException:  # written again is a no-op: the lease is gone
                 self._dead_waiting = waiting + self._dead_waiting
                 raise
+            self._dead_written.difference_update(item.id for item, _, _ in waiting)
         if self.gate.recovered.is_set():
             self.gate.recovered.clear()
             woken = self.session.expedite()  # the outage is over: drain at full speed
@@ -269,21 +276,26 @@ class Shipper:
         self.retried_total += len(retries)
         return len(delivered)
 
-    def _write_dead(self, dead: list[tuple[Claimed, int | None, str]], now: float) -> None:
+    def _write_dead(self, dead: list[tuple[Claimed, int | None, str]], now: float, *,
+                    again: bool = False) -> None:
         """Dead-letter ``dead`` in order. On a disk too full for one (SQLite: a new
         page), it and the rest wait (``_dead_waiting``) instead of holding back the
-        acks behind them, which are what frees room."""
+        acks behind them, which are what frees room. ``again``: those that waited."""
         for n, (item, status, reason) in enumerate(dead):
+            if item.id in self._dead_written:
+                continue  # written when this batch was first recorded, and counted
             try:
                 self.session.dead_letter([item.id], status=status, reason=reason, now=now)
             except SpoolError as exc:
                 if not self.spool.out_of_room(exc):
                     raise
-                if not self._dead_waiting:
-                    log.warning("the spool's disk is full: %d dead letters wait for room",
-                                len(dead) - n)
+                if not again:
+                    log.warning("the spool's disk is full: %d dead letters wait for room "
+                                "(%d in all)", len(dead) - n,
+                                len(self._dead_waiting) + len(dead) - n)
                 self._dead_waiting.extend(dead[n:])
                 return
+            self._dead_written.add(item.id)
             self.last_error = reason
             self.dead_total += 1
             log.error("event %s dead-lettered: %s", item.id, reason)

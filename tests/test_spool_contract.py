@@ -501,3 +501,34 @@ def test_dead_letters_without_room_wait_and_let_the_acks_behind_them_through(sto
         assert shipper.dead_total == 20 and store.stats(time.time())["dead"] == 20
     finally:
         shipper.shutdown(0)
+
+
+def test_a_dead_letter_written_before_a_batch_failed_is_counted_once(store, monkeypatch):
+    """A dead letter that fails for another reason than room fails the batch, which is
+    recorded again: those already written are not counted twice."""
+    from kmagent.sender import PERMANENT, Outcome
+    from kmagent.shipper import Shipper
+    for n in range(4):
+        store.append(event(n))
+    real_dead_letter, calls = store.dead_letter, [0]
+
+    def dead_letter(ids, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise SpoolError("spool x: dead-letter failed: attempt to write a readonly database")
+        real_dead_letter(ids, **kwargs)
+    monkeypatch.setattr(store, "dead_letter", dead_letter)
+    monkeypatch.setattr(store, "out_of_room", lambda exc: False)
+    shipper = Shipper(shipping_session(store), OneAnswer(Outcome(PERMANENT, 400, "HTTP 400")),
+                      concurrency=4, max_backoff=1)
+    try:
+        deadline = time.monotonic() + 10
+        while store.stats(time.time())["pending"] and time.monotonic() < deadline:
+            try:
+                shipper.step()
+            except SpoolError:
+                pass  # the daemon's loop logs it and tries again
+            time.sleep(0.005)
+        assert store.stats(time.time())["dead"] == 4 and shipper.dead_total == 4
+    finally:
+        shipper.shutdown(0)
