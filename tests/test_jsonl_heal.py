@@ -622,9 +622,9 @@ def test_with_space_low_the_delivered_active_file_is_sealed_and_freed(
 
 
 def test_shipper_writes_that_fail_for_want_of_space_succeed_when_retried(small_disk):
-    """Outcomes recorded while the disk is full fail; the Shipper records them again
-    (as kmagent's does) once there is room, and then they are on disk: a restart sends
-    again only what was never settled."""
+    """Acks recorded while the disk is full fail; the Shipper records them again (as
+    kmagent's does) once there is room, and then they are on disk; a dead letter waits
+    for room instead of failing. A restart sends again only what was never settled."""
     path = small_disk / "spool"
     spool = open_jsonl(path, keep_free=0)
     for n in range(200):
@@ -642,10 +642,11 @@ def test_shipper_writes_that_fail_for_want_of_space_succeed_when_retried(small_d
     items = spool.claim(200, now=time.time())
     assert persons(items) == [f"person{n}" for n in range(100, 200)]
     fill(small_disk)
-    with pytest.raises(SpoolError, match="No space|no space"):
-        spool.dead_letter([items[0].id], status=400, reason="HTTP 400", now=time.time())
-    os.unlink(small_disk / "filler")
+    # A dead letter without room waits (the settle it is part of must go on: its acks
+    # free room), and is written once there is room: here, at close.
     spool.dead_letter([items[0].id], status=400, reason="HTTP 400", now=time.time())
+    assert spool.stats(time.time())["dead"] == 0
+    os.unlink(small_disk / "filler")
     spool.close()
 
     spool = open_jsonl(path)
@@ -810,3 +811,21 @@ def test_a_spool_copied_to_a_new_place_sends_nothing_again(host, tmp_path, how):
     Client(config=configs["new"]).record("after", "The Move")
     assert run_kmagent("flush", "--config", str(configs["new"])).returncode == 0
     assert delivered_persons(host)[300:] == ["after"]
+
+
+def test_a_dead_letter_waiting_for_room_is_dropped_when_its_line_is_given_back(small_disk):
+    # A reload gives back what its shipper held: that line is pending again, to be sent
+    # again, and its old dead letter must never be written as well.
+    path = small_disk / "spool"
+    spool = open_jsonl(path, keep_free=0)
+    spool.append(event(1))
+    [item] = spool.claim(10, now=time.time())
+    fill(small_disk)
+    spool.dead_letter([item.id], status=None, reason="expired", now=time.time())
+    spool.release([item.id])
+    os.unlink(small_disk / "filler")
+    spool.close()
+    spool = open_jsonl(path)
+    assert spool.stats(time.time())["dead"] == 0
+    assert persons(drain(spool)) == ["person1"]
+    spool.close()

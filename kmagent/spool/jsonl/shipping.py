@@ -201,6 +201,9 @@ class Shipping(Reading, Moves):
         """retry and release: pending again, due at ``due``, if still the claim's."""
         for claim_id, due in entries:
             if self._held(claim_id):
+                # Given back, it is pending again, not dead: a dead letter still
+                # waiting for room must not be written for it later.
+                self.dead_waiting.pop(claim_id[0], None)
                 self.wait([(claim_id[0], due)])
 
     def _set_aside(self, line: _Line, reason: str) -> None:
@@ -234,7 +237,9 @@ class Shipping(Reading, Moves):
             self.dead_waiting[pos] = {"id": f"{pos[0]}:{pos[1]}", "status": status,
                                       "reason": reason, "failed_at": now,
                                       "line": json.loads(self.lines[pos].raw)}
-        self._write_dead_letters()
+        # Without room they wait here, written once there is: a full disk must not fail
+        # the shipper's settle (the acks with it are what frees room).
+        self._write_dead_letters(or_later=True)
 
     def _write_dead_letters(self, *, or_later: bool = False, everything: bool = False) -> None:
         """Write the dead letters waiting, then settle their lines. Once the filesystem
