@@ -137,11 +137,6 @@ def identified(person: str) -> Iterator[None]:
         reset(_identity, token)
 
 
-def look_up(resolve: Callable[[], str | int | None]) -> LookedUp:
-    """A LookedUp falling back on what is current now."""
-    return LookedUp(resolve, _identity.get())
-
-
 def reset(var: contextvars.ContextVar, token: contextvars.Token) -> None:
     """``var.reset(token)``, also when the block was left in another copy of the
     context than it was entered in (Starlette runs each chunk of a sync body, and each

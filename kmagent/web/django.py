@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ..client import KM
 from ..identity import LookedUp, Request
-from . import outer
+from . import RequestBody, outer
 
 log = logging.getLogger("kmagent.web")
 
@@ -119,7 +119,7 @@ def _streamed_in(carried: Request, response: Any) -> Any:
     if is_async:
         response.streaming_content = _async_chunks(carried, content)
     else:
-        response.streaming_content = _chunks(carried, content)
+        response.streaming_content = RequestBody(content, carried)  # as WSGI bodies
     close = response.close
 
     def closed_inside() -> None:
@@ -136,17 +136,6 @@ def _streamed_in(carried: Request, response: Any) -> Any:
             close()
     response.close = closed_inside  # the handler calls it once the body is done
     return response
-
-
-def _chunks(carried: Request, content: Iterator[bytes]) -> Iterator[bytes]:
-    iterator = iter(content)
-    while True:
-        with carried.entered():
-            try:
-                chunk = next(iterator)
-            except StopIteration:
-                return
-        yield chunk
 
 
 async def _async_chunks(carried: Request,
