@@ -15,8 +15,8 @@ import pytest
 from kmagent import Client
 from kmagent.protocol import request_target
 
-from helpers import (API_KEY, record_many, run_kmagent, start_daemon, start_kmagent, status,
-                      stop, stored_rows, wait_for)
+from helpers import (API_KEY, figures, record_many, run_kmagent, start_daemon,
+                     start_kmagent, status, stop, stored_rows, wait_for)
 
 
 pytestmark = pytest.mark.backends()  # each test taking ``backend``: on each
@@ -58,7 +58,7 @@ def test_sigterm_exits_zero_and_loses_nothing_in_flight(host, write_config, spoo
     record_many(config, 40)
     expected = expected_targets(spool_path)
     daemon = start_daemon(config)
-    wait_for(lambda: status(config)["in_flight"] > 0)
+    wait_for(lambda: figures(config)["in_flight"] > 0)
     assert status(config)["concurrency"] == 4  # a number in the configuration fixes it
     started = time.monotonic()
     assert stop(daemon) == 0
@@ -102,7 +102,7 @@ def test_sigkill_mid_drain_loses_nothing_and_resends_only_in_flight(
     assert status(config)["pending"] > 0
     daemon = start_daemon(config)
     try:
-        wait_for(lambda: status(config)["pending"] == 0, timeout=60)
+        wait_for(lambda: figures(config)["pending"] == 0, timeout=60)
     finally:
         assert stop(daemon) == 0
     delivered = [r.target for r in host.delivered()]
@@ -183,7 +183,7 @@ def test_run_waits_for_a_flush_that_holds_the_spool(host, write_config, spool_pa
     config = write_config(host, extra="[ship]\nconcurrency = 2\n")
     record_many(config, 200)
     flush = start_kmagent("flush", "--config", str(config))
-    wait_for(lambda: status(config)["daemon_pid"] == flush.pid)
+    wait_for(lambda: figures(config)["daemon_pid"] == flush.pid)
     daemon = start_kmagent("run", "--config", str(config))
     try:
         assert flush.wait(60) == 0

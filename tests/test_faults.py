@@ -11,7 +11,8 @@ import sqlite3
 import time
 
 import pytest
-from helpers import API_KEY, fill, run_kmagent, start_daemon, status, stop, wait_for
+from helpers import (API_KEY, figures, fill, run_kmagent, start_daemon, status, stop,
+                     wait_for)
 
 import kmagent
 from kmagent import Client
@@ -264,7 +265,7 @@ def test_a_full_disk_refuses_quickly_and_the_daemon_resumes(
         assert daemon.poll() is None
         os.unlink(small_disk / "filler")
         host.status = 200
-        wait_for(lambda: status(config)["pending"] == 0, timeout=30)
+        wait_for(lambda: figures(config)["pending"] == 0, timeout=30)
     except AssertionError:
         stop(daemon)
         raise AssertionError(daemon.log[-3000:])

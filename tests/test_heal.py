@@ -13,8 +13,8 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from helpers import (API_KEY, fill, record_many, run_kmagent, start_daemon, start_kmagent,
-                     status, stop, wait_for)
+from helpers import (API_KEY, figures, fill, record_many, run_kmagent, start_daemon,
+                     start_kmagent, status, stop, wait_for)
 import kmagent
 from kmagent import Client
 from kmagent.config import ConfigError, load_config
@@ -133,7 +133,7 @@ def test_a_damaged_database_is_kept_aside_and_its_readable_rows_ship(
     overwrite_a_leaf_page(spool_path)
     daemon = start_daemon(config)
     try:
-        wait_for(lambda: status(config)["salvaged"] is not None, timeout=30)
+        wait_for(lambda: figures(config)["salvaged"] is not None, timeout=30)
         time.sleep(0.6)  # the producers' next size check notices the new file
         for n in range(100):
             early.record(f"new{n}", "After Damage")
@@ -142,12 +142,12 @@ def test_a_damaged_database_is_kept_aside_and_its_readable_rows_ship(
         wait_for(lambda: new <= names_delivered(host), timeout=60)
         old = {f"old{n}" for n in range(3000)}
         wait_for(lambda: len(old & names_delivered(host)) >= 2850, timeout=60)
-        figures = status(config)
+        shown = status(config)
         assert daemon.poll() is None
     finally:
         code = stop(daemon)
     assert code == 0, daemon.log
-    salvaged = figures["salvaged"]
+    salvaged = shown["salvaged"]
     # Saved: what was still pending when the damage was met (the rest was delivered).
     assert salvaged["saved"] > 1000 and salvaged["unreadable"] > 0
     assert os.path.exists(salvaged["kept_as"])  # never deleted

@@ -15,7 +15,8 @@ import subprocess
 import time
 
 import pytest
-from helpers import API_KEY, fill, run_kmagent, start_daemon, status, stop, wait_for
+from helpers import (API_KEY, figures, fill, run_kmagent, start_daemon, status, stop,
+                     wait_for)
 
 from kmagent import Client
 from kmagent.errors import SpoolError, SpoolFull
@@ -376,7 +377,7 @@ def test_rm_of_events_jsonl_then_a_restart_loses_nothing_recorded_after(
         missing = {f"b{n:03d}" for n in range(150)} - set(delivered_persons(host))
         assert not missing, f"{len(missing)} of 150 later events never delivered"
         host.answer_for = None
-        wait_for(lambda: status(config)["pending"] == 0, timeout=30)
+        wait_for(lambda: figures(config)["pending"] == 0, timeout=30)
     finally:
         assert stop(daemon) == 0, daemon.log
 
@@ -442,7 +443,7 @@ def test_logrotate_copytruncate_loses_nothing_recorded_after(
         except AssertionError:
             missing = later - set(delivered_persons(host))
             raise AssertionError(f"{len(missing)} of 3,000 later events never delivered")
-        wait_for(lambda: status(config)["pending"] == 0)
+        wait_for(lambda: figures(config)["pending"] == 0)
     finally:
         assert stop(daemon) == 0, daemon.log
 
@@ -509,7 +510,7 @@ def test_operators_deleting_and_replacing_files_lose_nothing_recorded_after(
     try:
         wait_delivered("replaced and checkpoint removed while stopped")
         host.answer_for = None
-        wait_for(lambda: status(config)["pending"] == 0, timeout=30)
+        wait_for(lambda: figures(config)["pending"] == 0, timeout=30)
     finally:
         assert stop(daemon) == 0, daemon.log
 
@@ -762,7 +763,7 @@ def test_a_full_disk_with_the_host_down_delivers_every_accepted_event(
             fill(small_disk, name="other-program")
         host.status = 200
         wait_for(lambda: set(accepted) <= set(delivered_persons(host)), timeout=90)
-        wait_for(lambda: status(config)["pending"] == 0, timeout=30)
+        wait_for(lambda: figures(config)["pending"] == 0, timeout=30)
         client.record("after", "Room Again")  # the delivered events' room came back
         wait_for(lambda: "after" in delivered_persons(host), timeout=30)
         assert daemon.poll() is None

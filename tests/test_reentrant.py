@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from helpers import record_many, start_daemon, status, stop, stored_rows, wait_for
+from helpers import figures, record_many, start_daemon, stop, stored_rows, wait_for
 
 from kmagent.errors import SpoolError
 from kmagent.events import make_event
@@ -256,7 +256,7 @@ def test_a_writer_stopped_holding_the_jsonl_file_neither_hangs_nor_stops_shippin
         assert holder.stdout.readline().strip() == "held"
         daemon = start_daemon(config)
         try:
-            wait_for(lambda: status(config)["pending"] == 0, timeout=30)
+            wait_for(lambda: figures(config)["pending"] == 0, timeout=30)
         finally:
             started = time.monotonic()
             assert stop(daemon) == 0
