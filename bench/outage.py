@@ -34,7 +34,7 @@ def outage_run(tmp: Path, gate: bool) -> tuple[int, float]:
     client.close()
     with StandInHost() as host:
         config = Config(api_key="bench", endpoint=host.url, spool_path=spool,
-                        concurrency=16, max_concurrency=None, max_backoff=4)
+                        concurrency=16, adapt_concurrency=False, max_backoff=4)
         daemon = Daemon(config)
         host.outage(OUTAGE_S)
         started = time.time()
@@ -60,7 +60,7 @@ def retry_after_gap(tmp: Path) -> float:
         host.answer_for = lambda target: 429 if not first and not first.append(1) else None
         host.retry_after = "2"
         flush(Config(api_key="bench", endpoint=host.url, spool_path=spool, concurrency=4,
-                     max_concurrency=None))
+                     adapt_concurrency=False))
         [refusal] = [r for r in host.received if r.status == 429]
         later = sorted(r.at - refusal.at for r in host.received if r.at > refusal.at + 0.2)
     return later[0]

@@ -55,7 +55,7 @@ def kmagent_rate(url: str, n: int, concurrency: int | None) -> float:
         for i in range(n):
             client.record(f"person{i}", "Shipped")
         client.close()
-        fixed = {"concurrency": concurrency, "max_concurrency": None} if concurrency else {}
+        fixed = {"concurrency": concurrency, "adapt_concurrency": False} if concurrency else {}
         config = Config(api_key="bench", endpoint=url, spool_path=spool, **fixed)
         cpu, start = time.process_time(), time.perf_counter()
         result = flush(config, timeout=30)

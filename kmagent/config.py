@@ -64,9 +64,11 @@ class Config:
     keep_free: int | str | None = None
     rotate_bytes: int = DEFAULT_ROTATE_BYTES
     rotate_seconds: float = DEFAULT_ROTATE_SECONDS
+    # Requests at once: exactly ``concurrency``, or, when ``adapt_concurrency``, starting
+    # there and adapting between 1 and ``max_concurrency`` (adaptive.py).
     concurrency: int = DEFAULT_CONCURRENCY
-    # None: exactly ``concurrency`` requests at once; a number: adapt between 1 and it.
-    max_concurrency: int | None = DEFAULT_MAX_CONCURRENCY
+    adapt_concurrency: bool = True
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
     max_backoff: float = DEFAULT_MAX_BACKOFF
@@ -275,9 +277,9 @@ def config_from_mapping(data: Mapping[str, Any], *, source: str, base: Path,
     if values.get("concurrency") == "auto":
         del values["concurrency"]
     elif "concurrency" in values and "max_concurrency" not in values:
-        values["max_concurrency"] = None  # a number given alone is a fixed number
+        values["adapt_concurrency"] = False  # a number given alone is a fixed number
     ceiling = values.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
-    if ceiling is not None:
+    if values.get("adapt_concurrency", True):
         if "concurrency" not in values:
             values["concurrency"] = min(DEFAULT_CONCURRENCY, ceiling)  # start within it
         elif values["concurrency"] > ceiling:

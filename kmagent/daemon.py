@@ -183,8 +183,8 @@ class Daemon:
     @staticmethod
     def _announce(config: Config, spool: Spool) -> None:
         log.info("shipping %s to %s (concurrency %s)", spool.path, config.endpoint,
-                 config.concurrency if config.max_concurrency is None else
-                 f"adaptive from {config.concurrency}, at most {config.max_concurrency}")
+                 f"adaptive from {config.concurrency}, at most {config.max_concurrency}"
+                 if config.adapt_concurrency else config.concurrency)
         if config.api_key is None:
             log.warning("no api_key configured: events recorded without a key of their "
                         "own wait in the spool until api_key or api_key_file is set")

@@ -71,21 +71,22 @@ class BatchLimit:
 class Shipper:
     """Moves events from a spool to the tracking host; drive it with ``step``."""
 
-    def __init__(self, session: ShippingSession, sender: Sender, *, concurrency: int,
-                 max_backoff: float,
+    def __init__(self, session: ShippingSession, sender: Sender, *,
+                 concurrency: int | AdaptiveLimit, max_backoff: float,
                  max_age: float = 0.0, wake: threading.Event | None = None,
-                 clock: Callable[[], float] = time.time,
-                 max_concurrency: int | None = None) -> None:
-        """``max_concurrency``: adapt the requests at once between 1 and it, starting
-        at ``concurrency`` (adaptive.py); None keeps ``concurrency`` fixed."""
+                 clock: Callable[[], float] = time.time) -> None:
+        """``concurrency``: a number of requests at once, kept; or an AdaptiveLimit,
+        which moves it between 1 and its maximum (adaptive.py)."""
         self.session = session  # claims, acks...: only while this process ships the spool
         self.spool = session.spool  # what anyone may ask it (out_of_room, stats)
         self.sender = sender
         self.max_backoff = max_backoff
         self.max_age = max_age
         self.clock = clock
-        adaptive = AdaptiveLimit(concurrency, max_concurrency) if max_concurrency else None
-        self.gate = Gate(concurrency, max_backoff, adaptive=adaptive)
+        if isinstance(concurrency, AdaptiveLimit):
+            self.gate = Gate(concurrency.limit, max_backoff, adaptive=concurrency)
+        else:
+            self.gate = Gate(concurrency, max_backoff)
         # Set by workers when a request finishes (and by the daemon's watcher and signals).
         self.wake = wake or threading.Event()
         self._in_flight: dict[Any, Claimed] = {}

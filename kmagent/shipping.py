@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+from .adaptive import AdaptiveLimit
 from .config import Config
 from .sender import Sender
 from .shipper import Shipper
@@ -21,6 +22,8 @@ def make_sender(config: Config) -> Sender:
 def make_shipper(config: Config, session: ShippingSession,
                  wake: threading.Event | None = None) -> Shipper:
     """A Shipper for the spool of ``session`` with a Sender configured from ``config``."""
-    return Shipper(session, make_sender(config), concurrency=config.concurrency,
-                   max_concurrency=config.max_concurrency, max_backoff=config.max_backoff,
-                   max_age=config.max_age, wake=wake)
+    concurrency: int | AdaptiveLimit = config.concurrency
+    if config.adapt_concurrency:
+        concurrency = AdaptiveLimit(config.concurrency, config.max_concurrency)
+    return Shipper(session, make_sender(config), concurrency=concurrency,
+                   max_backoff=config.max_backoff, max_age=config.max_age, wake=wake)

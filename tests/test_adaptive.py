@@ -66,13 +66,15 @@ def test_configuration_auto_by_default_fixed_when_a_number_is_given(tmp_path):
         path = tmp_path / "c.toml"
         path.write_text(text)
         return load_config(path)
-    assert (load("").concurrency, load("").max_concurrency) == (16, 64)
-    auto = load('[ship]\nconcurrency = "auto"\nmax_concurrency = 8\n')
-    assert (auto.concurrency, auto.max_concurrency) == (8, 8)
+    def concurrency(config):
+        return config.concurrency, config.adapt_concurrency, config.max_concurrency
+    assert concurrency(load("")) == (16, True, 64)
+    assert concurrency(load('[ship]\nconcurrency = "auto"\nmax_concurrency = 8\n')) == (
+        8, True, 8)
     fixed = load("[ship]\nconcurrency = 4\n")
-    assert (fixed.concurrency, fixed.max_concurrency) == (4, None)
-    both = load("[ship]\nconcurrency = 4\nmax_concurrency = 200\n")
-    assert (both.concurrency, both.max_concurrency) == (4, 200)
+    assert concurrency(fixed)[:2] == (4, False)
+    assert concurrency(load("[ship]\nconcurrency = 4\nmax_concurrency = 200\n")) == (
+        4, True, 200)
 
 
 @pytest.mark.parametrize("text, words", [
