@@ -32,6 +32,7 @@ from .shipper import Shipper
 from .shipping import make_shipper
 from .spool import Spool
 from .notify import Notifier
+from .report import Status
 from .upkeep import Upkeep, open_for_shipping, room_is_short
 from .watch import RESCAN_INTERVAL_S, SpoolWatcher
 
@@ -197,14 +198,17 @@ class Daemon:
         from .prometheus import Exporter
         spool = figures.shipper.spool
         listen = config.metrics_listen
-        cached: dict[str, Any] = {}
+        cached = Status(daemon_pid=os.getpid())
+        read_at = -1e9
 
-        def current() -> dict[str, Any]:
+        def current() -> Status:
+            nonlocal read_at
             # Spool figures at most every few seconds: a scrape must stay cheap.
-            if time.monotonic() - cached.get("at", -1e9) >= STATUS_EVERY_S:
-                cached.update(spool.stats(time.time()), dropped_total=spool.dropped_total(),
-                              at=time.monotonic())
-            return {**cached, **figures.current()}
+            if time.monotonic() - read_at >= STATUS_EVERY_S:
+                cached.count(spool)
+                read_at = time.monotonic()
+            cached.take(figures.current())
+            return cached
         try:
             return Exporter(listen, config.metrics_textfile, current)
         except OSError as exc:  # e.g. the port is taken: shipping matters more than metrics
@@ -268,9 +272,9 @@ class Daemon:
         except SpoolError:
             pending = "?"
         now = figures.current()
-        self.notifier.notify(f"STATUS={pending} pending, {now['in_flight']} in flight, "
-                             f"{now['delivered_total']} delivered, "
-                             f"{now['rate_1m']:.1f}/s over the last minute")
+        self.notifier.notify(f"STATUS={pending} pending, {now.in_flight} in flight, "
+                             f"{now.delivered_total} delivered, "
+                             f"{now.rate_1m:.1f}/s over the last minute")
 
     def _reloaded(self, shipper: Shipper, figures: RunFigures) -> Shipper:
         """SIGHUP: finish or give back in-flight work, then ship with the new settings.

@@ -11,8 +11,9 @@ import json
 import os
 import time
 from collections import deque
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .spool.files import write_atomically
 
@@ -21,27 +22,58 @@ if TYPE_CHECKING:  # status reads figures without importing the shipping side
 
 PUBLISH_EVERY_S = 1.0
 RATE_WINDOW_S = 60.0
-CARRIED = ("delivered_total", "retried_total", "dead_total")
 
 
-def read_figures(path: Path) -> dict[str, Any]:
+@dataclass
+class Published:
+    """What a running daemon publishes beside the spool; ``reloads`` (finished this
+    run, refused or not) and ``reload_error`` (the last one's refusal, or None) are
+    what ``kmagent reload`` waits on."""
+
+    pid: int | None = None  # None: nothing published (or readable)
+    in_flight: int = 0
+    concurrency: int | None = None
+    delivered_total: int = 0  # the totals carry over from run to run
+    retried_total: int = 0
+    dead_total: int = 0
+    last_success_at: float | None = None
+    last_error_at: float | None = None
+    last_error: str | None = None
+    rate_1m: float = 0.0
+    reloads: int = 0
+    reload_error: str | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> "Published":
+        """The figures at ``path``; empty ones if there are none or they are unreadable
+        (they are a courtesy, and an older kmagent's may lack some names)."""
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return cls()
+        if not isinstance(data, dict):
+            return cls()
+        names = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in data.items() if name in names})
+
+
+def _count(value: object) -> int:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+        return int(value or 0)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return 0
 
 
 class RunFigures:
-    """``in_flight``, ``concurrency``, ``delivered_total``, ``retried_total``, ``dead_total``,
-    ``last_success_at``, ``last_error_at``, ``last_error``, ``rate_1m``; and ``reloads``
-    (finished this run, refused or not) and ``reload_error`` (the last one's refusal, or
-    None), which ``kmagent reload`` waits on."""
+    """Turns the shipper's counts into ``Published`` figures and publishes them."""
 
     def __init__(self, path: Path, shipper: "Shipper") -> None:
         self.path = path
         self.shipper = shipper
-        previous = read_figures(path)
-        self._base = {name: int(previous.get(name) or 0) for name in CARRIED}
+        previous = Published.read(path)
+        self._base = Published(delivered_total=_count(previous.delivered_total),
+                               retried_total=_count(previous.retried_total),
+                               dead_total=_count(previous.dead_total))
         self._samples: deque[tuple[float, int]] = deque()
         self._published = 0.0
         self.reloads = 0
@@ -53,29 +85,23 @@ class RunFigures:
         self.reload_error = error
         self.publish(force=True)
 
-    def current(self, now: float | None = None) -> dict[str, Any]:
+    def current(self, now: float | None = None) -> Published:
         now = time.time() if now is None else now
-        shipper = self.shipper
-        delivered = self._base["delivered_total"] + shipper.delivered_total
+        shipper, base = self.shipper, self._base
+        delivered = base.delivered_total + shipper.delivered_total
         self._samples.append((now, delivered))
         while len(self._samples) > 2 and self._samples[1][0] <= now - RATE_WINDOW_S:
             self._samples.popleft()
         first_at, first = self._samples[0]
         span = max(now - first_at, 1.0)
-        return {
-            "pid": os.getpid(),
-            "in_flight": shipper.in_flight,
-            "concurrency": shipper.concurrency,
-            "delivered_total": delivered,
-            "retried_total": self._base["retried_total"] + shipper.retried_total,
-            "dead_total": self._base["dead_total"] + shipper.dead_total,
-            "last_success_at": shipper.last_success_at,
-            "last_error_at": shipper.last_error_at,
-            "last_error": shipper.last_error,
-            "rate_1m": (delivered - first) / span,
-            "reloads": self.reloads,
-            "reload_error": self.reload_error,
-        }
+        return Published(
+            pid=os.getpid(), in_flight=shipper.in_flight, concurrency=shipper.concurrency,
+            delivered_total=delivered,
+            retried_total=base.retried_total + shipper.retried_total,
+            dead_total=base.dead_total + shipper.dead_total,
+            last_success_at=shipper.last_success_at, last_error_at=shipper.last_error_at,
+            last_error=shipper.last_error, rate_1m=(delivered - first) / span,
+            reloads=self.reloads, reload_error=self.reload_error)
 
     def publish(self, force: bool = False) -> None:
         now = time.time()
@@ -84,6 +110,7 @@ class RunFigures:
         self._published = now
         try:
             # The spool's mode, whatever the umask; no fsync: a crash loses only figures.
-            write_atomically(self.path, json.dumps(self.current(now)).encode(), sync=False)
+            write_atomically(self.path, json.dumps(asdict(self.current(now))).encode(),
+                             sync=False)
         except OSError:
             pass  # figures are a courtesy: a full disk must not stop shipping

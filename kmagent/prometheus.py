@@ -8,12 +8,15 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .spool.files import write_atomically
+
+if TYPE_CHECKING:
+    from .report import Status
 
 log = logging.getLogger("kmagent.metrics")
 
@@ -26,7 +29,7 @@ TEXTFILE_MODE = 0o644
 class _Collector:
     """Reads the daemon's figures at scrape time."""
 
-    def __init__(self, figures: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, figures: Callable[[], "Status"]) -> None:
         self._figures = figures
 
     def collect(self) -> Iterable[Any]:
@@ -36,7 +39,7 @@ class _Collector:
                 ("kmagent_events_retried", "retried_total", "Failed attempts that will be retried."),
                 ("kmagent_events_dead", "dead_total", "Events moved to dead letters."),
                 ("kmagent_events_dropped", "dropped_total", "Events dropped at max_bytes (when_full = drop).")):
-            yield CounterMetricFamily(name, help_text, value=f.get(key) or 0)
+            yield CounterMetricFamily(name, help_text, value=getattr(f, key) or 0)
         for name, key, help_text in (
                 ("kmagent_events_pending", "pending", "Events not yet delivered nor dead."),
                 ("kmagent_events_in_flight", "in_flight", "Requests being sent."),
@@ -49,14 +52,14 @@ class _Collector:
                  "When an event was last delivered."),
                 ("kmagent_last_error_timestamp_seconds", "last_error_at",
                  "When an attempt last failed.")):
-            yield GaugeMetricFamily(name, help_text, value=f.get(key) or 0)
+            yield GaugeMetricFamily(name, help_text, value=getattr(f, key) or 0)
 
 
 class Exporter:
     """Serves and/or writes the metrics; ``tick()`` from the daemon's loop."""
 
     def __init__(self, listen: str | None, textfile: Path | None,
-                 figures: Callable[[], dict[str, Any]]) -> None:
+                 figures: Callable[[], "Status"]) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(figures))
         self.textfile = textfile

@@ -20,7 +20,7 @@ from pathlib import Path
 from .config import Config
 from .errors import KmagentError
 from .lock import ShipperLock
-from .metrics import read_figures
+from .metrics import Published
 from .spool import open_configured
 
 POLL_S = 0.1
@@ -48,10 +48,10 @@ def _running(pid: int) -> bool:
 
 def _reloads(figures_path: Path, pid: int) -> tuple[bool, int, str | None]:
     """Whether ``pid`` has published figures, its reload count and last refusal."""
-    figures = read_figures(figures_path)
-    if figures.get("pid") != pid:
+    figures = Published.read(figures_path)
+    if figures.pid != pid:
         return False, 0, None
-    return True, int(figures.get("reloads") or 0), figures.get("reload_error")
+    return True, int(figures.reloads or 0), figures.reload_error
 
 
 def reload(config: Config, pid: int | None = None) -> ReloadResult:

@@ -11,8 +11,8 @@ from typing import Any
 from .config import Config, load_config
 from .errors import SpoolDamaged
 from .lock import ShipperLock
-from .metrics import read_figures
-from .spool import open_configured
+from .metrics import Published
+from .spool import Spool, open_configured
 from .spool.salvage import last_salvage
 
 
@@ -29,6 +29,7 @@ class Status:
     dropped_total: int = 0
     delivered_total: int = 0
     retried_total: int = 0
+    dead_total: int = 0  # dead letters made, ever (those purged too)
     last_success_at: float | None = None
     last_error_at: float | None = None
     last_error: str | None = None
@@ -41,6 +42,27 @@ class Status:
     bad_lines: int | None = None  # jsonl: lines no event could be read from
     checkpoint_rebuilt_at: float | None = None  # jsonl: when its checkpoint was rebuilt
     damaged: str | None = None  # SQLite says the file is damaged; the daemon salvages it
+
+    def count(self, spool: Spool) -> None:
+        """Take the spool's own figures: pending, in flight, dead, dropped..."""
+        for name, value in spool.stats(time.time()).items():
+            setattr(self, name, value)
+        self.dropped_total = spool.dropped_total()
+
+    def take(self, published: Published) -> None:
+        """Fold in a daemon's published figures: its totals, and, if it is the one that
+        holds the spool now (``daemon_pid``), its rate and what it has in flight."""
+        for name in ("delivered_total", "retried_total", "dead_total", "last_success_at",
+                     "last_error_at", "last_error"):
+            setattr(self, name, getattr(published, name))
+        running = self.daemon_pid is not None and published.pid == self.daemon_pid
+        # The rate and what is in flight belong to the running shipper; claims die with it.
+        self.rate_1m = published.rate_1m if running else 0.0
+        if self.daemon_pid is None:
+            self.in_flight = 0
+        elif running:
+            self.in_flight = published.in_flight
+            self.concurrency = published.concurrency
 
     def to_json(self) -> dict[str, Any]:
         figures = asdict(self)
@@ -70,21 +92,8 @@ def read_status(config: str | os.PathLike | Config | None = None, *,
 
 def _read_spool(cfg: Config, spool: str | os.PathLike | None, status: Status) -> None:
     with open_configured(cfg, spool) as store:
-        for name, value in store.stats(time.time()).items():
-            setattr(status, name, value)
-        status.dropped_total = store.dropped_total()
+        status.count(store)
         status.daemon_pid = ShipperLock(store.lock_path).holder()
-        published = read_figures(store.figures_path)
-        for name in ("delivered_total", "retried_total", "last_success_at",
-                     "last_error_at", "last_error"):
-            setattr(status, name, published.get(name, getattr(status, name)))
-        running = status.daemon_pid is not None and published.get("pid") == status.daemon_pid
-        # The rate and what is in flight belong to the running shipper; claims die with it.
-        status.rate_1m = published.get("rate_1m", 0.0) if running else 0.0
-        if status.daemon_pid is None:
-            status.in_flight = 0
-        elif running:
-            status.in_flight = published.get("in_flight", status.in_flight)
-            status.concurrency = published.get("concurrency")
+        status.take(Published.read(store.figures_path))
         status.spool = str(store.path)
         status.exists = True

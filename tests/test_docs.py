@@ -12,6 +12,7 @@ import pytest
 
 from kmagent.cli import cli
 from kmagent.config import KEYS
+from kmagent.report import Status
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -85,3 +86,10 @@ def test_every_configuration_key_is_in_the_example_file():
     example = (Path(__file__).parent.parent / "config.example.toml").read_text()
     for sect, key in KEYS:
         assert re.search(rf"^#? ?{key} =", example, re.M), f"{key} not in config.example.toml"
+
+
+@pytest.mark.parametrize("field", [f for f in Status.__dataclass_fields__])
+def test_every_status_field_is_documented(field):
+    commands = section("Commands")  # in the prose, or in the example of --json
+    assert f"`{field}`" in commands or f'"{field}":' in commands, \
+        f"status field {field} is not in the README"

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from kmagent.prometheus import Exporter
+from kmagent.report import Status
 
 
 def figures():
-    return {"delivered_total": 7, "pending": 3}
+    return Status(delivered_total=7, pending=3)
 
 
 @pytest.fixture
