@@ -277,7 +277,7 @@ def test_a_handler_raising_as_the_jsonl_flock_is_taken_leaves_it_free(
         pytest.skip("jsonl only: the flock of events.jsonl")
     import fcntl
     import os
-    from kmagent.spool.jsonl import spool as jsonl
+    from kmagent.spool.jsonl import active as jsonl
     store = open_spool(spool_path, backend="jsonl")
     real = jsonl.flock_within
 

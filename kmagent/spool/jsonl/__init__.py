@@ -38,7 +38,9 @@ One concept a module:
 - ``line``: the line format (Event ⇄ one JSON object);
 - ``layout``: the directory's files and what reads them raw;
 - ``checkpoint``: the checkpoint, checked field by field (damage is read as a resend);
-- ``spool``: ``JsonlSpool``, the Spool contract: appends, operations, dead letters;
+- ``spool``: ``JsonlSpool``, the Spool contract, in front of the parts below;
+- ``active``: this process's hold on events.jsonl and its appends (short writes, seals);
+- ``dead``: the dead letters (dead.jsonl under dead.lock);
 - ``view``: the spool as any process sees it on disk (status, flush's marks, export);
 - ``shipping``: the shipper's state, which exists only under the shipper lock, and its
   parts ``reading`` (which file is which; reading lines in order; what operators did to

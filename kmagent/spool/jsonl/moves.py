@@ -95,7 +95,7 @@ class Moves:
 
     def _end_now(self) -> Position:
         """A position that whatever is appended from now on lies at or after."""
-        ino, size = self.spool._active_end()
+        ino, size = self.spool.active.end()
         self._discover_active()
         active = self._active()
         if active is not None and active.ino == ino:

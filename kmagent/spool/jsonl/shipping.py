@@ -17,7 +17,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Iterable
@@ -28,7 +27,7 @@ from ..files import append_to, write_atomically
 from ..files import punch_hole
 from ..space import is_disk_full
 from .checkpoint import CHECKPOINT, Checkpoint, DamagedCheckpoint, Position
-from .layout import BAD, DEAD, MAX_AHEAD, ClaimId, dump_line, sealed_name
+from .layout import BAD, MAX_AHEAD, ClaimId, dump_line, sealed_name
 from .line import BadLine, from_line
 from .moves import Moves
 from .reading import Reading, _Line
@@ -65,7 +64,7 @@ class Shipping(Reading, Moves):
         if self.unsaved or not (self.dir / CHECKPOINT).exists():
             # No record of the numbers files had: none is given again that a dead
             # letter's id names (the sealed files' names keep theirs).
-            self.ckpt.last_seq = max(self.ckpt.last_seq, self._dead_letter_seqs())
+            self.ckpt.last_seq = max(self.ckpt.last_seq, self.spool.dead.highest_file_number())
         self.stalled: tuple[int, int] | None = None
         self._open_files()
         self.settled_ahead: set[Position] = set(self.ckpt.ahead)
@@ -106,16 +105,6 @@ class Shipping(Reading, Moves):
                   "requests)", damage, aside.name)
         self.unsaved = True  # saved with the first claim, once there is room
         return Checkpoint(rebuilt_at=time.time())
-
-    def _dead_letter_seqs(self) -> int:
-        """The highest file number a dead letter's id names (0 if none): a checkpoint
-        rebuilt must not give a number again that a dead letter's id already uses."""
-        try:
-            with open(self.dir / DEAD, "rb") as fh:
-                return max((int(m) for m in re.findall(rb'"id":"(\d+):', fh.read())),
-                           default=0)
-        except FileNotFoundError:
-            return 0
 
     # --- the Spool operations ---
 
@@ -267,10 +256,7 @@ class Shipping(Reading, Moves):
         for start in range(0, len(due), DEAD_BATCH):
             batch = due[start:start + DEAD_BATCH]
             try:
-                with self.spool._dead_locked():
-                    # Synced before the lines are settled (after which they may go).
-                    append_to(self.dir / DEAD, b"".join(
-                        dump_line(self.dead_waiting[pos]) for pos in batch), sync=True)
+                self.spool.dead.add([self.dead_waiting[pos] for pos in batch])
             except OSError as exc:
                 if or_later and is_disk_full(exc):
                     return
@@ -323,7 +309,7 @@ class Shipping(Reading, Moves):
                 pass
             deleted = True
         if deleted:
-            self.spool._let_go_of_sealed()  # its own handle may still hold one open
+            self.spool.active.let_go_if_sealed()  # its own handle may still hold one open
         self._give_back_settled(seq, offset)
 
     def _give_back_settled(self, seq: int, offset: int) -> None:

@@ -1,46 +1,30 @@
 """``JsonlSpool``: the Spool contract over a jsonl directory (see the package).
 
-Producers append here; the shipper's side lives in ``shipping``, the read-only view of
-the files in ``view``."""
-
+Producers append here (through ``active``); the shipper's side lives in ``shipping``,
+the read-only view of the files in ``view``, the dead letters in ``dead``."""
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import json
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable
 
 from ...errors import SpoolError
 from ...events import Event
 from ...protocol import describe, encode
 from ..base import Spool
-from ..records import Claimed, PartialWrite, Retry, unknown_ids
-from ..files import (FLOCK_WAIT_S, flock_within, flocked, make_dirs, open_file,
-                     write_atomically)
+from ..records import Claimed, PartialWrite, Retry
+from ..files import make_dirs
 from ..shared import Shared, shared_for
-from .line import from_line, to_line
+from .line import to_line
 from .checkpoint import CHECKPOINT, Checkpoint
 from .. import DEFAULT_ROTATE_BYTES, DEFAULT_ROTATE_SECONDS
-from .layout import ACTIVE, DEAD, DEAD_LOCK, SEALED, TORN_END, dump_line
+from .layout import ACTIVE, SEALED
+from .active import ActiveFile, ShortWrite
+from .dead import DeadLetters, event_of
 from .shipping import Shipping
 from .view import CopyIndex, DiskView
-
-_T = TypeVar("_T")
-
-
-class _ShortWrite(OSError):
-    """write() stopped short (disk full): the first ``written`` bytes of the data, whole
-    lines, are in the file ``fd`` holds; nothing of the rest can ever be read as a line."""
-
-    def __init__(self, written: int, fd: int) -> None:
-        super().__init__(errno.ENOSPC, "short write (disk full?)")
-        self.written = written
-        self.fd = fd
 
 
 class JsonlSpool(Spool):
@@ -58,18 +42,14 @@ class JsonlSpool(Spool):
         self._full = durability == "full"
         self.rotate_bytes = rotate_bytes
         self.rotate_seconds = rotate_seconds
-        self._active_path = self.path / ACTIVE
-        self._active_name = str(self._active_path)  # a str: os.stat skips __fspath__
-        self._fd: int | None = None
-        self._held = (0, 0)  # (inode, device) of the file self._fd holds
-        self._end = -1  # where our last complete line ended in the file we hold
-        self._pid = -1
+        self.active = ActiveFile(self.path)  # this process's hold on events.jsonl
         self._shipping: Shipping | None = None
+        self.dead = DeadLetters(self.path)
         try:
             make_dirs(self.path)
             Checkpoint.read(self.path / CHECKPOINT)  # refuses a newer format at once
             with self._lock:
-                self._active_fd()  # open now so a bad path fails at construction
+                self.active.open()  # now, so that a bad path fails at construction
         except OSError as exc:
             raise SpoolError(f"spool {self.path}: cannot open: {exc.strerror}") from exc
 
@@ -100,29 +80,9 @@ class JsonlSpool(Spool):
 
     # --- producer -----------------------------------------------------------------------
 
-    def _active_fd(self) -> int:
-        if self._pid != os.getpid():  # a forked child opens its own descriptor
-            self._fd, self._pid, self._end = None, os.getpid(), -1
-        if self._fd is None:
-            self._fd = open_file(self._active_path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
-            held = os.fstat(self._fd)
-            self._held = (held.st_ino, held.st_dev)
-        return self._fd
-
-    def _held_size(self, fd: int) -> int | None:
-        """The size of the file ``fd`` holds, or None if it is no longer events.jsonl.
-        One stat of the name: if it is still our inode, its size is our file's."""
-        try:
-            current = os.stat(self._active_name)
-        except FileNotFoundError:
-            return None
-        if (current.st_ino, current.st_dev) != self._held:
-            return None
-        return current.st_size
-
     def _follow(self) -> None:
         """With each size check: let go of an events.jsonl sealed or deleted since
-        (see _let_go_of_sealed). Only while no write is under way or queued: never
+        (see ActiveFile.let_go_if_sealed). Only while no write is under way or queued: never
         from inside this thread's own write (a signal handler's record()), which may
         be using the descriptor, and never making appends wait that would otherwise
         join a group commit; a later check does it."""
@@ -130,17 +90,7 @@ class JsonlSpool(Spool):
         if shared.busy or shared.waiting or shared.lock._is_owned():
             return
         with shared.held():
-            self._let_go_of_sealed()
-
-    def _let_go_of_sealed(self) -> None:
-        """Close our descriptor of events.jsonl if the file is no longer at that name:
-        once the shipper deletes a sealed file, a descriptor kept open anywhere keeps
-        its blocks from the disk, and on a full disk a producer that is refused never
-        writes again to notice. The caller holds the lock, outside any write."""
-        fd = self._fd
-        if fd is not None and self._pid == os.getpid() and self._held_size(fd) is None:
-            self._fd, self._end = None, -1
-            os.close(fd)
+            self.active.let_go_if_sealed()
 
     def _record(self, event: Event) -> bytes:
         return to_line(event, time.time())
@@ -148,10 +98,10 @@ class JsonlSpool(Spool):
     def _write(self, records: list[bytes], *, sync: bool) -> int:
         data = b"".join(records)
         try:
-            fd = self._append_bytes(data)
+            fd = self.active.append(data)
             if self._full or sync:
                 os.fdatasync(fd)  # once for every line queued meanwhile
-        except _ShortWrite as short:
+        except ShortWrite as short:
             # The lines written whole are stored (the shipper may already be reading
             # them), and their appends return; the rest were cut away.
             stored, end = 0, 0
@@ -192,65 +142,8 @@ class JsonlSpool(Spool):
     def _requeue(self, data: bytes) -> None:
         """Append the copies of lines the shipper moves (whole lines) and sync them: the
         caller settles the old copies next, so the new ones must be on disk first."""
-        fd = self._append_bytes(data)
+        fd = self.active.append(data)
         os.fdatasync(fd)
-
-    def _active_end(self) -> tuple[int, int]:
-        """(inode, size) of events.jsonl, measured under its lock, so that no short
-        write is cut back below it: whatever is appended next lies at or after it."""
-        return self._under_active_lock(lambda fd, size: (self._held[0], size))
-
-    def _under_active_lock(self, act: Callable[[int, int], _T]) -> _T:
-        """``act(fd, size)`` with events.jsonl flocked and ``size`` its size under the
-        lock; reopened first if it was sealed under us."""
-        while True:
-            fd = self._active_fd()
-            try:  # locked inside the try: a handler raising right after must not leak it
-                self._lock_active(fd)
-                size = self._held_size(fd)
-                if size is not None:
-                    return act(fd, size)
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)  # sealed under us: reopen events.jsonl
-            self._fd, self._end = None, -1
-
-    def _lock_active(self, fd: int) -> None:
-        """flock ``fd`` (the caller's finally unlocks it, held or not: harmless)."""
-        if not flock_within(fd):
-            raise SpoolError(f"spool {self.path}: {ACTIVE} stayed locked by another "
-                             f"writer for {FLOCK_WAIT_S:g} s (a stopped process?); not stored")
-
-    def _append_bytes(self, data: bytes) -> int:
-        """Append ``data`` (one or more whole lines) to events.jsonl in one write().
-
-        A short write (disk full) is cut back, still under the lock, to the end of its
-        last whole line and raised as _ShortWrite: the whole lines are stored (the
-        shipper, which reads without the lock, may have read them already; it never
-        takes a line of the active file before its newline is there, so the torn rest
-        was not read). Should the cut fail, the torn rest stays unfinished until the
-        next writer ends it with TORN_END, which makes it a bad line: a write that
-        raised never becomes a line that is sent."""
-        return self._under_active_lock(lambda fd, size: self._append_locked(fd, size, data))
-
-    def _append_locked(self, fd: int, size: int, data: bytes) -> int:
-        line = data
-        # If the file ends where our own last line did, it ends in a newline;
-        # otherwise look: a torn fragment (a writer killed mid-line, a cut
-        # that failed) must neither get ours glued on nor be completed.
-        if size and size != self._end and os.pread(fd, 1, size - 1) != b"\n":
-            line = TORN_END + data
-        written = os.write(fd, line)
-        if written != len(line):
-            self._end = -1
-            whole = line.rfind(b"\n", 0, written) + 1
-            try:
-                os.ftruncate(fd, size + whole)
-            except OSError:
-                pass  # see above: the next writer ends it
-            raise _ShortWrite(max(0, whole - (len(line) - len(data))), fd)
-        self._end = size + written
-        return fd
 
     # --- shipper --------------------------------------------------------------------------
 
@@ -331,46 +224,14 @@ class JsonlSpool(Spool):
                 # The shipper knows; anyone else reads its last checkpoint.
                 "in_flight": len(self._shipping.in_flight) if self._shipping
                 else view.checkpoint.in_flight,
-                "dead": self._count_dead(),
+                "dead": self.dead.count(),
                 "oldest_pending_age_s": None if created is None else max(0.0, now - created),
                 "bad_lines": view.checkpoint.bad_lines,
                 "checkpoint_rebuilt_at": view.checkpoint.rebuilt_at,
             }
         return self._guard("stats", lambda: self._viewed(read))
 
-    # --- dead letters: <dir>/dead.jsonl, one JSON object per line ---------------------
-
-    @contextmanager
-    def _dead_locked(self) -> Iterator[None]:
-        fd = flocked(self.path / DEAD_LOCK, create=True)
-        try:
-            yield
-        finally:
-            os.close(fd)
-
-    def _count_dead(self) -> int:
-        try:
-            return (self.path / DEAD).read_bytes().count(b"\n")
-        except FileNotFoundError:
-            return 0
-
-    def _read_dead(self) -> list[dict[str, Any]]:
-        try:
-            text = (self.path / DEAD).read_bytes()
-        except FileNotFoundError:
-            return []
-        records: dict[str, dict[str, Any]] = {}
-        for line in text.split(b"\n"):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a record torn by a full disk: its event was not settled
-            # A crash between writing a dead letter and settling its line writes it
-            # twice on the next run: one id, one letter.
-            records.setdefault(record["id"], record)
-        # In the order the events were recorded (the spool's), as on SQLite, not in the
-        # order concurrent sends happened to fail.
-        return sorted(records.values(), key=lambda r: tuple(map(int, r["id"].split(":"))))
+    # --- dead letters (dead.py) -------------------------------------------------------
 
     def requests(self, *, dead: bool = False) -> list[tuple[str, str, str | None, float]]:
         def pending(view: DiskView) -> list[tuple[str, str, str | None, float]]:
@@ -379,8 +240,8 @@ class JsonlSpool(Spool):
 
         def letters() -> list[tuple[str, str, str | None, float]]:
             found = []
-            for record in self._read_dead():
-                event, created = _dead_event(record)
+            for record in self.dead.read():
+                event, created = event_of(record)
                 found.append((*encode(event), event.api_key, created))
             return found
         return self._guard("read", letters if dead else lambda: self._viewed(pending))
@@ -388,30 +249,23 @@ class JsonlSpool(Spool):
     def dead_letters(self) -> list[dict[str, Any]]:
         def read() -> list[dict[str, Any]]:
             letters = []
-            for record in self._read_dead():
-                event, _ = _dead_event(record)
+            for record in self.dead.read():
+                event, _ = event_of(record)
                 letters.append({"id": record["id"], **describe(*encode(event)),
                                 "status": record["status"], "reason": record["reason"],
                                 "failed_at": record["failed_at"]})
             return letters
         return self._guard("read", read)
 
-    def _take_dead(self, ids: list[str] | None, requeue: bool) -> int:
-        with self._dead_locked():
-            records = self._read_dead()
-            unknown_ids(ids, (r["id"] for r in records))
-            chosen = [r for r in records if ids is None or r["id"] in ids]
-            if requeue and chosen:  # fresh lines: due now, aged from now; one write
-                self._write([self._record(_dead_event(r)[0]) for r in chosen], sync=False)
-            kept = b"".join(dump_line(r) for r in records if r not in chosen)
-            write_atomically(self.path / DEAD, kept)
-        return len(chosen)
+    def _requeue_events(self, events: list[Event]) -> None:
+        # Fresh lines: due now, aged from now; one write.
+        self._write([self._record(event) for event in events], sync=False)
 
     def retry_dead(self, ids: list[str] | None) -> int:
-        return self._guard("dead retry", lambda: self._take_dead(ids, requeue=True))
+        return self._guard("dead retry", lambda: self.dead.take(ids, self._requeue_events))
 
     def purge_dead(self, ids: list[str] | None) -> int:
-        return self._guard("dead purge", lambda: self._take_dead(ids, requeue=False))
+        return self._guard("dead purge", lambda: self.dead.take(ids))
 
     def _guard(self, what: str, fn):
         with self._holding():
@@ -425,12 +279,5 @@ class JsonlSpool(Spool):
             if self._shipping is not None:
                 self._shipping.close()
                 self._shipping = None
-            if self._fd is not None and self._pid == os.getpid():
-                os.close(self._fd)
-            self._fd = None
+            self.active.close()
 
-
-def _dead_event(record: dict[str, Any]) -> tuple[Event, float]:
-    """The event a dead-letter record holds (its original line, as an object), and
-    when that line was written."""
-    return from_line(json.dumps(record["line"]).encode())
