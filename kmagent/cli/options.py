@@ -1,4 +1,5 @@
-"""The options every ``kmagent`` command takes, and the configuration they name."""
+"""What every ``kmagent`` command shares: its options, the configuration they name,
+the exit codes."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ from typing import Any
 
 import click
 
-from . import logs
-from .config import LOG_LEVELS, Config, load_config
+from .. import logs
+from ..config import LOG_LEVELS, Config, load_config
+
+EX_USAGE = 2
+EX_IOERR = 74
+EX_CONFIG = 78
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:

@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from .cli_options import common_options, config as _config
-from .config import Config
+from .options import common_options, config as _config
+from ..config import Config
 
 
 @click.group()
@@ -25,7 +25,7 @@ def dead() -> None:
 
 
 def _spool(config: Config):
-    from .spool import open_configured
+    from ..spool import open_configured
     return open_configured(config)
 
 
@@ -121,7 +121,7 @@ def import_km_log(directories: tuple[str, ...]) -> int:
     """
     from pathlib import Path
 
-    from .kmlog import REASONS, KmLogImporter
+    from ..kmlog import REASONS, KmLogImporter
     with _spool(_config()) as spool:
         result = KmLogImporter(spool).import_and_finish([Path(d) for d in directories])
     click.echo(f"imported {result.imported} events from {len(result.files)} files")
@@ -155,8 +155,8 @@ def export(dead: bool, key: str | None, output) -> int:
     Example:
       kmagent export --dead -o backfill.jsonl
     """
-    from .config import configured_api_key
-    from .export import export_lines
+    from ..config import configured_api_key
+    from ..export import export_lines
     config = _config()
     with _spool(config) as spool:
         # Events without a key of their own go with the agent's: tell the keys apart.
