@@ -296,8 +296,14 @@ class Daemon:
                 log.warning("reload: %s changed; it takes effect on restart", key)
         try:
             shipper.shutdown(self.config.shutdown_timeout)
-        except SpoolError as exc:  # still leased in the spool: recovered at next start
-            log.error("%s while reloading; the next start recovers it", exc)
+        except SpoolError as exc:
+            # What it could not give back stays claimed, and nothing else in this run
+            # would give it back: recover, as a start does, before the next claims.
+            log.error("%s while reloading; giving its claims back first", exc)
+            try:
+                self._mended(self._upkeep, shipper.session.recover)
+            except SpoolError as again:  # stopping, or it keeps failing
+                log.error("%s; the next start recovers it", again)
         shipper.sender.close()
         self.config = fresh
         replacement = make_shipper(fresh, shipper.session, self._wake)

@@ -1,0 +1,49 @@
+"""A reload whose old shipper cannot give its claims back (a disk too full for the
+write) must not leave those events claimed, and so unsent, until the next start."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from helpers import figures, record_many, wait_for
+from kmagent.config import load_config
+from kmagent.daemon import Daemon
+from kmagent.errors import SpoolError
+from kmagent.spool.session import ShippingSession
+
+pytestmark = pytest.mark.backends()
+
+
+def test_claims_a_reload_could_not_give_back_are_sent_without_a_restart(
+        host, write_config, monkeypatch):
+    path = write_config(host, extra="[ship]\nconcurrency = 4\nshutdown_timeout = 0.2\n"
+                                    "max_backoff = 1\n")
+    record_many(path, 12)
+    host.delay = 1.0  # requests in flight when the reload comes, past its timeout
+    real_release = ShippingSession.release
+    refused = []
+
+    def release_once_refused(session, ids):
+        ids = list(ids)
+        if ids and not refused:
+            refused.append(ids)
+            raise SpoolError("spool: release failed: database or disk is full")
+        real_release(session, ids)
+    monkeypatch.setattr(ShippingSession, "release", release_once_refused)
+    daemon = Daemon(load_config(path), reload=lambda: load_config(path))
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: host.started >= 4)
+        daemon.reload()
+        wait_for(lambda: refused)
+        host.delay = 0.0
+        wait_for(lambda: figures(path)["pending"] == 0, timeout=30)
+    finally:
+        daemon.stop()
+        runner.join(30)
+    assert not runner.is_alive()
+    delivered = {dict(r.params)["n"] for r in host.delivered()}
+    assert delivered == {str(n) for n in range(12)}
