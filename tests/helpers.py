@@ -210,3 +210,11 @@ def terminate(process: subprocess.Popen, timeout: float = 30) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.communicate()
+
+
+def sender_for(url: str, **options):
+    """A Sender to ``url`` with short timeouts and the key "secret-key"."""
+    from kmagent.sender import Sender
+    settings = dict(connect_timeout=2, read_timeout=2, api_key="secret-key")
+    settings.update(options)
+    return Sender(url, **settings)
