@@ -20,12 +20,12 @@ run: $(BIN)/kmagent  ## the agent, in the foreground, on the default SQLite spoo
 test: $(BIN)/kmagent  ## the whole test suite (4 workers: it mostly waits on processes)
 	$(BIN)/pytest -q -n 4
 
-# The torture suite at length (tests/torture.py; `make test` runs its short mode):
+# The torture suite at length (tests/torture/; `make test` runs its short mode):
 # make torture SEED=123 SECONDS=120 [BACKEND=sqlite|jsonl|both] [PATTERNS=a,b] [FAULTS=x,y|none]
 SECONDS ?= 120
 BACKEND ?= both
 torture: $(BIN)/kmagent  ## apps, faults and operators at once for SECONDS, then the oracle
-	$(BIN)/python tests/torture.py --seconds $(SECONDS) --backend $(BACKEND) \
+	$(BIN)/python tests/torture --seconds $(SECONDS) --backend $(BACKEND) \
 		$(if $(SEED),--seed $(SEED)) $(if $(PATTERNS),--patterns $(PATTERNS)) \
 		$(if $(FAULTS),--faults $(FAULTS))
 

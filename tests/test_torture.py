@@ -1,4 +1,4 @@
-"""The torture suite's short mode (tests/torture.py): a few app patterns, every fault,
+"""The torture suite's short mode (tests/torture/): a few app patterns, every fault,
 the whole oracle, on each backend: about 12 s each (up to ~25 s when something hangs).
 
 The seed comes from KMAGENT_TORTURE_SEED, else it is drawn at random; it is in the
@@ -22,7 +22,7 @@ SECONDS = 9.0  # the chaos phase; then the wait for the apps, the drain and the 
 @pytest.mark.parametrize("backend", ["sqlite", "jsonl"], ids=lambda b: f"{b}-seed{SEED}")
 def test_torture_short(backend, tmp_path):
     print(f"kmagent torture: seed {SEED} (KMAGENT_TORTURE_SEED={SEED} reruns this test); "
-          f"python tests/torture.py --seed {SEED} --backend {backend} --seconds {SECONDS:g} --short")
+          f"python tests/torture --seed {SEED} --backend {backend} --seconds {SECONDS:g} --short")
     result = torture.run(SEED, SECONDS, backend, workdir=tmp_path, short=True)
     print(result.report())
     assert result.ok, result.report()
