@@ -11,8 +11,8 @@ import sqlite3
 import time
 
 import pytest
-from helpers import (API_KEY, figures, fill, run_kmagent, start_daemon, status, stop,
-                     wait_for)
+from helpers import (API_KEY, figures, fill, run_in_process, run_kmagent, start_daemon,
+                     stop, wait_for)
 
 import kmagent
 from kmagent import Client
@@ -143,7 +143,8 @@ def test_retry_after_stops_every_new_request_until_it_expires(host, write_config
     client = Client(config=config)
     for n in range(200):  # a backlog: without the agent-wide hold, requests would go on
         client.record(f"p{n}", "Rate Limited")
-    result = run_kmagent("flush", "--timeout", "30", "--config", str(config))
+    # The flush command's own code, in this process (a Python start spared).
+    result = run_in_process("flush", "--timeout", "30", "--config", str(config))
     assert result.returncode == 0, result.stderr
     [refusal] = [r for r in host.received if r.status == 429]
     later = [r.at - refusal.at for r in host.received if r.at > refusal.at]
@@ -180,31 +181,35 @@ def test_refused_events_go_to_dead_letters_and_the_rest_flows(host, write_config
     client = Client(config=config)
     for n in range(10):
         client.record("poison" if n % 5 == 0 else f"p{n}", f"Event {n}", {"n": n})
-    result = run_kmagent("flush", "--timeout", "30", "--config", str(config))
+    # The commands' own code, run in this process: each real process start costs ~0.4 s
+    # of CPU, and what is checked is what the commands do and print. figures() is what
+    # `status --json` prints, read in-process.
+    result = run_in_process("flush", "--timeout", "30", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert "2 of them refused for good" in result.stderr
     assert len(host.delivered()) == 8
-    figures = status(config)
-    assert (figures["pending"], figures["dead"]) == (0, 2)
+    shown = figures(config)
+    assert (shown["pending"], shown["dead"]) == (0, 2)
 
-    listed = json.loads(run_kmagent("dead", "list", "--json", "--config", str(config)).stdout)
+    listed = json.loads(run_in_process("dead", "list", "--json", "--config", str(config)).stdout)
     assert [(d["person"], d["event"], d["properties"], d["status"], d["path"]) for d in listed] \
         == [("poison", "Event 0", {"n": "0"}, 400, "e"), ("poison", "Event 5", {"n": "5"}, 400, "e")]
     assert all("400" in d["reason"] and d["failed_at"] > 0 for d in listed)
-    plain = run_kmagent("dead", "list", "--config", str(config)).stdout.splitlines()
+    plain = run_in_process("dead", "list", "--config", str(config)).stdout.splitlines()
     assert len(plain) == 2 and plain[0].startswith(listed[0]["id"] + "\t")
 
-    retried = run_kmagent("dead", "retry", listed[0]["id"], "--config", str(config))
+    retried = run_in_process("dead", "retry", listed[0]["id"], "--config", str(config))
     assert retried.returncode == 0
-    assert (status(config)["pending"], status(config)["dead"]) == (1, 1)
+    shown = figures(config)
+    assert (shown["pending"], shown["dead"]) == (1, 1)
     host.answer_for = None
-    assert run_kmagent("flush", "--timeout", "30", "--config", str(config)).returncode == 0
+    assert run_in_process("flush", "--timeout", "30", "--config", str(config)).returncode == 0
     assert any("Event%200" in r.target and r.status == 200 for r in host.received)
 
-    unknown = run_kmagent("dead", "purge", "no-such-id", "--config", str(config))
+    unknown = run_in_process("dead", "purge", "no-such-id", "--config", str(config))
     assert unknown.returncode == 2 and "no-such-id" in unknown.stderr
-    assert run_kmagent("dead", "purge", "--all", "--config", str(config)).returncode == 0
-    assert status(config)["dead"] == 0
+    assert run_in_process("dead", "purge", "--all", "--config", str(config)).returncode == 0
+    assert figures(config)["dead"] == 0
 
 
 def test_an_event_past_max_age_is_dead_lettered_as_expired(host, write_config, spool_path):
@@ -212,9 +217,10 @@ def test_an_event_past_max_age_is_dead_lettered_as_expired(host, write_config, s
     config = write_config(host, extra="[ship]\nmax_backoff = 1\nmax_age = 1\n")
     Client(config=config).record("bob", "Too Late")
     time.sleep(1.2)
-    result = run_kmagent("flush", "--timeout", "5", "--config", str(config))
+    result = run_in_process("flush", "--timeout", "5", "--config", str(config))
     assert result.returncode == 0, result.stderr
-    [letter] = json.loads(run_kmagent("dead", "list", "--json", "--config", str(config)).stdout)
+    [letter] = json.loads(run_in_process("dead", "list", "--json", "--config",
+                                         str(config)).stdout)
     assert "expired" in letter["reason"] and letter["status"] == 503
 
 
@@ -226,7 +232,7 @@ def test_max_bytes_error_raises_spool_full(write_config, spool_path):
     with pytest.raises(kmagent.SpoolFull):
         for n in range(100_000):
             client.record(f"p{n}", "Fill", {"pad": "x" * 500})
-    stored = status(config)["pending"]
+    stored = figures(config)["pending"]
     assert 0 < stored < 1000  # refused near the cap; what was accepted is kept
 
 
@@ -237,9 +243,9 @@ def test_max_bytes_drop_drops_and_counts(write_config, spool_path):
     client = Client(config=config)
     for n in range(2000):
         client.record(f"p{n}", "Fill", {"pad": "x" * 500})
-    figures = status(config)
-    assert figures["dropped_total"] > 0
-    assert figures["pending"] + figures["dropped_total"] == 2000
+    shown = figures(config)
+    assert shown["dropped_total"] > 0
+    assert shown["pending"] + shown["dropped_total"] == 2000
 
 
 def test_a_full_disk_refuses_quickly_and_the_daemon_resumes(
@@ -294,7 +300,7 @@ def test_shutdown_timeout_bounds_a_sigterm(host, write_config, spool_path):
     started = time.monotonic()
     assert stop(daemon) == 0
     assert time.monotonic() - started < 5
-    assert status(config)["pending"] == 1
+    assert figures(config)["pending"] == 1
 
 
 def test_a_second_sigterm_exits_at_once(host, write_config, spool_path):
@@ -304,7 +310,7 @@ def test_a_second_sigterm_exits_at_once(host, write_config, spool_path):
     started = time.monotonic()
     assert stop(daemon) == 0
     assert time.monotonic() - started < 3
-    assert status(config)["pending"] == 1  # nothing lost either way
+    assert figures(config)["pending"] == 1  # nothing lost either way
 
 
 def test_the_api_key_never_reaches_logs_errors_or_status(host, write_config, spool_path,
@@ -318,7 +324,7 @@ def test_the_api_key_never_reaches_logs_errors_or_status(host, write_config, spo
                          "--config", str(config))
     assert result.returncode == 1
     assert "GET /e?_k=***" in result.stderr  # urllib3's debug line, redacted
-    shown = result.stderr + result.stdout + json.dumps(status(config))
+    shown = result.stderr + result.stdout + json.dumps(figures(config))
     for text in (secret, "Own Key/With?Odd&Chars", "Own%20Key%2FWith%3FOdd%26Chars"):
         assert text not in shown
 

@@ -12,7 +12,7 @@ import textwrap
 import time
 
 import pytest
-from helpers import run_kmagent, start_kmagent, status, stored_rows, wait_for
+from helpers import figures, run_in_process, start_kmagent, stored_rows, wait_for
 
 from kmagent import Client
 from kmagent.errors import SpoolError
@@ -56,7 +56,7 @@ def test_lines_from_another_writer_are_shipped(host, write_config, spool_path):
         '{"_p":"bob","_n":"Signed Up","_t":1234567890,"Plan":"Pro"}\n'
         '{"_p":"bob","_p2":"bob@example.com","_t":1234567890}\n'
         '{"_p":"bob","_t":1234567890,"gender":"male","__x":1}\n')
-    assert run_kmagent("flush", "--timeout", "30", "--config", str(config)).returncode == 0
+    assert run_in_process("flush", "--timeout", "30", "--config", str(config)).returncode == 0
     assert sorted(r.target for r in host.delivered()) == sorted([
         "/e?_k=test-key&_p=bob&_n=Signed%20Up&_t=1234567890&_d=1&Plan=Pro",
         "/a?_k=test-key&_p=bob&_n=bob%40example.com",
@@ -72,11 +72,11 @@ def test_a_torn_line_is_set_aside_and_nothing_is_glued_to_it(host, write_config,
     Client(config=config).record("bob", "Whole")  # ...the next one starts afresh
     (spool_path / ACTIVE).open("ab").write(b"garbage from an editor\n")
     Client(config=config).record("bob", "After Garbage")
-    assert run_kmagent("flush", "--timeout", "30", "--config", str(config)).returncode == 0
+    assert run_in_process("flush", "--timeout", "30", "--config", str(config)).returncode == 0
     names = sorted(dict(r.params)["_n"] for r in host.delivered())
     assert names == ["After Garbage", "Whole"]
-    figures = status(config)
-    assert (figures["bad_lines"], figures["pending"]) == (2, 0)
+    shown = figures(config)  # what `status --json` prints, read in-process
+    assert (shown["bad_lines"], shown["pending"]) == (2, 0)
     set_aside = [json.loads(line) for line in (spool_path / "bad.jsonl").read_text().splitlines()]
     assert [b["line"] for b in set_aside] == [  # the NUL ended the torn line
         '{"_p":"torn","_n":"Half","_t":12345\x00\n', "garbage from an editor\n"]
@@ -243,7 +243,9 @@ def test_a_moved_line_counts_as_before_a_mark_and_its_request_never_changes(spoo
         spool.append(event(n))
     mark = spool.mark()
     sent, later = [], 0
-    for _ in range(400):  # producers go on appending meanwhile
+    # 200 turns (deterministic: one thread): person0's line is moved 3 times, each move
+    # needing 2,048 deliveries past it, and sent 169 times; the asserts need 2 and 3.
+    for _ in range(200):  # producers go on appending meanwhile
         for _ in range(32):
             spool.append(event(10_000 + later))
             later += 1
@@ -284,7 +286,9 @@ KILLED_WHILE_MOVING = textwrap.dedent("""
     from kmagent.spool import open_spool
     path, point = sys.argv[1:3]
     spool = open_spool(path, backend="jsonl")
-    for n in range(3000):
+    # Enough that person0's line is moved (more than half the 4,096-line read-ahead,
+    # MAX_AHEAD, read and flowing past it), few enough left for the flush to send.
+    for n in range(2300):
         spool.append(make_event(f"person{n}", "Did", {"n": n}, now=1700000000 + n))
     real_write = os.write
 
@@ -310,10 +314,10 @@ def test_a_shipper_killed_while_moving_a_line_neither_loses_nor_doubles_it(
     child = subprocess.run([sys.executable, "-c", KILLED_WHILE_MOVING, str(spool_path), point],
                            capture_output=True, text=True, timeout=120)
     assert child.returncode == -9, child.stderr
-    assert run_kmagent("flush", "--timeout", "30", "--config", str(config)).returncode == 0
+    assert run_in_process("flush", "--timeout", "30", "--config", str(config)).returncode == 0
     sent = collections.Counter(dict(r.params)["_p"] for r in host.received)
     assert sent["person0"] == 1 and max(sent.values()) == 1, sent.most_common(3)
-    assert status(config)["pending"] == 0
+    assert figures(config)["pending"] == 0
 
 
 def test_a_move_cut_short_by_a_full_disk_neither_loses_nor_doubles_a_line(spool_path,
@@ -361,10 +365,10 @@ def test_a_deeply_nested_line_is_a_bad_line_not_a_crash(host, write_config, spoo
     spool_path.mkdir(parents=True)
     (spool_path / ACTIVE).write_bytes(b"[" * 100_000 + b"\n")
     Client(config=config).record("bob", "After The Bomb")
-    assert status(config)["pending"] == 2
-    assert run_kmagent("flush", "--timeout", "30", "--config", str(config)).returncode == 0
+    assert figures(config)["pending"] == 2
+    assert run_in_process("flush", "--timeout", "30", "--config", str(config)).returncode == 0
     assert [dict(r.params)["_n"] for r in host.delivered()] == ["After The Bomb"]
-    assert status(config)["bad_lines"] == 1
+    assert figures(config)["bad_lines"] == 1
 
 
 def test_pending_counts_a_sealed_files_torn_tail_and_lines_end_only_at_newline(spool_path):
@@ -525,9 +529,9 @@ def test_a_record_that_raised_is_never_delivered_even_if_only_its_newline_is_mis
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "refused:" in result.stdout, result.stdout
-    assert run_kmagent("flush", "--timeout", "30", "--config", str(config)).returncode == 0
+    assert run_in_process("flush", "--timeout", "30", "--config", str(config)).returncode == 0
     assert sorted(dict(r.params)["_n"] for r in host.received) == ["After", "Before"]
-    assert status(config)["bad_lines"] == (1 if how == "cannot-truncate" else 0)
+    assert figures(config)["bad_lines"] == (1 if how == "cannot-truncate" else 0)
 
 
 def test_a_torn_tail_is_never_sent_even_when_it_is_a_whole_json_object(
@@ -549,8 +553,8 @@ def test_a_torn_tail_is_never_sent_even_when_it_is_a_whole_json_object(
     spool.claim(1, now=time.time())  # over rotate_bytes: sealed with its torn tail
     spool.close()
     Client(config=config).record("bob", "After Rotation")
-    assert run_kmagent("flush", "--timeout", "30", "--config", str(config)).returncode == 0
+    assert run_in_process("flush", "--timeout", "30", "--config", str(config)).returncode == 0
     names = sorted(dict(r.params)["_n"] for r in host.received)
     assert names == ["After Rotation", "Did", "Next Writer"]
-    figures = status(config)
-    assert (figures["pending"], figures["bad_lines"]) == (0, 2)
+    shown = figures(config)  # what `status --json` prints, read in-process
+    assert (shown["pending"], shown["bad_lines"]) == (0, 2)

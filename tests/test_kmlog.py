@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_kmagent, start_daemon, stop, stored_rows, wait_for
+from helpers import run_in_process, start_daemon, stop, stored_rows, wait_for
 
 from kmagent.kmlog import BadRecord, KmLogImporter
 from kmagent.kmlog.requests import from_request_line
@@ -119,14 +119,14 @@ def test_import_moves_every_logged_event_and_a_second_import_sends_nothing(
         tmp_path, host, write_config, spool_path):
     logs = km_dir(tmp_path)
     config = write_config(host, api_key=None)
-    result = run_kmagent("import", "km-log", str(logs), "--config", str(config))
+    result = run_in_process("import", "km-log", str(logs), "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert "imported 5 events from 3 files" in result.stdout
     assert "1 set aside (unreadable: " in result.stderr
     # Every log taken over, read once settled, and deleted; the orphan too.
     assert list(logs.iterdir()) == []
 
-    assert run_kmagent("flush", "--timeout", "20", "--config", str(config)).returncode == 0
+    assert run_in_process("flush", "--timeout", "20", "--config", str(config)).returncode == 0
     sent = {(r.path, dict(r.params).get("_p")): dict(r.params) for r in host.delivered()}
     assert len(sent) == 5
     signed_up = sent[("e", "bob@example.com")]
@@ -138,9 +138,9 @@ def test_import_moves_every_logged_event_and_a_second_import_sends_nothing(
     assert sent[("a", "ann")]["_n"] == "ann@example.com"
     assert sent[("e", "cat")]["Amount"] == "9.95"
 
-    again = run_kmagent("import", "km-log", str(logs), "--config", str(config))
+    again = run_in_process("import", "km-log", str(logs), "--config", str(config))
     assert again.returncode == 0 and "imported 0 events" in again.stdout
-    assert run_kmagent("flush", "--timeout", "5", "--config", str(config)).returncode == 0
+    assert run_in_process("flush", "--timeout", "5", "--config", str(config)).returncode == 0
     assert len(host.received) == 5
     bad = (spool_path.parent / (spool_path.name + ".km-log-bad.jsonl")
            if backend_is_sqlite(spool_path) else spool_path / "km-log-bad.jsonl")
@@ -152,7 +152,7 @@ def backend_is_sqlite(spool_path: Path) -> bool:
 
 
 def test_a_missing_directory_is_a_usage_error(tmp_path, write_config):
-    result = run_kmagent("import", "km-log", str(tmp_path / "nope"),
+    result = run_in_process("import", "km-log", str(tmp_path / "nope"),
                          "--config", str(write_config()))
     assert result.returncode == 2 and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
@@ -239,7 +239,7 @@ def test_the_daemon_follows_km_log_dirs(tmp_path, host, write_config):
 
 def test_km_log_dirs_must_be_a_list(tmp_path, write_config):
     config = write_config(extra='[km_log]\ndirs = "/var/log/km"\n')
-    result = run_kmagent("status", "--config", str(config))
+    result = run_in_process("status", "--config", str(config))
     assert result.returncode == 78 and "[km_log] dirs" in result.stderr
 
 
@@ -296,7 +296,7 @@ def test_a_log_that_cannot_be_read_is_named_and_the_others_imported(tmp_path, wr
     (logs / "kissmetrics_query.log").mkdir()  # not a file
     append_as_km_does(logs / "kissmetrics_production_query.log",
                       logged("e", _p="bob", _n="Fine", _t="1700000000"))
-    result = run_kmagent("import", "km-log", str(logs), "--config", str(write_config()))
+    result = run_in_process("import", "km-log", str(logs), "--config", str(write_config()))
     assert result.returncode == 1
     assert "imported 1 events" in result.stdout
     assert "kissmetrics_query.log: a directory" in result.stderr
@@ -382,7 +382,7 @@ def test_nul_bytes_a_crash_left_are_skipped_counted_and_never_sent(
                      "tail": before.encode() + nuls + after.encode(),
                      "mid-line": before.encode() + b"/e?_k=K&_p=torn&_n" + nuls + after.encode(),
                      }[where])
-    result = run_kmagent("import", "km-log", str(logs), "--config", str(write_config()))
+    result = run_in_process("import", "km-log", str(logs), "--config", str(write_config()))
     assert result.returncode == 0, result.stderr
     assert "1 set aside (nul:" in result.stderr
     queries = [q for _, q, _ in stored_rows(spool_path)]
@@ -422,7 +422,7 @@ def test_a_kill_between_taking_a_log_over_and_recording_it_stores_nothing_twice(
     assert killed.returncode == -9
     assert len(stored_rows(spool_path)) == 1000
     append_as_km_does(log, logged("e", _p="after", _n="Logged", _t="1700000000"))
-    result = run_kmagent("import", "km-log", str(logs), "--config", str(config))
+    result = run_in_process("import", "km-log", str(logs), "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert "imported 1 events" in result.stdout
     assert len(stored_rows(spool_path)) == 1001 and list(logs.iterdir()) == []
@@ -444,7 +444,7 @@ def test_a_symlinked_log_is_named_and_left_as_it_is(tmp_path, write_config, spoo
                       logged("e", _p="plain", _n="Logged", _t="1700000000"))
     config = write_config()
     for _ in range(2):
-        result = run_kmagent("import", "km-log", str(logs), "--config", str(config))
+        result = run_in_process("import", "km-log", str(logs), "--config", str(config))
         assert result.returncode == 1 and "imported 1 events" in result.stdout
         assert f"{link}: a symbolic link" in result.stderr
         assert f"{orphan}: a symbolic link" in result.stderr

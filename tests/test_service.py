@@ -10,8 +10,8 @@ import socket
 import time
 
 import pytest
-from helpers import (free_port, record_many, run_kmagent, start_daemon, start_kmagent, stop,
-                      wait_for)
+from helpers import (figures, free_port, record_many, run_in_process, run_kmagent,
+                     start_daemon, start_kmagent, stop, wait_for)
 
 from kmagent import Client
 from kmagent.notify import Notifier
@@ -121,17 +121,19 @@ def test_reload_waits_for_the_daemon_and_fails_when_the_config_is_refused(
     daemon = start_daemon(config)
     try:
         write_config(host, extra="[ship]\nconcurrency = 3\n")
-        applied = run_kmagent("reload", "--config", str(config))
+        # The reload command's own code, in this process (it signals the daemon and
+        # waits on its figures file: nothing that needs a process of its own).
+        applied = run_in_process("reload", "--config", str(config))
         assert applied.returncode == 0, applied.stderr
         assert f"pid {daemon.pid}: configuration reloaded" in applied.stderr
         assert shipper_figures(config)["concurrency"] == 3  # done by the time it returned
         # A file that does not parse is refused before the daemon is asked...
         config.write_text(config.read_text() + "[ship]\n")
-        broken = run_kmagent("reload", "--pid", str(daemon.pid), "--config", str(config))
+        broken = run_in_process("reload", "--pid", str(daemon.pid), "--config", str(config))
         assert broken.returncode == 78 and "not valid TOML" in broken.stderr
         # ...one that only the daemon can judge (it reads the CA file), by the daemon.
         write_config(host, extra='[ship]\nca_file = "/nonexistent/ca.pem"\n')
-        refused = run_kmagent("reload", "--pid", str(daemon.pid), "--config", str(config))
+        refused = run_in_process("reload", "--pid", str(daemon.pid), "--config", str(config))
         assert refused.returncode == 78, refused.stderr
         assert "reload refused" in refused.stderr and "ca_file" in refused.stderr
         assert daemon.poll() is None  # the daemon keeps its running configuration
@@ -139,7 +141,7 @@ def test_reload_waits_for_the_daemon_and_fails_when_the_config_is_refused(
         wait_for(lambda: len(host.delivered()) == 1)
     finally:
         assert stop(daemon) == 0, daemon.log
-    gone = run_kmagent("reload", "--config", str(config))
+    gone = run_in_process("reload", "--config", str(config))
     assert gone.returncode == 1 and "no daemon ships" in gone.stderr
 
 
@@ -169,10 +171,11 @@ def test_status_reports_the_daemons_figures(host, write_config, spool_path):
     daemon = start_kmagent("run", "--config", str(config))
     try:
         wait_for(lambda: len(host.delivered()) == 20)
-        def figures():
-            result = json.loads(run_kmagent("status", "--json", "--config", str(config)).stdout)
-            return result if result["delivered_total"] == 20 else None
-        shown = wait_for(figures)
+        # Polled in-process (what `status --json` prints, without a Python start per
+        # look); then the real command, once, is what is checked.
+        wait_for(lambda: figures(config)["delivered_total"] == 20)
+        shown = json.loads(run_kmagent("status", "--json", "--config", str(config)).stdout)
+        assert shown["delivered_total"] == 20
         assert shown["daemon_pid"] == daemon.pid and shown["rate_1m"] > 0
         assert shown["last_success_at"] > time.time() - 60 and shown["last_error"] is None
         assert set(shown) >= {"pending", "dead", "oldest_pending_age_s", "in_flight",
@@ -215,22 +218,23 @@ def test_prometheus_metrics_on_loopback_and_in_a_textfile(host, write_config, tm
 
 def test_metrics_listen_must_be_loopback(write_config, tmp_path):
     config = write_config(extra='[metrics]\nlisten = "0.0.0.0:9187"\n')
-    result = run_kmagent("status", "--config", str(config))
+    result = run_in_process("status", "--config", str(config))  # a configuration error
     assert result.returncode == 78 and "loopback" in result.stderr
 
 
 def test_check_makes_one_harmless_request(host, write_config, tmp_path):
     config = write_config(host)
-    result = run_kmagent("check", "--config", str(config))
+    # The command's own code, in this process: a probe needs no process of its own.
+    result = run_in_process("check", "--config", str(config))
     assert result.returncode == 0 and "HTTP 200" in result.stdout
     assert [r.target for r in host.received] == ["/"]  # no event, no key
     unreachable = tmp_path / "down.toml"
     unreachable.write_text(f'endpoint = "http://127.0.0.1:{free_port()}"\n')
-    result = run_kmagent("check", "--config", str(unreachable))
+    result = run_in_process("check", "--config", str(unreachable))
     assert result.returncode == 1 and "unreachable" in result.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text("concurrency = 0\n")
-    assert run_kmagent("check", "--config", str(bad)).returncode == 78
+    assert run_in_process("check", "--config", str(bad)).returncode == 78
 
 
 def test_check_as_an_app_user_who_cannot_read_the_key(host, tmp_path):
