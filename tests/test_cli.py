@@ -10,7 +10,8 @@ import time
 import pytest
 
 import kmagent
-from helpers import API_KEY, record_many, run_in_process, run_kmagent, start_daemon, stop
+from helpers import (API_KEY, figures, record_many, run_in_process, run_kmagent,
+                     start_daemon, stop)
 
 PERSON = "bob@example.com"
 P = "bob%40example.com"  # PERSON as it travels
@@ -26,7 +27,19 @@ def status_json(config) -> dict:
 
 
 def ok(*args: str) -> None:
-    result = run_kmagent(*args)
+    """``kmagent ARGS`` as a real process: exits 0, says nothing on stdout."""
+    check_ok(run_kmagent(*args))
+
+
+def ok_here(*args: str) -> None:
+    """The same command run in this process (click's CliRunner): for the records that
+    set a test up, where what is tested is what the command appends, not that it is in
+    the spool once its process has exited (test_record_set_and_alias_append runs them
+    as real processes and reads them back from another)."""
+    check_ok(run_in_process(*args))
+
+
+def check_ok(result) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == "", f"stdout must carry only the command's output: {result.stdout!r}"
     assert "Traceback" not in result.stderr
@@ -116,14 +129,14 @@ def test_invalid_input_exits_2_naming_the_field(write_config, args, names):
     assert lines, "no message"
     message = lines[-1]  # the one line saying what is wrong
     assert any(name.lower() in message.lower() for name in names), result.stderr
-    assert status_json(config)["pending"] == 0  # nothing appended
+    assert figures(config)["pending"] == 0  # nothing appended
 
 
 def test_config_option_before_and_after_the_command_name(write_config, spool_path, tmp_path):
     config = str(write_config())
-    ok("--config", config, "record", PERSON, "Before")
-    ok("record", PERSON, "After", "--config", config)
-    ok("-c", config, "set", PERSON, "a=1")
+    ok_here("--config", config, "record", PERSON, "Before")
+    ok_here("record", PERSON, "After", "--config", config)
+    ok_here("-c", config, "set", PERSON, "a=1")
     assert status_json(config)["pending"] == 3
     result = run_kmagent("--config", config, "status", "--json")
     assert result.returncode == 0
@@ -137,7 +150,7 @@ def test_command_line_config_wins_over_kmagent_config(write_config, tmp_path, mo
     bad.write_text("bogus = 1\n")
     monkeypatch.setenv("KMAGENT_CONFIG", str(bad))
     config = str(write_config())
-    ok("record", PERSON, "Signed Up", "--config", config)
+    ok_here("record", PERSON, "Signed Up", "--config", config)
     assert status_json(config)["pending"] == 1
 
 
@@ -192,8 +205,8 @@ def test_invalid_toml_exits_78(tmp_path):
 
 def test_status_human_output_mentions_pending_and_dead(write_config):
     config = str(write_config())
-    ok("record", PERSON, "Signed Up", "--config", config)
-    ok("record", PERSON, "Signed Up", "--config", config)
+    ok_here("record", PERSON, "Signed Up", "--config", config)
+    ok_here("record", PERSON, "Signed Up", "--config", config)
     result = run_kmagent("status", "--config", config)
     assert result.returncode == 0, result.stderr
     assert re.search(r"pending\D*2\b", result.stdout, re.I), result.stdout
@@ -212,11 +225,11 @@ def test_flush_with_nothing_pending_exits_0(write_config, host):
 def test_flush_delivers_in_the_documented_wire_format(write_config, host):
     config = str(write_config(host))
     before = time.time()
-    ok("record", PERSON, "Viewed Homepage", "--config", config)
-    ok("record", PERSON, "Signed Up", "Plan Name=Pro Plus", "city=Zürich", "q=a&b=c",
-       "--config", config)
-    ok("set", PERSON, "gender=male", "Plan Name=Pro", "--config", config)
-    ok("alias", PERSON, "User 12345", "--config", config)
+    ok_here("record", PERSON, "Viewed Homepage", "--config", config)
+    ok_here("record", PERSON, "Signed Up", "Plan Name=Pro Plus", "city=Zürich", "q=a&b=c",
+            "--config", config)
+    ok_here("set", PERSON, "gender=male", "Plan Name=Pro", "--config", config)
+    ok_here("alias", PERSON, "User 12345", "--config", config)
     after = time.time()
     result = run_kmagent("flush", "--config", config, timeout=30)
     assert result.returncode == 0, result.stderr
@@ -228,16 +241,16 @@ def test_flush_delivers_in_the_documented_wire_format(write_config, host):
         f"/s?_k={API_KEY}&_p={P}&_t=NOW&_d=1&gender=male&Plan%20Name=Pro",
         f"/a?_k={API_KEY}&_p={P}&_n=User%2012345",
     ])
-    figures = status_json(config)
-    assert figures["pending"] == 0
-    assert figures["dead"] == 0
+    left = figures(config)
+    assert left["pending"] == 0
+    assert left["dead"] == 0
 
 
 def test_flush_against_a_failing_host_exits_1_and_keeps_the_events(write_config, host):
     host.status = 503
     config = str(write_config(host))
     for n in range(3):
-        ok("record", PERSON, f"Event {n}", "--config", config)
+        ok_here("record", PERSON, f"Event {n}", "--config", config)
     started = time.monotonic()
     result = run_kmagent("flush", "--timeout", "2", "--config", config, timeout=30)
     elapsed = time.monotonic() - started
@@ -251,14 +264,14 @@ def test_flush_against_a_failing_host_exits_1_and_keeps_the_events(write_config,
     assert summary, f"how many remain is not said: {result.stderr!r}"
     assert any("503" in line for line in summary), \
         f"the last error is not in the summary: {summary!r}"
-    figures = status_json(config)
-    assert figures["pending"] == 3
-    assert figures["dead"] == 0
+    left = figures(config)
+    assert left["pending"] == 3
+    assert left["dead"] == 0
 
 
 def test_flush_without_any_api_key_exits_1_quickly(write_config, host):
     config = str(write_config(host, api_key=None))
-    ok("record", PERSON, "Signed Up", "--config", config)
+    ok_here("record", PERSON, "Signed Up", "--config", config)
     started = time.monotonic()
     result = run_kmagent("flush", "--config", config, timeout=30)
     elapsed = time.monotonic() - started
@@ -267,7 +280,7 @@ def test_flush_without_any_api_key_exits_1_quickly(write_config, host):
     assert "api_key" in result.stderr
     assert "Traceback" not in result.stderr
     assert host.received == []
-    assert status_json(config)["pending"] == 1
+    assert figures(config)["pending"] == 1
 
 
 def test_an_event_keeps_the_key_of_its_client(write_config, host, spool_path):
@@ -276,7 +289,7 @@ def test_an_event_keeps_the_key_of_its_client(write_config, host, spool_path):
     client = kmagent.Client("client-key", spool=spool_path)
     client.record(PERSON, "From Client")
     client.close()
-    ok("record", PERSON, "From CLI", "--config", config)
+    ok_here("record", PERSON, "From CLI", "--config", config)
     after = time.time()
     result = run_kmagent("flush", "--config", config, timeout=30)
     assert result.returncode == 0, result.stderr
@@ -289,10 +302,10 @@ def test_an_event_keeps_the_key_of_its_client(write_config, host, spool_path):
 def test_the_seeds_example_sequence(write_config, host):
     config = str(write_config(host))
     before = time.time()
-    ok("record", PERSON, "Viewed Homepage", "--config", config)
-    ok("record", PERSON, "Signed Up", "Plan=Pro", "Amount=99.95", "--config", config)
-    ok("record", PERSON, "Signed Up", "_d=1", "_t=1234567890", "--config", config)
-    ok("set", PERSON, "gender=male", "--config", config)
+    ok_here("record", PERSON, "Viewed Homepage", "--config", config)
+    ok_here("record", PERSON, "Signed Up", "Plan=Pro", "Amount=99.95", "--config", config)
+    ok_here("record", PERSON, "Signed Up", "_d=1", "_t=1234567890", "--config", config)
+    ok_here("set", PERSON, "gender=male", "--config", config)
     after = time.time()
     result = run_kmagent("flush", "--config", config, timeout=30)
     assert result.returncode == 0, result.stderr
@@ -338,7 +351,7 @@ def test_flush_exits_0_only_when_nothing_it_was_to_flush_is_pending(
     daemon = start_daemon(config) if beside == "daemon" else None
     try:
         result = run_kmagent("flush", "--timeout", "3", "--config", str(config), timeout=120)
-        figures = status_json(config)
+        left = figures(config)["pending"]  # in-process: what `kmagent status` would say
     finally:
         if daemon is not None:
             assert stop(daemon) == 0, daemon.log
@@ -351,8 +364,8 @@ def test_flush_exits_0_only_when_nothing_it_was_to_flush_is_pending(
         assert result.returncode == 1, result.stderr
         assert re.search(rf"^1 of {total} events still pending: nothing was delivered "
                          r"for 3 s", result.stderr, re.M), result.stderr
-        assert "Failing" not in delivered and figures["pending"] == 1
+        assert "Failing" not in delivered and left == 1
     else:
         assert result.returncode == 0, result.stderr
         assert re.search(rf"^flushed {total} events", result.stderr, re.M), result.stderr
-        assert "Failing" in delivered and figures["pending"] == 0
+        assert "Failing" in delivered and left == 0
