@@ -252,13 +252,14 @@ def test_one_keyless_event_does_not_stop_six_thousand_keyed_ones(spool_path):
 
 
 def test_keyless_events_interleaved_wait_and_go_once_a_key_is_configured(spool_path):
-    spool = open_jsonl(spool_path, rotate_bytes=256 * 1024)
-    keyless = {f"person{n}" for n in range(0, 10_100, 101)}
-    for n in range(10_100):
+    # Past the read-ahead (4,096), over four files: half of what it was, at half the size.
+    spool = open_jsonl(spool_path, rotate_bytes=128 * 1024)
+    keyless = {f"person{n}" for n in range(0, 5050, 101)}
+    for n in range(5050):
         spool.append(event(n, api_key=None if f"person{n}" in keyless else "own"))
     delivered = persons(drain(spool, with_key_only=True))
-    assert len(delivered) == 10_000 and not keyless & set(delivered)
-    assert spool.stats(time.time())["pending"] == 100
+    assert len(delivered) == 5000 and not keyless & set(delivered)
+    assert spool.stats(time.time())["pending"] == 50
     assert len(list(spool_path.glob("events.0*.jsonl"))) <= 2  # sealed files deleted
     later = persons(drain(spool))
     assert sorted(later) == sorted(keyless)
@@ -306,13 +307,14 @@ def test_the_daemon_without_a_key_ships_keyed_events_past_a_keyless_one(
     config = write_config(host, api_key=None, extra="[ship]\nconcurrency = 16\n")
     Client(config=config).record("nokey", "Waits For A Key")
     keyed = Client("own-key", config=config)
-    for n in range(4500):  # more than the read-ahead holds
+    for n in range(4200):  # more than the read-ahead holds (MAX_AHEAD = 4096)
         keyed.record(f"p{n}", "Has A Key")
     keyed.close()
     daemon = start_daemon(config)
     try:
-        wait_for(lambda: len(host.delivered()) >= 4500, timeout=60)
-        assert status(config)["pending"] == 1
+        wait_for(lambda: len(host.delivered()) >= 4200, timeout=60)
+        # What status prints, read in-process (the last acks may still be on their way).
+        wait_for(lambda: figures(config)["pending"] == 1, timeout=30)
         write_config(host)  # now with the agent's key
         daemon.send_signal(signal.SIGHUP)
         wait_for(lambda: any(dict(r.params)["_p"] == "nokey" for r in host.delivered()),
@@ -320,7 +322,7 @@ def test_the_daemon_without_a_key_ships_keyed_events_past_a_keyless_one(
     finally:
         assert stop(daemon) == 0, daemon.log
     sent = [dict(r.params)["_p"] for r in host.delivered()]
-    assert len(sent) == len(set(sent)) == 4501
+    assert len(sent) == len(set(sent)) == 4201
 
 
 
@@ -373,7 +375,7 @@ def test_rm_of_events_jsonl_then_a_restart_loses_nothing_recorded_after(
         # Until every later event is delivered, or the spool says none is pending but
         # the one that keeps failing.
         wait_for(lambda: {f"b{n:03d}" for n in range(150)} <= set(delivered_persons(host))
-                 or status(config)["pending"] <= 1, timeout=30)
+                 or figures(config)["pending"] <= 1, timeout=30)
         missing = {f"b{n:03d}" for n in range(150)} - set(delivered_persons(host))
         assert not missing, f"{len(missing)} of 150 later events never delivered"
         host.answer_for = None
@@ -754,11 +756,11 @@ def test_a_full_disk_with_the_host_down_delivers_every_accepted_event(
     try:
         for n in range(100_000):
             try:
-                client.record(f"p{n:06d}", "While Full", {"pad": "y" * 1000})  # fewer, to ship fast
+                client.record(f"p{n:06d}", "While Full", {"pad": "y" * 2000})  # fewer, to ship fast
             except (SpoolFull, SpoolError):
                 break
             accepted.append(f"p{n:06d}")
-        assert len(accepted) > 1000
+        assert len(accepted) > 500  # over 1 MB of the 2 MiB taken by events
         if filled == "to the last byte":
             fill(small_disk, name="other-program")
         host.status = 200
