@@ -67,6 +67,7 @@ class Daemon:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._reload = threading.Event()
+        self._recover_owed = False  # a reload left claims it could not give back
         self._signals = 0
 
     def stop(self) -> None:
@@ -229,6 +230,9 @@ class Daemon:
             try:
                 if self._reload.is_set():
                     shipper = figures.shipper = self._reloaded(shipper, figures)
+                if self._recover_owed:  # before the replacement claims anything
+                    shipper.session.recover()
+                    self._recover_owed = False
                 more_logs = km_logs.follow(self.config.km_log_dirs)  # never raises
                 shipper.step()
                 upkeep.tick()
@@ -299,11 +303,10 @@ class Daemon:
         except SpoolError as exc:
             # What it could not give back stays claimed, and nothing else in this run
             # would give it back: recover, as a start does, before the next claims.
-            log.error("%s while reloading; giving its claims back first", exc)
-            try:
-                self._mended(self._upkeep, shipper.session.recover)
-            except SpoolError as again:  # stopping, or it keeps failing
-                log.error("%s; the next start recovers it", again)
+            # The loop does it first thing, through its error path (pauses, watchdog
+            # pings, figures), so that a disk that stays full does not stall the loop.
+            log.error("%s while reloading; its claims are given back first", exc)
+            self._recover_owed = True
         shipper.sender.close()
         self.config = fresh
         replacement = make_shipper(fresh, shipper.session, self._wake)

@@ -4,6 +4,7 @@ write) must not leave those events claimed, and so unsent, until the next start.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -47,3 +48,62 @@ def test_claims_a_reload_could_not_give_back_are_sent_without_a_restart(
     assert not runner.is_alive()
     delivered = {dict(r.params)["n"] for r in host.delivered()}
     assert delivered == {str(n) for n in range(12)}
+
+
+class Pings:
+    """A Notifier that counts the loop's watchdog pings."""
+
+    enabled = False
+    watchdog_interval = 0.2
+
+    def __init__(self) -> None:
+        self.at: list[float] = []
+
+    def notify(self, *fields: str) -> None:
+        if "WATCHDOG=1" in fields:
+            self.at.append(time.monotonic())
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_reload_on_a_spool_that_stays_unwritable_keeps_the_loop_turning(
+        host, write_config, monkeypatch):
+    """Claims given back later, through the loop's own error path: meanwhile it still
+    pings systemd's watchdog (which would kill a daemon silent for WatchdogSec)."""
+    path = write_config(host, extra="[ship]\nconcurrency = 4\nshutdown_timeout = 0.2\n")
+    record_many(path, 12)
+    host.delay = 1.0
+    broken_until = [float("inf")]
+    real_release, real_recover = ShippingSession.release, ShippingSession.recover
+
+    def release(session, ids):
+        ids = list(ids)
+        if ids and time.monotonic() < broken_until[0]:
+            raise SpoolError("spool: release failed: disk I/O error")
+        real_release(session, ids)
+
+    def recover(session):
+        if time.monotonic() < broken_until[0]:
+            raise SpoolError("spool: recover failed: disk I/O error")
+        return real_recover(session)
+
+    notifier = Pings()
+    daemon = Daemon(load_config(path), reload=lambda: load_config(path), notifier=notifier)
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: host.started >= 4)
+        monkeypatch.setattr(ShippingSession, "release", release)
+        monkeypatch.setattr(ShippingSession, "recover", recover)
+        started = time.monotonic()
+        broken_until[0] = started + 4.0  # unwritable for 4 s
+        daemon.reload()
+        time.sleep(4.0)
+        assert len([t for t in notifier.at if t > started]) >= 2  # stalled: none
+        host.delay = 0.0
+        wait_for(lambda: figures(path)["pending"] == 0, timeout=30)
+    finally:
+        daemon.stop()
+        runner.join(30)
+    assert not runner.is_alive()
