@@ -37,7 +37,9 @@ def start_kmagent(*args: str, **kwargs) -> subprocess.Popen:
 
 def wait_for(predicate: Callable[[], object], timeout: float = 20.0,
              interval: float = 0.02) -> object:
-    """Poll until ``predicate()`` is truthy; fail the test after ``timeout`` seconds."""
+    """Poll until ``predicate()`` is truthy; fail the test after ``timeout`` seconds.
+    The pause grows to 0.1 s: a long wait need not look 50 times a second (polls
+    that parse thousands of requests cost the CPU the processes under test need)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -46,6 +48,7 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
         time.sleep(interval)
+        interval = min(interval * 1.25, max(interval, 0.1))
 
 
 def stored_rows(spool_path) -> list[tuple[str, str, str | None]]:
