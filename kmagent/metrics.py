@@ -8,6 +8,7 @@ rename, so a reader never sees half of it). Totals carry over from the previous 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import deque
@@ -53,15 +54,22 @@ class Published:
             return cls()
         if not isinstance(data, dict):
             return cls()
-        names = {f.name for f in fields(cls)}
-        return cls(**{name: value for name, value in data.items() if name in names})
+        return cls(**{f.name: data[f.name] for f in fields(cls)
+                      if f.name in data and _fits(f.type, data[f.name])})
 
 
-def _count(value: object) -> int:
-    try:
-        return int(value or 0)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        return 0
+def _fits(kind: object, value: object) -> bool:
+    """Whether ``value`` is of the field type ``kind`` ("int", "float | None"...):
+    anything else (a string, infinity, a list) is read as the default."""
+    if value is None:
+        return "None" in str(kind)
+    if isinstance(value, bool):
+        return False
+    if str(kind).startswith("int"):
+        return isinstance(value, int)
+    if str(kind).startswith("float"):
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, str)
 
 
 class RunFigures:
@@ -71,9 +79,9 @@ class RunFigures:
         self.path = path
         self.shipper = shipper
         previous = Published.read(path)
-        self._base = Published(delivered_total=_count(previous.delivered_total),
-                               retried_total=_count(previous.retried_total),
-                               dead_total=_count(previous.dead_total))
+        self._base = Published(delivered_total=previous.delivered_total,
+                               retried_total=previous.retried_total,
+                               dead_total=previous.dead_total)
         self._samples: deque[tuple[float, int]] = deque()
         self._published = 0.0
         self.reloads = 0

@@ -183,8 +183,8 @@ def shipping_session(spool):
 
 def run_in_process(*args: str) -> subprocess.CompletedProcess:
     """``kmagent ARGS`` in this process, its output captured by click's CliRunner:
-    for what needs no process of its own (help, argument and configuration errors),
-    a fraction of a process start each."""
+    for commands whose process is not what is tested (help, argument and
+    configuration errors, short commands), a fraction of a process start each."""
     import logging
 
     from click.testing import CliRunner

@@ -369,3 +369,27 @@ def test_flush_exits_0_only_when_nothing_it_was_to_flush_is_pending(
         assert result.returncode == 0, result.stderr
         assert re.search(rf"^flushed {total} events", result.stderr, re.M), result.stderr
         assert "Failing" in delivered and left == 0
+
+
+@pytest.mark.parametrize("published", [
+    "[1, 2]", "null", "garbage{", '{"pid": "x", "rate_1m": "fast", "last_success_at": "y", '
+    '"reloads": [1], "delivered_total": 1e309, "last_error": 7, "in_flight": true}',
+])
+def test_figures_of_the_wrong_shape_read_as_none(write_config, published):
+    """The daemon's figures file is a courtesy, and one from another version or a
+    broken disk may hold anything: status, reload and a daemon's start read what is
+    not of the right type as no figure at all, never as a traceback."""
+    from kmagent.config import load_config
+    from kmagent.metrics import Published, RunFigures
+    from kmagent.spool import open_configured
+    config = write_config()
+    ok_here("record", "bob", "Signed Up", "--config", str(config))
+    with open_configured(load_config(config)) as spool:
+        path = spool.figures_path
+    path.write_text(published)
+    assert Published.read(path) == Published()
+    assert RunFigures(path, shipper=None)._base == Published()  # a start carries zeros on
+    for args in (["status"], ["status", "--json"]):
+        result = run_in_process(*args, "--config", str(config))
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert figures(config)["delivered_total"] == 0 and figures(config)["pending"] == 1
