@@ -257,12 +257,12 @@ class JsonlSpool(Spool):
             return letters
         return self._guard("read", read)
 
-    def _requeue_events(self, events: list[Event]) -> None:
+    def _append_afresh(self, events: list[Event]) -> None:
         # Fresh lines: due now, aged from now; one write.
         self._write([self._record(event) for event in events], sync=False)
 
     def retry_dead(self, ids: list[str] | None) -> int:
-        return self._guard("dead retry", lambda: self.dead.take(ids, self._requeue_events))
+        return self._guard("dead retry", lambda: self.dead.take(ids, self._append_afresh))
 
     def purge_dead(self, ids: list[str] | None) -> int:
         return self._guard("dead purge", lambda: self.dead.take(ids))
