@@ -208,22 +208,13 @@ class KMAPI:
         self.km.alias(person, identity)
 
 
-class CompatKMAPI:
+class CompatKMAPI(KMAPI):
     """kmagent.compat.kissmetrics.KM: the identity belongs to the instance."""
 
     def __init__(self, km: Any, person: str) -> None:
         self.km = km
         self.person = person
         km.identify(person)
-
-    def e(self, person, name, props):
-        self.km.record(name, props)
-
-    def s(self, person, props):
-        self.km.set(props)
-
-    def a(self, person, identity):
-        self.km.alias(person, identity)
 
 
 def run_threads(app: App, count: int, body: Callable[[int, random.Random], None]) -> None:

@@ -58,13 +58,18 @@ def pat_fork_new_client(app: App) -> None:
     _fork_pattern(app, fresh=True)
 
 
+def recorded_before(app: App, least: int, most: int) -> ClientAPI:
+    """A new Client that has recorded ``least`` to ``most`` events (before a fork)."""
+    api = ClientAPI(new_client(app))
+    for _ in range(app.rng.randint(least, most)):
+        app.emit(api, app.rng)
+    return api
+
+
 @pattern("fork_parent_exits", "fork; the parent exits at once, the child goes on")
 def pat_fork_parent_exits(app: App) -> None:
     rng = app.rng
-    client = new_client(app)
-    api = ClientAPI(client)
-    for _ in range(rng.randint(1, 30)):
-        app.emit(api, rng)
+    api = recorded_before(app, 1, 30)
 
     def child(child_app: App) -> None:
         if child_app.rng.random() < 0.3:
@@ -80,10 +85,7 @@ def pat_fork_parent_exits(app: App) -> None:
 @pattern("gunicorn_preload", "master makes a Client, forks workers, gets SIGKILLed")
 def pat_gunicorn(app: App) -> None:
     rng = app.rng
-    client = new_client(app)
-    api = ClientAPI(client)
-    for _ in range(rng.randint(0, 20)):
-        app.emit(api, rng)
+    api = recorded_before(app, 0, 20)
 
     def worker(child_app: App) -> None:
         n = child_app.rng.randint(1, 2)
